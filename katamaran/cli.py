@@ -1,0 +1,231 @@
+"""`katamaran` command line: Go-style single-dash flags, one-line errors, exit codes.
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__, config
+from .config import Config
+from .errors import Aborted, KatamaranError, UsageError
+from .progress import Progress
+
+USAGE = "Usage: katamaran -mode source|dest [flags]  (katamaran -help lists the flags)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+    parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="katamaran",
+        usage="katamaran -mode source|dest [flags]",
+        description="Zero-packet-drop live migration of a Kata Containers VM over QMP.",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "destination first:  katamaran -mode dest -qmp SOCK -tap tap0_kata\n"
+            "then the source:    katamaran -mode source -qmp SOCK -dest-ip IP -vm-ip IP\n"
+            "exit codes: 0 done, 1 failed (cleaned up), 2 bad input, 130 interrupted"
+        ),
+    )
+    _flag(parser, "mode", metavar="MODE", help="migration role: 'source' or 'dest' (required)")
+    _flag(
+        parser,
+        "qmp",
+        metavar="PATH",
+        default=str(config.DEFAULT_QMP),
+        help=f"QEMU QMP unix socket of the VM (default {config.DEFAULT_QMP})",
+    )
+    _flag(
+        parser,
+        "tap",
+        metavar="IFACE",
+        default="",
+        help="dest: the VM's tap device, where sch_plug holds packets until the VM resumes",
+    )
+    _flag(parser, "dest-ip", metavar="IP", help="source: destination node IP (IPv4 or IPv6)")
+    _flag(parser, "vm-ip", metavar="IP", help="source: the VM's (pod's) IP, tunnelled at cutover")
+    _flag(
+        parser,
+        "drive-id",
+        metavar="ID",
+        default=config.DEFAULT_DRIVE_ID,
+        help=f"QEMU drive to mirror over NBD (default {config.DEFAULT_DRIVE_ID})",
+    )
+    _flag(
+        parser,
+        "shared-storage",
+        action="store_true",
+        help="both nodes see the same disk: skip the NBD drive-mirror",
+    )
+    for name, default, what in (
+        ("migration-timeout", config.MIGRATION_TIMEOUT, "RAM migration must complete within"),
+        ("storage-sync-timeout", config.STORAGE_SYNC_TIMEOUT, "drive-mirror must sync within"),
+        ("qmp-timeout", config.QMP_TIMEOUT, "each QMP command must be answered within"),
+        ("tunnel-hold", config.TUNNEL_HOLD, "keep the tunnel after cutover (CNI convergence)"),
+        ("dest-timeout", config.DEST_TIMEOUT, "dest: wait at most this long for the VM to resume"),
+    ):
+        _flag(
+            parser,
+            name,
+            metavar="SECONDS",
+            default=str(default),
+            help=f"{what} (default {default:g})",
+        )
+    _flag(
+        parser,
+        "plug-limit",
+        metavar="BYTES",
+        default=str(config.PLUG_LIMIT),
+        help=f"dest: bytes sch_plug may hold while the VM is paused (default {config.PLUG_LIMIT})",
+    )
+    _flag(
+        parser,
+        "downtime-limit",
+        metavar="MS",
+        default=str(config.DOWNTIME_LIMIT_MS),
+        help=f"source: max downtime QEMU aims for (default {config.DOWNTIME_LIMIT_MS})",
+    )
+    parser.add_argument("-help", "--help", "-h", action="help", help="show this help and exit")
+    parser.add_argument(
+        "-version", "--version", action="version", version=f"katamaran {__version__}"
+    )
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    return parser
+
+
+def _ip(flag: str, value: str | None) -> config.IPAddress | None:
+    if value is None:
+        return None
+    try:
+        return ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise UsageError(f'invalid -{flag} "{value}" (want an IPv4 or IPv6 address)') from None
+
+
+def _number(flag: str, value: str, kind: type = float) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise UsageError(f'invalid -{flag} "{value}" (want a number)') from None
+    if number < 0 or number != number:
+        raise UsageError(f'invalid -{flag} "{value}" (must not be negative)')
+    return number
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Validate everything before anything on the node is touched."""
+    if not argv:
+        raise UsageError("no mode given")
+    args = build_parser().parse_args(argv)
+    if args.rest:
+        raise UsageError(f"unexpected argument(s): {' '.join(args.rest)}")
+    if args.mode is None:
+        raise UsageError("-mode is required")
+    if args.mode not in ("source", "dest"):
+        raise UsageError(f"invalid mode \"{args.mode}\" (must be 'source' or 'dest')")
+    dest_ip = _ip("dest-ip", args.dest_ip)
+    vm_ip = _ip("vm-ip", args.vm_ip)
+    if args.mode == "source" and (dest_ip is None or vm_ip is None):
+        raise UsageError("-dest-ip and -vm-ip are required for source mode")
+    if not args.qmp:
+        raise UsageError("-qmp must name the QMP socket")
+    if not args.shared_storage and not args.drive_id:
+        raise UsageError("-drive-id must not be empty (or use -shared-storage)")
+    return Config(
+        mode=args.mode,
+        qmp=Path(args.qmp),
+        tap=args.tap,
+        dest_ip=dest_ip,
+        vm_ip=vm_ip,
+        drive_id=args.drive_id,
+        shared_storage=args.shared_storage,
+        migration_timeout=_number("migration-timeout", args.migration_timeout),
+        storage_sync_timeout=_number("storage-sync-timeout", args.storage_sync_timeout),
+        qmp_timeout=_number("qmp-timeout", args.qmp_timeout),
+        tunnel_hold=_number("tunnel-hold", args.tunnel_hold),
+        dest_timeout=_number("dest-timeout", args.dest_timeout),
+        plug_limit=int(_number("plug-limit", args.plug_limit, int)),
+        downtime_limit_ms=int(_number("downtime-limit", args.downtime_limit, int)),
+    )
+
+
+async def run(cfg: Config, progress: Progress) -> None:
+    """Connect, run one side, always disconnect."""
+    from .dest import DestMigration
+    from .qmp import Monitor
+    from .source import SourceMigration
+
+    mon = Monitor(cfg.qmp, cfg.qmp_timeout)
+    await mon.connect()
+    progress.step(f"connected to QMP at {cfg.qmp} ({cfg.mode} mode)")
+    try:
+        if cfg.mode == "source":
+            await SourceMigration(cfg, mon, progress).run()
+        else:
+            await DestMigration(cfg, mon, progress).run()
+    finally:
+        await mon.close()
+
+
+async def _run_interruptible(cfg: Config, progress: Progress) -> None:
+    """SIGINT/SIGTERM cancel the run; its cleanup still runs to completion."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    caught: list[int] = []
+
+    def interrupt(signum: int) -> None:
+        if not caught:
+            caught.append(signum)
+            progress.warn(f"{signal.Signals(signum).name}: aborting and cleaning up")
+            task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupt, signum)
+    try:
+        await run(cfg, progress)
+    except asyncio.CancelledError:
+        if caught:
+            raise Aborted(f"interrupted by {signal.Signals(caught[0]).name}") from None
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    progress = Progress()
+    try:
+        cfg = parse_args(argv)
+        asyncio.run(_run_interruptible(cfg, progress))
+    except UsageError as err:
+        print(f"katamaran: {err}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return err.exit_code
+    except KatamaranError as err:
+        progress.step(f"error: {err}")
+        return err.exit_code
+    except KeyboardInterrupt:
+        progress.step("error: interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

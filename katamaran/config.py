@@ -1,0 +1,51 @@
+"""Run configuration and the defaults the guide's troubleshooting table refers to."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_QMP = Path("/run/vc/vm/qmp.sock")
+DEFAULT_DRIVE_ID = "drive-virtio-disk0"
+NBD_PORT = 10809
+MIGRATION_PORT = 4444
+
+# The guide names these "constants"; here they are flags with these defaults.
+MIGRATION_TIMEOUT = 600.0  # -migration-timeout: RAM pre-copy must converge within this
+STORAGE_SYNC_TIMEOUT = 600.0  # -storage-sync-timeout: drive-mirror must reach READY
+QMP_TIMEOUT = 30.0  # -qmp-timeout: one QMP command must be answered within this
+TUNNEL_HOLD = 5.0  # -tunnel-hold: keep the tunnel this long for CNI convergence
+DEST_TIMEOUT = 1800.0  # -dest-timeout: how long the destination waits for the VM to resume
+DOWNTIME_LIMIT_MS = 50
+PLUG_LIMIT = 1 << 20  # bytes held by sch_plug while the VM is paused (~10k pings)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs, validated by the CLI before anything is touched."""
+
+    mode: str
+    qmp: Path = DEFAULT_QMP
+    tap: str = ""
+    dest_ip: IPAddress | None = None
+    vm_ip: IPAddress | None = None
+    drive_id: str = DEFAULT_DRIVE_ID
+    shared_storage: bool = False
+    migration_timeout: float = MIGRATION_TIMEOUT
+    storage_sync_timeout: float = STORAGE_SYNC_TIMEOUT
+    qmp_timeout: float = QMP_TIMEOUT
+    tunnel_hold: float = TUNNEL_HOLD
+    dest_timeout: float = DEST_TIMEOUT
+    downtime_limit_ms: int = DOWNTIME_LIMIT_MS
+    plug_limit: int = PLUG_LIMIT
+    nbd_port: int = NBD_PORT
+    migration_port: int = MIGRATION_PORT
+
+
+def host_port(ip: IPAddress | str, port: int) -> str:
+    """`host:port` with IPv6 hosts bracketed, as QEMU URIs and users expect."""
+    host = str(ip)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

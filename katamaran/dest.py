@@ -1,0 +1,237 @@
+"""Destination side: accept the disk over NBD, hold the VM's packets, release at RESUME.
+
+Nothing here connects to the incoming migration port: QEMU treats any connection on it
+as the migration stream and aborts the incoming migration when it is not one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import migration
+from .config import Config, host_port
+from .errors import KatamaranError, QMPCommandError
+from .network import DestDecap, NetworkUnavailable, PlugQdisc, netlink
+from .progress import Progress
+from .qmp import Monitor, named
+
+EXPORT_ID = "katamaran-export"
+EXPORT_NODE = "katamaran-export"
+
+
+class DestMigration:
+    def __init__(self, cfg: Config, mon: Monitor, progress: Progress) -> None:
+        self.cfg = cfg
+        self.mon = mon
+        self.progress = progress
+        self.decap: DestDecap | None = None
+        self.plug: PlugQdisc | None = None
+        self.nbd_running = False
+        self.export_node_added = False
+
+    async def run(self) -> None:
+        try:
+            await self._check_state()
+            await self._prepare_network()
+            await migration.set_capabilities(self.mon)
+            if not self.cfg.shared_storage:
+                await self._start_nbd()
+            mark = self.mon.mark()
+            await self._listen_incoming()
+            if self.plug:
+                await netlink(self.plug.buffer)
+            self.progress.step(
+                "destination ready: "
+                + ("" if self.cfg.shared_storage else f"NBD on port {self.cfg.nbd_port}, ")
+                + f"incoming migration on port {self.cfg.migration_port}; waiting for the VM"
+            )
+            await self._wait_resume(mark)
+            if self.plug:
+                held = await netlink(self.plug.backlog)
+                await netlink(self.plug.release)
+                self.progress.step(f"VM resumed: released {held} held packet(s) in order")
+            else:
+                self.progress.step("VM resumed")
+            await self._stop_nbd()
+            await self.mon.execute(
+                "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+            )
+            drops = await netlink(self.plug.drops) if self.plug else 0
+            if drops:
+                self.progress.warn(
+                    f"plug qdisc dropped {drops} packet(s): raise -plug-limit "
+                    f"(now {self.cfg.plug_limit} bytes)"
+                )
+            self.progress.step(f"migration received in {self.progress.elapsed():.2f} s")
+            if self.decap and self.decap.devices:
+                # The source keeps tunnelling for its hold time: keep decapsulating.
+                await asyncio.sleep(self.cfg.tunnel_hold)
+        finally:
+            await self._cleanup()
+
+    async def _check_state(self) -> None:
+        status = await migration.vm_status(self.mon)
+        if status != "inmigrate":
+            raise KatamaranError(
+                f"QEMU at {self.mon.path} is {status}, not waiting for an incoming migration "
+                "(start the destination QEMU with -incoming defer or -incoming tcp:...)"
+            )
+        exports = await self.mon.execute("query-block-exports")
+        if any(e["id"] == EXPORT_ID for e in exports):
+            self.progress.warn("removing an NBD export left by an earlier run")
+            await self.mon.execute("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
+            await self._wait_export_gone()
+            await self._quiet("nbd-server-stop")
+        nodes = await self.mon.execute("query-named-block-nodes", {"flat": True})
+        if any(node.get("node-name") == EXPORT_NODE for node in nodes):
+            await self._quiet("blockdev-del", {"node-name": EXPORT_NODE})
+
+    async def _prepare_network(self) -> None:
+        if not self.cfg.tap:
+            self.progress.warn("no -tap given: packets are not held during the cutover")
+            return
+        try:
+            self.decap = await netlink(DestDecap, self.cfg.tap)
+            await netlink(self.decap.remove_stale)
+            for warning in await netlink(self.decap.setup):
+                self.progress.warn(warning)
+        except NetworkUnavailable as err:
+            raise KatamaranError(str(err)) from None
+        except (NetlinkError, OSError) as err:
+            self.progress.warn(f"cannot steer tunnelled packets into {self.cfg.tap}: {err}")
+        try:
+            self.plug = await netlink(PlugQdisc, self.cfg.tap, self.cfg.plug_limit)
+            if await netlink(self.plug.remove_stale):
+                self.progress.warn(f"removed a plug qdisc left on {self.cfg.tap} by an earlier run")
+            await netlink(self.plug.install)
+            self.progress.step(f"plug qdisc on {self.cfg.tap} (limit {self.cfg.plug_limit} bytes)")
+        except (NetworkUnavailable, NetlinkError, OSError) as err:
+            self.progress.warn(f"{err}; continuing without packet buffering")
+            self.plug = None
+
+    async def _start_nbd(self) -> None:
+        port = str(self.cfg.nbd_port)
+        await migration.listen(
+            self.mon,
+            "nbd-server-start",
+            lambda host: {"addr": {"type": "inet", "data": {"host": host, "port": port}}},
+            f"NBD server start failed on port {port}",
+        )
+        self.nbd_running = True
+        node = await self._drive_node()
+        export = {
+            "type": "nbd",
+            "id": EXPORT_ID,
+            "name": self.cfg.drive_id,
+            "writable": True,
+        }
+        try:
+            await self.mon.execute("block-export-add", {**export, "node-name": node["node"]})
+        except QMPCommandError as err:
+            if "read-only" not in err.desc:
+                raise KatamaranError(f"NBD server start failed: {err.desc}") from None
+            # QEMU 7.2 cannot activate a legacy -drive node while in incoming state; export
+            # a second node on the same image (no locks, flushed by the mirror before the
+            # switchover) and let QEMU reopen its own node when the VM activates.
+            await self.mon.execute(
+                "blockdev-add",
+                {
+                    "driver": node["format"],
+                    "node-name": EXPORT_NODE,
+                    "file": {"driver": "file", "filename": node["file"], "locking": "off"},
+                },
+            )
+            self.export_node_added = True
+            await self.mon.execute("block-export-add", {**export, "node-name": EXPORT_NODE})
+        self.progress.step(f"NBD export {self.cfg.drive_id} (writable) on port {port}")
+
+    async def _drive_node(self) -> dict[str, str]:
+        for block in await self.mon.execute("query-block"):
+            if block.get("device") == self.cfg.drive_id or block.get("qdev") == self.cfg.drive_id:
+                inserted = block.get("inserted")
+                if inserted:
+                    return {
+                        "node": inserted["node-name"],
+                        "format": inserted["drv"],
+                        "file": inserted["file"],
+                    }
+        for node in await self.mon.execute("query-named-block-nodes", {"flat": True}):
+            if node.get("node-name") == self.cfg.drive_id:
+                return {"node": node["node-name"], "format": node["drv"], "file": node["file"]}
+        raise KatamaranError(f"NBD server start failed: no drive {self.cfg.drive_id!r} here")
+
+    async def _listen_incoming(self) -> None:
+        port = str(self.cfg.migration_port)
+        try:
+            await migration.listen(
+                self.mon,
+                "migrate-incoming",
+                lambda host: {"uri": f"tcp:{host_port(host, int(port))}"},
+                "cannot listen for the incoming migration",
+            )
+        except KatamaranError as err:
+            if "already been started" in str(err):
+                self.progress.step("QEMU is already listening for the migration (-incoming tcp)")
+                return
+            raise
+
+    async def _wait_resume(self, mark: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.dest_timeout
+        watch = named(("RESUME", "MIGRATION"))
+        while True:
+            found = await self.mon.next_event(watch, mark, deadline - loop.time())
+            if found is None:
+                raise KatamaranError(
+                    f"migration did not complete within {self.cfg.dest_timeout:g}s "
+                    "(no RESUME on the destination; raise -dest-timeout)"
+                )
+            mark, event = found
+            if event["event"] == "RESUME":
+                return
+            status = event["data"].get("status")
+            if status in ("failed", "cancelled"):
+                raise KatamaranError(f"QEMU reported migration failed: incoming migration {status}")
+            if status == "active":
+                self.progress.step("incoming migration started")
+
+    async def _stop_nbd(self) -> None:
+        if self.nbd_running:
+            await self._quiet("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
+            await self._wait_export_gone()
+            await self._quiet("nbd-server-stop")
+            self.nbd_running = False
+        if self.export_node_added:
+            await self._quiet("blockdev-del", {"node-name": EXPORT_NODE})
+            self.export_node_added = False
+
+    async def _wait_export_gone(self) -> None:
+        deadline = time.monotonic() + self.mon.timeout
+        while time.monotonic() < deadline:
+            exports = await self.mon.execute("query-block-exports")
+            if not any(e["id"] == EXPORT_ID for e in exports):
+                return
+            await asyncio.sleep(0.05)
+
+    async def _quiet(self, command: str, args: dict[str, object] | None = None) -> None:
+        try:
+            await self.mon.execute(command, args)
+        except QMPCommandError:
+            pass  # already gone
+
+    async def _cleanup(self) -> None:
+        try:
+            await self._stop_nbd()
+        except KatamaranError as err:
+            self.progress.warn(f"cleanup: {err}")
+        for part in (self.plug, self.decap):
+            if part is None:
+                continue
+            try:
+                await netlink(part.remove if isinstance(part, PlugQdisc) else part.teardown)
+            except (NetlinkError, OSError) as err:
+                self.progress.warn(f"cleanup: {err}")
+            await netlink(part.close)

@@ -1,0 +1,39 @@
+"""Typed errors: each carries the one-line message a user sees and the exit code."""
+
+from __future__ import annotations
+
+
+class KatamaranError(Exception):
+    """A failure the user can act on: printed as one line, exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(KatamaranError):
+    """Bad command-line input: printed with a hint, exit code 2."""
+
+    exit_code = 2
+
+
+class QMPTimeout(KatamaranError):
+    """QEMU did not answer a command in time (it may be hung)."""
+
+
+class QMPClosed(KatamaranError):
+    """The QMP connection went away: QEMU exited or closed the socket."""
+
+
+class QMPCommandError(KatamaranError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command} failed: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class Aborted(KatamaranError):
+    """SIGINT/SIGTERM: cleanup ran, exit 130 like a shell would."""
+
+    exit_code = 130

@@ -1,0 +1,44 @@
+"""QMP steps both sides share: capabilities, stale-state checks, listener addresses."""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import KatamaranError, QMPCommandError
+from .qmp import Monitor
+
+# Both sides get the same list: QEMU requires matching capabilities for some of them,
+# and setting the source-only ones on the destination is harmless.
+CAPABILITIES = ("events", "auto-converge", "pause-before-switchover")
+ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
+UNCAPPED = 1 << 62  # bytes/s; QEMU's default cap (32 MiB/s) would dominate migration time
+
+
+async def set_capabilities(mon: Monitor) -> None:
+    caps = [{"capability": name, "state": True} for name in CAPABILITIES]
+    await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+
+
+async def set_parameters(mon: Monitor, cfg: Config) -> None:
+    await mon.execute(
+        "migrate-set-parameters",
+        {"downtime-limit": cfg.downtime_limit_ms, "max-bandwidth": UNCAPPED},
+    )
+
+
+async def vm_status(mon: Monitor) -> str:
+    return (await mon.execute("query-status"))["status"]
+
+
+async def listen(mon: Monitor, command: str, make_args: object, what: str) -> str:
+    """Listen on all addresses (`::`), falling back to IPv4 where IPv6 is disabled."""
+    last: QMPCommandError | None = None
+    for host in ("::", "0.0.0.0"):
+        try:
+            await mon.execute(command, make_args(host))  # type: ignore[operator]
+            return host
+        except QMPCommandError as err:
+            last = err
+            if "Address already in use" in err.desc:
+                break
+    assert last is not None
+    raise KatamaranError(f"{what}: {last.desc}")

@@ -1,0 +1,168 @@
+"""A thin layer over qemu.qmp: timeouts, one-line errors, and events that are never lost.
+
+One `EventListener` is registered before the connection is made, so every event QEMU
+sends — including one that arrives while a command is in flight — lands in `history`.
+Waiters scan the history from a mark, so an event that came "too early" is still seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.protocol import Runstate, StateError
+
+from .errors import KatamaranError, QMPClosed, QMPCommandError, QMPTimeout
+
+Event = dict[str, Any]
+
+# qemu.qmp logs every disconnect at error level; our own messages say it better.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class Monitor:
+    """A QMP connection to one QEMU, with its event history."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self.history: list[Event] = []
+        self._client = QMPClient(f"katamaran:{self.path.name}")
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+
+    async def connect(self) -> None:
+        """Connect and negotiate; any failure names the socket path."""
+        if not self.path.exists():
+            raise KatamaranError(
+                f"Failed to connect to QMP socket {self.path}: no such file "
+                "(is the VM running? check `ls /run/vc/vm/*/qmp.sock`)"
+            )
+        if not self.path.is_socket():
+            raise KatamaranError(f"Failed to connect to QMP socket {self.path}: not a socket")
+        try:
+            await asyncio.wait_for(self._client.connect(str(self.path)), self.timeout)
+        except TimeoutError:
+            await self._client.disconnect()
+            raise KatamaranError(
+                f"Failed to connect to QMP socket {self.path}: no greeting within "
+                f"{self.timeout:g}s (another client may hold a single-client monitor)"
+            ) from None
+        except (QMPError, OSError) as err:
+            raise KatamaranError(f"Failed to connect to QMP socket {self.path}: {err}") from None
+        self._tasks = [
+            asyncio.create_task(self._pump_events()),
+            asyncio.create_task(self._watch_runstate()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._client.disconnect()
+        except (QMPError, OSError, EOFError):
+            pass  # the peer already went away; nothing left to release
+
+    async def _pump_events(self) -> None:
+        async for event in self._listener:
+            self.history.append(dict(event))
+            self._changed.set()
+
+    async def _watch_runstate(self) -> None:
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+        self.closed = True
+        self._changed.set()
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one command; errors become QMPTimeout / QMPClosed / QMPCommandError."""
+        if self.closed:
+            raise QMPClosed(f"{command}: connection is closed (QEMU exited or dropped QMP)")
+        try:
+            return await asyncio.wait_for(
+                self._client.execute(command, arguments), timeout=self.timeout
+            )
+        except TimeoutError:
+            raise QMPTimeout(
+                f"timed out waiting for QMP response to {command} after {self.timeout:g}s"
+            ) from None
+        except ExecuteError as err:
+            raise QMPCommandError(command, err.error_class, str(err)) from None
+        except (ExecInterruptedError, StateError, EOFError, ConnectionError) as err:
+            self.closed = True
+            raise QMPClosed(f"{command}: connection is closed ({err or 'QEMU exited'})") from None
+
+    async def send_socket(self, name: str, sock: socket.socket) -> None:
+        """Hand a connected socket to QEMU as a named fd (`getfd`), for `fd:` URIs."""
+        if self.closed:
+            raise QMPClosed("getfd: connection is closed (QEMU exited or dropped QMP)")
+        self._client.send_fd_scm(sock.fileno())
+        await self.execute("getfd", {"fdname": name})
+
+    def mark(self) -> int:
+        """A position in the event history; wait_event(since=mark) sees what came after."""
+        return len(self.history)
+
+    async def next_event(
+        self, match: Callable[[Event], bool], since: int, timeout: float
+    ) -> tuple[int, Event] | None:
+        """(position after it, event) for the first match at/after `since`; None on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        index = since
+        while True:
+            while index < len(self.history):
+                event = self.history[index]
+                index += 1
+                if match(event):
+                    return index, event
+            if self.closed:
+                raise QMPClosed("connection is closed (QEMU exited or dropped the QMP socket)")
+            self._changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def wait_event(
+        self, match: Callable[[Event], bool], timeout: float, since: int = 0
+    ) -> Event:
+        """The first matching event at/after `since`; TimeoutError after `timeout`."""
+        found = await self.next_event(match, since, timeout)
+        if found is None:
+            raise TimeoutError
+        return found[1]
+
+
+def named(names: str | Iterable[str], **data: Any) -> Callable[[Event], bool]:
+    """An event matcher: event name in `names` and every key of `data` equal in its data."""
+    wanted = {names} if isinstance(names, str) else set(names)
+
+    def match(event: Event) -> bool:
+        if event.get("event") not in wanted:
+            return False
+        payload = event.get("data", {})
+        return all(payload.get(key) == value for key, value in data.items())
+
+    return match
+
+
+def migration_status(*states: str) -> Callable[[Event], bool]:
+    """Matches a MIGRATION event whose status is one of `states`."""
+
+    def match(event: Event) -> bool:
+        return event.get("event") == "MIGRATION" and event.get("data", {}).get("status") in states
+
+    return match

@@ -1,0 +1,360 @@
+"""Source side: mirror the disk, pre-copy RAM, switch traffic into the tunnel at STOP.
+
+Order that loses no disk write (the original tool cancelled the mirror after the
+destination had resumed, so writes still in the mirror's dirty bitmap could be lost):
+
+1. blockdev-mirror in write-blocking mode to the destination's NBD export: once READY,
+   every guest write completes on both disks before the guest sees it complete.
+2. `pause-before-switchover`: QEMU stops the VM and waits in `pre-switchover`.
+3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
+   flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
+   write the guest completed.
+4. migrate-continue: only now can the destination receive the final device state and
+   resume. If anything fails before this point, migrate_cancel resumes the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import migration
+from .config import Config, host_port
+from .errors import KatamaranError
+from .network import NetworkUnavailable, SourceTunnel, netlink
+from .progress import Progress, mib
+from .qmp import Event, Monitor, migration_status, named
+
+JOB_PREFIX = "katamaran-mirror"
+NBD_NODE = "katamaran-nbd"
+
+
+@dataclass
+class Summary:
+    total_s: float
+    downtime_ms: int | None
+    ram_bytes: int
+    storage_bytes: int
+
+    def line(self) -> str:
+        downtime = "n/a" if self.downtime_ms is None else f"{self.downtime_ms} ms"
+        return (
+            f"migration completed in {self.total_s:.2f} s "
+            f"(downtime {downtime}, RAM {mib(self.ram_bytes)}, storage {mib(self.storage_bytes)})"
+        )
+
+
+def connect_to(cfg: Config, port: int, what: str, timeout: float) -> socket.socket:
+    """Open the stream here, in katamaran's network namespace, and hand it to QEMU.
+
+    QEMU may live in a pod namespace whose ingress Kata redirects into the VM's tap
+    (tcfilter); a socket made here keeps the migration streams out of that path.
+    """
+    assert cfg.dest_ip is not None
+    try:
+        return socket.create_connection((str(cfg.dest_ip), port), timeout=timeout)
+    except OSError as err:
+        raise KatamaranError(
+            f"{what}: cannot connect to {host_port(cfg.dest_ip, port)}: {err.strerror or err}"
+            " (is `katamaran -mode dest` running there?)"
+        ) from None
+
+
+class SourceMigration:
+    def __init__(self, cfg: Config, mon: Monitor, progress: Progress) -> None:
+        self.cfg = cfg
+        self.mon = mon
+        self.progress = progress
+        self.job = f"{JOB_PREFIX}-{cfg.drive_id}"
+        self.tunnel: SourceTunnel | None = None
+        self.mirror_started = False
+        self.nbd_added = False
+        self.migration_started = False
+        self.completed = False
+        self.was_running = True
+        self.storage_bytes = 0
+
+    async def run(self) -> Summary:
+        try:
+            await self._check_state()
+            await self._prepare_tunnel()
+            await migration.set_capabilities(self.mon)
+            await migration.set_parameters(self.mon, self.cfg)
+            if not self.cfg.shared_storage:
+                await self._mirror()
+            summary = await self._migrate()
+            await self._drop_nbd_node()
+            self.progress.step(summary.line())
+            if self.tunnel and self.tunnel.ready:
+                self.progress.step(
+                    f"holding tunnel {self.tunnel.ifname} for {self.cfg.tunnel_hold:g} s "
+                    "(CNI convergence)"
+                )
+                await asyncio.sleep(self.cfg.tunnel_hold)
+            return summary
+        finally:
+            await self._cleanup()
+
+    async def _check_state(self) -> None:
+        status = await migration.vm_status(self.mon)
+        if status == "inmigrate":
+            raise KatamaranError(
+                f"QEMU at {self.mon.path} is waiting for an incoming migration: "
+                "it is a destination, not a source"
+            )
+        if status == "postmigrate":
+            raise KatamaranError(f"QEMU at {self.mon.path} has already migrated away")
+        self.was_running = status == "running"
+        state = (await self.mon.execute("query-migrate")).get("status")
+        if state in migration.ACTIVE_STATES:
+            self.progress.warn(f"cancelling a migration left {state} by an earlier run")
+            mark = self.mon.mark()
+            await self.mon.execute("migrate_cancel")
+            await self._wait_migration_end(mark, 30)
+        for job in await self.mon.execute("query-block-jobs"):
+            if job["device"] == self.job:
+                self.progress.warn(f"cancelling block job {self.job} left by an earlier run")
+                await self._cancel_job(force=True)
+        nodes = await self.mon.execute("query-named-block-nodes", {"flat": True})
+        if any(node.get("node-name") == NBD_NODE for node in nodes):
+            await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
+        drives = {b["device"] for b in await self.mon.execute("query-block")}
+        if not self.cfg.shared_storage and self.cfg.drive_id not in drives:
+            raise KatamaranError(
+                f"drive-mirror failed: no drive {self.cfg.drive_id!r} in this VM "
+                f"(drives: {', '.join(sorted(d for d in drives if d)) or 'none'})"
+            )
+
+    async def _prepare_tunnel(self) -> None:
+        assert self.cfg.dest_ip is not None and self.cfg.vm_ip is not None
+        try:
+            self.tunnel = await netlink(SourceTunnel, self.cfg.dest_ip, self.cfg.vm_ip)
+            for what in await netlink(self.tunnel.remove_stale):
+                self.progress.warn(f"removed {what} left by an earlier run")
+            await netlink(self.tunnel.prepare)
+            self.progress.step(
+                f"tunnel {self.tunnel.ifname} to {self.cfg.dest_ip} ready "
+                f"(switched at STOP for {self.cfg.vm_ip})"
+            )
+        except (NetworkUnavailable, NetlinkError, OSError) as err:
+            self.progress.warn(
+                f"{err}; continuing without the tunnel: packets for {self.cfg.vm_ip} "
+                "that arrive during the cutover will not reach the destination"
+            )
+
+    async def _mirror(self) -> None:
+        sock = connect_to(self.cfg, self.cfg.nbd_port, "drive-mirror failed", self.mon.timeout)
+        try:
+            await self.mon.send_socket("katamaran-nbd", sock)
+        finally:
+            sock.close()  # QEMU holds its own copy now
+        try:
+            await self.mon.execute(
+                "blockdev-add",
+                {
+                    "driver": "nbd",
+                    "node-name": NBD_NODE,
+                    "server": {"type": "fd", "str": "katamaran-nbd"},
+                    "export": self.cfg.drive_id,
+                },
+            )
+            self.nbd_added = True
+            mark = self.mon.mark()
+            await self.mon.execute(
+                "blockdev-mirror",
+                {
+                    "job-id": self.job,
+                    "device": self.cfg.drive_id,
+                    "target": NBD_NODE,
+                    "sync": "full",
+                    "copy-mode": "write-blocking",
+                },
+            )
+        except KatamaranError as err:
+            raise KatamaranError(f"drive-mirror failed: {err}") from None
+        self.mirror_started = True
+        self.progress.step(f"mirroring {self.cfg.drive_id} to {self.cfg.dest_ip} over NBD")
+        await self._wait_mirror_ready(mark)
+
+    async def _wait_mirror_ready(self, mark: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.storage_sync_timeout
+        done = named(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"), device=self.job)
+        while True:
+            found = await self.mon.next_event(done, mark, min(1.0, deadline - loop.time()))
+            if found:
+                mark, event = found
+                if event["event"] == "BLOCK_JOB_READY":
+                    self.storage_bytes = event["data"].get("len", 0)
+                    self.progress.step(f"storage synchronized ({mib(self.storage_bytes)})")
+                    return
+                if event["event"] == "BLOCK_JOB_ERROR" or event["data"].get("error"):
+                    raise KatamaranError(
+                        f"drive-mirror failed: {event['data'].get('error', 'I/O error')}"
+                    )
+                raise KatamaranError("drive-mirror failed: job ended before synchronizing")
+            if loop.time() >= deadline:
+                raise KatamaranError(
+                    f"storage sync for job {self.job} did not complete within "
+                    f"{self.cfg.storage_sync_timeout:g}s (guest write rate too high? "
+                    "raise -storage-sync-timeout)"
+                )
+            for job in await self.mon.execute("query-block-jobs"):
+                if job["device"] == self.job and job["len"]:
+                    pct = 100.0 * job["offset"] / job["len"]
+                    self.progress.update(
+                        f"storage {pct:5.1f}% ({mib(job['offset'])} of {mib(job['len'])})"
+                    )
+
+    async def _migrate(self) -> Summary:
+        sock = connect_to(
+            self.cfg, self.cfg.migration_port, "QEMU reported migration failed", self.mon.timeout
+        )
+        try:
+            await self.mon.send_socket("katamaran-migrate", sock)
+        finally:
+            sock.close()
+        mark = self.mon.mark()
+        await self.mon.execute("migrate", {"uri": "fd:katamaran-migrate"})
+        self.migration_started = True
+        self.progress.step(
+            f"migrating RAM to {host_port(self.cfg.dest_ip, self.cfg.migration_port)}"
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.migration_timeout
+        interesting = named(("STOP", "MIGRATION", "BLOCK_JOB_ERROR"))
+        while True:
+            found = await self.mon.next_event(interesting, mark, min(1.0, deadline - loop.time()))
+            if found:
+                mark, event = found
+                if await self._on_event(event):
+                    break
+                continue
+            if loop.time() >= deadline:
+                raise KatamaranError(
+                    f"migration did not complete within {self.cfg.migration_timeout:g}s "
+                    "(dirty page churn? raise -migration-timeout)"
+                )
+            await self._show_ram()
+        info = await self.mon.execute("query-migrate")
+        ram = info.get("ram", {})
+        return Summary(
+            total_s=self.progress.elapsed(),
+            downtime_ms=info.get("downtime"),
+            ram_bytes=ram.get("transferred", 0),
+            storage_bytes=self.storage_bytes,
+        )
+
+    async def _on_event(self, event: Event) -> bool:
+        """React to one event; True once the migration has completed."""
+        name, data = event["event"], event.get("data", {})
+        if name == "STOP":
+            if self.tunnel and self.tunnel.ready:
+                await netlink(self.tunnel.switch)
+                self.progress.step(
+                    f"VM paused: traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}"
+                )
+            return False
+        if name == "BLOCK_JOB_ERROR" and data.get("device") == self.job:
+            raise KatamaranError(f"drive-mirror failed: {data.get('reason', 'I/O error')}")
+        if name != "MIGRATION":
+            return False
+        status = data.get("status")
+        if status == "pre-switchover":
+            await self._finish_mirror()
+            await self.mon.execute("migrate-continue", {"state": "pre-switchover"})
+        elif status == "completed":
+            self.completed = True
+            return True
+        elif status in ("failed", "cancelled"):
+            info = await self.mon.execute("query-migrate")
+            reason = info.get("error-desc", status)
+            raise KatamaranError(f"QEMU reported migration failed: {reason}")
+        return False
+
+    async def _finish_mirror(self) -> None:
+        """Drain the READY mirror while the VM is paused (see module docstring)."""
+        if not self.mirror_started:
+            return
+        mark = self.mon.mark()
+        await self.mon.execute("block-job-cancel", {"device": self.job})
+        ended = named(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), device=self.job)
+        try:
+            event = await self.mon.wait_event(ended, self.cfg.storage_sync_timeout, mark)
+        except TimeoutError:
+            raise KatamaranError(
+                f"storage sync for job {self.job} did not complete within "
+                f"{self.cfg.storage_sync_timeout:g}s at switchover"
+            ) from None
+        self.mirror_started = False
+        if event["event"] != "BLOCK_JOB_COMPLETED" or event["data"].get("error"):
+            raise KatamaranError(
+                f"drive-mirror failed at switchover: {event['data'].get('error', event['event'])}"
+            )
+        self.storage_bytes = max(self.storage_bytes, event["data"].get("offset", 0))
+
+    async def _show_ram(self) -> None:
+        info = await self.mon.execute("query-migrate")
+        ram = info.get("ram")
+        if ram:
+            self.progress.update(
+                f"RAM {info.get('status')}: {mib(ram['transferred'])} sent, "
+                f"{mib(ram['remaining'])} remaining"
+            )
+
+    async def _wait_migration_end(self, mark: int, timeout: float) -> None:
+        end = migration_status("cancelled", "failed", "completed")
+        try:
+            await self.mon.wait_event(end, timeout, mark)
+        except TimeoutError:
+            pass
+
+    async def _cancel_job(self, force: bool) -> None:
+        mark = self.mon.mark()
+        await self.mon.execute("block-job-cancel", {"device": self.job, "force": force})
+        ended = named(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), device=self.job)
+        try:
+            await self.mon.wait_event(ended, self.mon.timeout, mark)
+        except TimeoutError:
+            pass
+
+    async def _drop_nbd_node(self) -> None:
+        if self.nbd_added:
+            await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
+            self.nbd_added = False
+
+    async def _cleanup(self) -> None:
+        """Undo everything not needed any more; every step tolerates a dead QEMU."""
+        steps = []
+        if self.migration_started and not self.completed:
+            steps.append(self._abort_migration)
+        if self.mirror_started:
+            steps.append(lambda: self._cancel_job(force=True))
+        if self.nbd_added:
+            steps.append(self._drop_nbd_node)
+        for step in steps:
+            try:
+                await step()
+            except (KatamaranError, OSError) as err:
+                self.progress.warn(f"cleanup: {err}")
+        if self.tunnel:
+            try:
+                await netlink(self.tunnel.remove)
+            except (NetlinkError, OSError) as err:
+                self.progress.warn(f"cleanup: removing tunnel {self.tunnel.ifname}: {err}")
+            await netlink(self.tunnel.close)
+
+    async def _abort_migration(self) -> None:
+        if self.tunnel:
+            await netlink(self.tunnel.unswitch)  # traffic back to the source VM's own route first
+        state = (await self.mon.execute("query-migrate")).get("status")
+        if state in migration.ACTIVE_STATES:
+            mark = self.mon.mark()
+            await self.mon.execute("migrate_cancel")
+            await self._wait_migration_end(mark, self.mon.timeout)
+        if self.was_running and await migration.vm_status(self.mon) != "running":
+            await self.mon.execute("cont")
+        self.progress.step("migration aborted; source VM left running")
