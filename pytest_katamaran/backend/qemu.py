@@ -1,0 +1,249 @@
+"""The ``--nodes=qemu`` backend: the guide's two lab nodes as two local QEMU processes.
+
+Why a backend of its own: the harness must boot, reach and always tear down the very
+nodes the guide's scripts start (``node_vm.node_argv`` builds both), but with free ports
+(pytest-xdist runs several labs side by side), throwaway overlays/seeds/keys, and a clear
+message when a node does not come up (QEMU argv + serial console tail).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_katamaran.node_vm import (
+    BOOT_TIMEOUTS,
+    PRIVATE_IPS,
+    PRIVATE_PREFIX,
+    ROLES,
+    NodeBootError,
+    NodeProcess,
+    NodeSpec,
+    free_port,
+    wait_listening,
+)
+from pytest_katamaran.nodeimage import NodeImage, build_image, create_overlay
+from pytest_katamaran.seed import DEFAULT_USER, write_seed
+from pytest_katamaran.ssh import SSHClient, generate_keypair
+
+Progress = Callable[[str], None]
+SSH_TIMEOUTS = {"debian": 90.0, "ubuntu": 300.0}
+# QEMU messages meaning "a port we picked was taken meanwhile": pick others and retry.
+_PORT_RACE = ("Could not set up host forwarding rule", "Address already in use")
+_LAUNCH_TRIES = 3
+
+
+def _stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class QemuNode:
+    """One booted node as tests see it (see ``backend.Node``)."""
+
+    name: str
+    ssh: SSHClient
+    private_ip: str
+    ssh_port: int
+    serial_log: Path
+    pid: int | None = None
+    boot_seconds: float = 0.0  # QEMU start -> KATAMARAN-NODE-READY on the console
+    ssh_seconds: float = 0.0  # QEMU start -> SSH runs a command
+    argv: list[str] = field(default_factory=list)
+
+
+def _accel(config: Any) -> tuple[str, str | None]:
+    """(accel, cpu) from the resolved config: ``config.accelerator`` if the plugin set it."""
+    acc = getattr(config, "accelerator", None)
+    if acc is not None:
+        return str(acc.name), getattr(acc, "cpu", None)
+    name = getattr(config, "accel", "tcg")
+    if name in ("kvm", "tcg"):
+        return name, None
+    from pytest_katamaran.accel import choose_accel
+
+    chosen = choose_accel(name)
+    return chosen.name, chosen.cpu
+
+
+class QemuNodes:
+    """Node A (source, 10.0.0.1) and node B (destination, 10.0.0.2) under QEMU."""
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        progress: Progress | None = None,
+        boot_timeout: float | None = None,
+        ssh_timeout: float | None = None,
+    ) -> None:
+        self.config = config
+        self.image_kind: str = getattr(config, "node_image", "debian") or "debian"
+        self.progress = progress or _stderr_progress
+        self.boot_timeout = boot_timeout or BOOT_TIMEOUTS.get(self.image_kind, 300.0)
+        self.ssh_timeout = ssh_timeout or SSH_TIMEOUTS.get(self.image_kind, 120.0)
+        results = Path(getattr(config, "results_dir", None) or Path.cwd() / "results")
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        self.log_dir = results / "nodes" / worker
+        self.workdir: Path | None = None
+        self.image: NodeImage | None = None
+        self._procs: dict[str, NodeProcess] = {}
+        self._nodes: dict[str, QemuNode] = {}
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def node_a(self) -> QemuNode:
+        """The source node (raises before ``start()``)."""
+        return self._node("a")
+
+    @property
+    def node_b(self) -> QemuNode:
+        """The destination node."""
+        return self._node("b")
+
+    def _node(self, role: str) -> QemuNode:
+        try:
+            return self._nodes[role]
+        except KeyError:
+            raise RuntimeError(f"node-{role} is not running: call start() first") from None
+
+    def serial_logs(self) -> dict[str, Path]:
+        """Serial console log of each node launched so far (they outlive ``stop()``)."""
+        return {p.spec.name: p.spec.serial_log for p in self._procs.values()}
+
+    def pids(self) -> list[int]:
+        """PIDs of the QEMU processes we launched (running or not)."""
+        return [p.pid for p in self._procs.values() if p.pid is not None]
+
+    def keep_instructions(self) -> str:
+        """How to clean up nodes left running by --keep-nodes-on-failure."""
+        pids = " ".join(str(p) for p in self.pids())
+        return f"QEMU PIDs: {pids}; when done: kill {pids}; rm -rf {self.workdir}"
+
+    def start(self) -> None:
+        """Build/fetch the image, boot A (link listener) then B, wait for READY and SSH.
+
+        Whatever fails (or Ctrl-C) stops everything started so far before re-raising.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Kill both QEMUs by PID and delete overlays, seeds and keys. Safe to call twice."""
+        for node in self._nodes.values():
+            with contextlib.suppress(Exception):
+                node.ssh.close()
+        for proc in self._procs.values():
+            proc.kill()
+        self._nodes.clear()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self) -> None:
+        t0 = time.monotonic()
+        accel, cpu = _accel(self.config)
+        self.image = build_image(self.image_kind, progress=self.progress)
+        self.workdir = Path(tempfile.mkdtemp(prefix="katamaran-nodes-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        key = generate_keypair(self.workdir / "id_rsa")
+        pubkey = key.with_name(key.name + ".pub").read_text().strip()
+        for role in ROLES:
+            create_overlay(self.image, self.workdir / f"node-{role}.qcow2")
+            write_seed(
+                self.workdir / f"node-{role}-seed.iso",
+                hostname=f"node-{role}",
+                authorized_keys=[pubkey],
+                private_ip=f"{PRIVATE_IPS[role]}/{PRIVATE_PREFIX}",
+                instance_id=f"katamaran-node-{role}-{os.getpid()}",
+            )
+        self.progress(
+            f"katamaran: lab prepared in {time.monotonic() - t0:.1f}s "
+            f"({self.image.kind} image, {accel}); booting node-a and node-b"
+        )
+        self._launch_both(accel, cpu)
+        for role in ROLES:
+            proc = self._procs[role]
+            seconds = proc.wait_ready(self.boot_timeout)
+            self.progress(f"katamaran: {proc.spec.name}: READY after {seconds:.1f}s")
+        for role in ROLES:
+            proc = self._procs[role]
+            client = SSHClient(
+                "127.0.0.1",
+                proc.spec.ssh_port,
+                user=DEFAULT_USER,
+                key_path=key,
+                connect_timeout=15.0,
+                name=proc.spec.name,
+            )
+            try:
+                client.wait_ready(self.ssh_timeout)
+            except TimeoutError as e:
+                raise NodeBootError(proc.describe_failure(f"{proc.spec.name}: {e}")) from e
+            node = QemuNode(
+                name=proc.spec.name,
+                ssh=client,
+                private_ip=proc.spec.private_ip,
+                ssh_port=proc.spec.ssh_port,
+                serial_log=proc.spec.serial_log,
+                pid=proc.pid,
+                boot_seconds=proc.ready_seconds or 0.0,
+                ssh_seconds=time.monotonic() - proc.started_at,
+                argv=list(proc.argv),
+            )
+            self._nodes[role] = node
+            self.progress(f"katamaran: {node.name}: SSH ready after {node.ssh_seconds:.1f}s")
+
+    def _spec(self, role: str, accel: str, cpu: str | None, link_port: int) -> NodeSpec:
+        assert self.image is not None and self.workdir is not None
+        return NodeSpec(
+            role=role,
+            image=self.image,
+            disk=self.workdir / f"node-{role}.qcow2",
+            seed=self.workdir / f"node-{role}-seed.iso",
+            serial_log=self.log_dir / f"node-{role}.serial.log",
+            ssh_port=free_port(),
+            link_port=link_port,
+            accel=accel,
+            cpu=cpu,
+        )
+
+    def _launch_both(self, accel: str, cpu: str | None) -> None:
+        """A first (it listens on the link), B once A's socket listens; both boot in parallel.
+
+        Free ports are picked just before launch; if another process grabbed one in the
+        meantime QEMU exits at once and we retry with new ports.
+        """
+        for attempt in range(1, _LAUNCH_TRIES + 1):
+            link_port = free_port()
+            try:
+                for role in ROLES:
+                    proc = NodeProcess(self._spec(role, accel, cpu, link_port), self.progress)
+                    self._procs[role] = proc
+                    proc.launch()
+                    if role == "a":
+                        wait_listening(link_port, timeout=30.0, proc=proc)
+                time.sleep(0.3)
+                for proc in self._procs.values():
+                    proc.check()  # QEMU died at once: a port race (retried) or a real error
+                return
+            except NodeBootError as e:
+                for proc in self._procs.values():
+                    proc.kill()
+                if attempt == _LAUNCH_TRIES or not any(m in str(e) for m in _PORT_RACE):
+                    raise
+                self.progress(f"katamaran: port collision, retrying ({e.args[0].splitlines()[0]})")

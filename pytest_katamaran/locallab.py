@@ -1,0 +1,178 @@
+"""A one-machine migration lab: two real QEMUs in two netns "nodes", `katamaran` as processes.
+
+Used by the integration tests and by the demo (`python -m pytest_katamaran.demo`).
+
+The host kernel here lacks ipip and sch_plug, so katamaran warns and skips the
+network cutover; everything else (QMP, NBD mirror, RAM, cleanup) is the real flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from katamaran.qmp import Monitor
+from pytest_katamaran.guest import GuestImage, kernel_cmdline
+from pytest_katamaran.hostlab import HostLab, ipr
+from pytest_katamaran.qemu_cmd import SandboxSpec
+from pytest_katamaran.sandbox import Sandbox
+
+VM_IP = "10.244.1.5"
+
+
+def qmp(path: Path, command: str, timeout: float = 15, **args: object) -> Any:
+    """One QMP command from outside (QEMU serves one client at a time: wait your turn)."""
+
+    async def once() -> Any:
+        mon = Monitor(path, timeout)
+        await mon.connect()
+        try:
+            return await mon.execute(command, args or None)
+        finally:
+            await mon.close()
+
+    return asyncio.run(once())
+
+
+def wait_for_text(
+    path: Path, text: str, timeout: float, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    log = path.read_text(errors="replace") if path.exists() else "(no output)"
+    raise AssertionError(f"{text!r} not seen in {path} within {timeout}s:\n{log}")
+
+
+@dataclass
+class Rig:
+    guest: GuestImage
+    tmp: Path
+    writer: bool = False
+    shared: bool = False
+    lab: HostLab = field(default_factory=HostLab)
+    src: Sandbox = field(default_factory=Sandbox)
+    dst: Sandbox = field(default_factory=Sandbox)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    copiers: dict[int, threading.Thread] = field(default_factory=dict)
+    echo: bool = False
+
+    @property
+    def src_disk(self) -> Path:
+        return self.tmp / "src.qcow2"
+
+    @property
+    def dst_disk(self) -> Path:
+        return self.src_disk if self.shared else self.tmp / "dst.qcow2"
+
+    def up(self, incoming: str = "defer") -> None:
+        self.lab.up()
+        for node in self.lab.nodes:
+            with ipr(node.netns) as ip:
+                ip.link("add", ifname="tap0_kata", kind="tuntap", mode="tap")
+                ip.link("set", index=ip.link_lookup(ifname="tap0_kata")[0], state="up")
+        create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        subprocess.run([*create, self.src_disk, "64M"], check=True)
+        # Data the guest did not write, so an idle migration still has blocks to copy.
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 40M 8M", self.src_disk],
+            check=True,
+            capture_output=True,
+        )
+        if not self.shared:
+            subprocess.run([*create, self.dst_disk, "64M"], check=True)
+        append = kernel_cmdline(ip=f"{VM_IP}/24", writer="/dev/vda" if self.writer else None)
+        spec = SandboxSpec(
+            sandbox_id="kmrtest",
+            kernel=self.guest.kernel,
+            initrd=self.guest.initrd,
+            append=append,
+            run_dir=self.tmp / "a",
+            disk=self.src_disk,
+        )
+        self.src.start(spec, netns=self.lab.a.netns)
+        self.src.wait_ready(120)
+        dst_spec = spec.for_destination(
+            disk=self.dst_disk, incoming=incoming, run_dir=self.tmp / "b"
+        )
+        self.dst.start(dst_spec, netns=self.lab.b.netns)
+
+    def katamaran(self, node: str, *args: str, log: str) -> subprocess.Popen:
+        """Run katamaran in a node's netns; its output goes to `log` (and the terminal if echo)."""
+        proc = self.lab.popen(
+            node,
+            [sys.executable, "-m", "katamaran", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        path = self.tmp / log
+        prefix = f"[{log.removesuffix('.log')}] "
+
+        def copy() -> None:
+            with open(path, "w") as out:
+                assert proc.stdout is not None
+                for raw in proc.stdout:
+                    line = raw.decode(errors="replace")
+                    out.write(line)
+                    out.flush()
+                    if self.echo:
+                        sys.stderr.write(prefix + line)
+
+        thread = threading.Thread(target=copy, daemon=True)
+        thread.start()
+        self.copiers[proc.pid] = thread
+        return proc
+
+    def start_dest(self, *extra: str) -> subprocess.Popen:
+        args = ["-mode", "dest", "-qmp", str(self.dst.qmp_path), "-tap", "tap0_kata"]
+        if self.shared:
+            args.append("-shared-storage")
+        proc = self.katamaran("b", *args, "-tunnel-hold", "0.2", *extra, log="dest.log")
+        wait_for_text(self.tmp / "dest.log", "destination ready", 60, proc)
+        return proc
+
+    def start_source(self, dest_ip: str = "10.0.0.2", *extra: str) -> subprocess.Popen:
+        args = ["-mode", "source", "-qmp", str(self.src.qmp_path)]
+        args += ["-dest-ip", dest_ip, "-vm-ip", VM_IP, "-tunnel-hold", "0.2"]
+        if self.shared:
+            args.append("-shared-storage")
+        return self.katamaran("a", *args, *extra, log="source.log")
+
+    def log(self, name: str) -> str:
+        path = self.tmp / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def finish(self, proc: subprocess.Popen, timeout: float = 180) -> int:
+        try:
+            rc = proc.wait(timeout)
+            self.copiers[proc.pid].join(5)
+            return rc
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(
+                f"katamaran did not finish in {timeout}s\nsource:\n{self.log('source.log')}"
+                f"\ndest:\n{self.log('dest.log')}"
+            ) from None
+
+    def status(self, box: Sandbox) -> str:
+        return qmp(box.qmp_path, "query-status")["status"]
+
+    def down(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.src.stop()
+        self.dst.stop()
+        self.lab.teardown()

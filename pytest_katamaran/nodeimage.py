@@ -1,0 +1,512 @@
+"""Build (or download) and cache the OS images of the two lab nodes.
+
+Why two kinds: the guide's nodes are Ubuntu 22.04 cloud images on a KVM laptop with
+internet; CI has neither, so the offline default ("debian") is virtme-ng style: Debian's
+kernel, a small initramfs (``guest/node-init``) and THIS host's root shared read-only over
+virtio-9p under a tmpfs overlay. The host's python, QEMU and project checkout are then
+visible inside the node at the same paths, and ``modprobe sch_plug`` works because the
+kernel's module tree is bound onto ``/lib/modules/<ver>``.
+
+Debian's *cloud* kernel (``guest.fetch_kernel``) has no 9p, so nodes use the generic
+``linux-image-amd64`` (same 6.1 series, ~2 s slower to boot under TCG). Everything is
+cached under ``$KATAMARAN_CACHE`` (default ``~/.cache/katamaran``), keyed by its recipe,
+and built under a file lock so pytest-xdist workers never race.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_katamaran.guest import Kernel, build_initramfs, cache_root, find_busybox
+
+Progress = Callable[[str], None]
+
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+NODE_INIT = GUEST_DIR / "node-init"
+NODE_BOOT = GUEST_DIR / "node-boot"
+NODE_CLOUDINIT = GUEST_DIR / "node-cloudinit"
+NODE_KERNEL_PACKAGE = "linux-image-amd64"
+# Loaded by node-init from the initramfs, dependencies first (resolved at build time).
+NODE_MODULES: tuple[str, ...] = (
+    "virtio_pci",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_rng",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "isofs",
+)
+SCRATCH_LABEL = "kmr-scratch"  # ext4 labels hold at most 16 bytes
+SCRATCH_SIZE_GIB = 16
+UBUNTU_IMAGE_URL = (
+    "https://cloud-images.ubuntu.com/releases/22.04/release/ubuntu-22.04-server-cloudimg-amd64.img"
+)
+UBUNTU_URL_ENV = "KATAMARAN_UBUNTU_IMAGE_URL"
+IMAGE_KINDS = ("debian", "ubuntu")
+# Bump when the node image recipe changes in a way the hashed inputs do not show.
+RECIPE_VERSION = 2
+
+
+class NodeImageError(RuntimeError):
+    """The node image cannot be built or downloaded; the message says why and what to do."""
+
+
+def _stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """Exclusive flock: one builder per cache entry across processes."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(cmd: Sequence[str | Path], fix: str = "", cwd: Path | None = None) -> str:
+    """Run a build step; failures name the command, its stderr and the fix."""
+    args = [str(c) for c in cmd]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=cwd)
+    except FileNotFoundError as e:
+        raise NodeImageError(f"{args[0]} not found. {fix}".strip()) from e
+    if proc.returncode != 0:
+        hint = f" Fix: {fix}" if fix else ""
+        raise NodeImageError(
+            f"{' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()}.{hint}"
+        )
+    return proc.stdout
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    """The offline node: kernel + node initramfs booted over the host's root, plus the
+    cached, once-formatted ext4 base that each node's scratch qcow2 overlays."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    modules_dir: Path
+    scratch_base: Path
+    kind: str = "debian"
+
+    @property
+    def disk_base(self) -> Path:
+        """What a node's COW overlay is created on."""
+        return self.scratch_base
+
+    @property
+    def disk_base_format(self) -> str:
+        """Format of :attr:`disk_base` (``qemu-img create -F``)."""
+        return "raw"
+
+    def files(self) -> list[Path]:
+        """Files that must exist to boot (checked by the start scripts)."""
+        return [self.kernel, self.initrd, self.modules_dir, self.scratch_base]
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-able form for the testenv manifest."""
+        return {
+            "kind": self.kind,
+            "kernel": str(self.kernel),
+            "initrd": str(self.initrd),
+            "kernel_version": self.kernel_version,
+            "modules_dir": str(self.modules_dir),
+            "scratch_base": str(self.scratch_base),
+        }
+
+
+@dataclass(frozen=True)
+class UbuntuImage:
+    """The guide's node: the Ubuntu 22.04 cloud image, booted from a qcow2 COW overlay."""
+
+    base: Path
+    kind: str = "ubuntu"
+
+    @property
+    def disk_base(self) -> Path:
+        """What a node's COW overlay is created on."""
+        return self.base
+
+    @property
+    def disk_base_format(self) -> str:
+        """Format of :attr:`disk_base` (the cloud image is qcow2)."""
+        return "qcow2"
+
+    def files(self) -> list[Path]:
+        """Files that must exist to boot."""
+        return [self.base]
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-able form for the testenv manifest."""
+        return {"kind": self.kind, "base": str(self.base)}
+
+
+NodeImage = DebianImage | UbuntuImage
+
+
+def image_from_dict(data: dict[str, Any]) -> NodeImage:
+    """Inverse of ``to_dict`` (the testenv manifest)."""
+    kind = data.get("kind")
+    if kind == "debian":
+        return DebianImage(
+            kernel=Path(data["kernel"]),
+            initrd=Path(data["initrd"]),
+            kernel_version=str(data["kernel_version"]),
+            modules_dir=Path(data["modules_dir"]),
+            scratch_base=Path(data["scratch_base"]),
+        )
+    if kind == "ubuntu":
+        return UbuntuImage(base=Path(data["base"]))
+    raise NodeImageError(f"unknown node image kind {kind!r}; expected one of {IMAGE_KINDS}")
+
+
+# --------------------------------------------------------------------------- debian
+
+
+def _apt_lists_stamp() -> str:
+    """Changes exactly when ``apt-get update`` changed the package lists."""
+    h = hashlib.sha256()
+    lists = Path("/var/lib/apt/lists")
+    if lists.is_dir():
+        for p in sorted(lists.iterdir()):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _resolve_kernel_package(kdir: Path) -> str:
+    """``linux-image-6.1.0-N-amd64`` behind the metapackage, memoised per apt lists state."""
+    memo = kdir / "resolved.json"
+    stamp = _apt_lists_stamp()
+    try:
+        data = json.loads(memo.read_text())
+        if data["apt_lists"] == stamp:
+            return str(data["package"])
+    except (OSError, ValueError, KeyError):
+        pass
+    fix = f"run `apt-get update` (as root) so apt knows {NODE_KERNEL_PACKAGE}"
+    out = _run(["apt-cache", "depends", NODE_KERNEL_PACKAGE], fix=fix)
+    m = re.search(r"Depends:\s*(linux-image-\S+)", out)
+    if not m:
+        raise NodeImageError(f"cannot resolve {NODE_KERNEL_PACKAGE} with apt-cache. Fix: {fix}")
+    memo.write_text(json.dumps({"apt_lists": stamp, "package": m.group(1)}) + "\n")
+    return m.group(1)
+
+
+def _kernel_at(kdir: Path) -> Kernel | None:
+    ver = kdir.name
+    modules = kdir / "root" / "lib" / "modules" / ver
+    if (kdir / "vmlinuz").is_file() and (modules / "modules.dep").is_file():
+        return Kernel(vmlinuz=kdir / "vmlinuz", modules_dir=modules, version=ver)
+    return None
+
+
+def fetch_node_kernel(
+    cache_dir: Path | None = None, progress: Progress = _stderr_progress
+) -> Kernel:
+    """Debian's generic kernel (it has 9p; the cloud kernel has not), extracted and depmod'ed.
+
+    Same recipe as ``guest.fetch_kernel``, for another package. Without apt metadata a
+    previously cached kernel is reused.
+    """
+    kernels = cache_root(cache_dir) / "node-kernels"
+    kernels.mkdir(exist_ok=True)
+    with _locked(kernels / ".lock"):
+        try:
+            package = _resolve_kernel_package(kernels)
+        except NodeImageError:
+            cached = [k for d in sorted(kernels.iterdir()) if (k := _kernel_at(d))]
+            if not cached:
+                raise
+            progress(f"node image: apt cannot resolve {NODE_KERNEL_PACKAGE}, using cached kernel")
+            return cached[-1]
+        version = package.removeprefix("linux-image-")
+        if kernel := _kernel_at(kernels / version):
+            return kernel
+        progress(f"node image: downloading kernel {package} with apt ...")
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=kernels, prefix=".tmp-") as tmp:
+            tmpdir = Path(tmp)
+            fix = "run `apt-get update` (as root) and check that the Debian mirror is reachable"
+            _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], fix, tmpdir)
+            debs = sorted(tmpdir.glob("*.deb"))
+            if not debs:
+                raise NodeImageError(f"apt-get download {package} produced no .deb. Fix: {fix}")
+            extracted = tmpdir / "x"
+            _run(["dpkg-deb", "-x", debs[0], extracted])
+            staged = tmpdir / version
+            (staged / "root" / "lib" / "modules").mkdir(parents=True)
+            shutil.move(extracted / "boot" / f"vmlinuz-{version}", staged / "vmlinuz")
+            for mods in (extracted / "lib", extracted / "usr" / "lib"):
+                if (mods / "modules" / version).is_dir():
+                    shutil.move(mods / "modules" / version, staged / "root" / "lib" / "modules")
+                    break
+            else:
+                raise NodeImageError(f"{debs[0].name} holds no lib/modules/{version}")
+            _run(["depmod", "-b", staged / "root", version], fix="apt-get install kmod")
+            os.rename(staged, kernels / version)
+        progress(f"node image: kernel {version} ready in {time.monotonic() - t0:.1f}s")
+        kernel = _kernel_at(kernels / version)
+        assert kernel is not None
+        return kernel
+
+
+def _has_pvh_entry(elf: bytes) -> bool:
+    """An x86-64 ELF kernel with Xen's PHYS32_ENTRY note: QEMU can boot it via PVH."""
+    if elf[:5] != b"\x7fELF\x02":
+        return False
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        ptype, _, offset = struct.unpack_from("<IIQ", elf, phoff + i * phentsize)
+        (filesz,) = struct.unpack_from("<Q", elf, phoff + i * phentsize + 0x20)
+        if ptype != 4:  # PT_NOTE
+            continue
+        pos, end = offset, offset + filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def extract_vmlinux(vmlinuz: Path) -> bytes | None:
+    """The uncompressed ELF kernel inside a bzImage, if it can be booted through PVH.
+
+    Why: under TCG the kernel's own xz decompressor costs ~5 s of CPU per boot; QEMU
+    boots the ELF directly (``-kernel vmlinux``, PVH entry) and skips it.
+    """
+    data = vmlinuz.read_bytes()
+    candidates: list[tuple[int, Callable[[bytes], bytes]]] = []
+    if (i := data.find(b"\xfd7zXZ\x00")) >= 0:
+        candidates.append((i, lambda b: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(b)))
+    if (i := data.find(b"\x1f\x8b\x08")) >= 0:
+        candidates.append((i, lambda b: gzip.GzipFile(fileobj=io.BytesIO(b)).read()))
+    for offset, decompress in sorted(candidates, key=lambda c: c[0]):
+        try:
+            elf = decompress(data[offset:])
+        except (lzma.LZMAError, OSError, EOFError):
+            continue
+        if _has_pvh_entry(elf):
+            return elf
+    return None
+
+
+def _boot_kernel(kernel: Kernel, progress: Progress) -> Path:
+    """The kernel file QEMU should load: a cached PVH vmlinux, else the bzImage."""
+    vmlinux = kernel.vmlinuz.with_name("vmlinux")
+    if vmlinux.is_file():
+        return vmlinux
+    no_pvh = kernel.vmlinuz.with_name("vmlinux.none")
+    if no_pvh.exists():
+        return kernel.vmlinuz
+    with _locked(kernel.vmlinuz.with_name(".lock-vmlinux")):
+        if vmlinux.is_file():
+            return vmlinux
+        elf = extract_vmlinux(kernel.vmlinuz)
+        if elf is None:
+            progress("node image: kernel has no PVH entry; booting the compressed bzImage")
+            no_pvh.touch()
+            return kernel.vmlinuz
+        tmp = vmlinux.with_name("vmlinux.tmp")
+        tmp.write_bytes(elf)
+        os.replace(tmp, vmlinux)
+    return vmlinux
+
+
+def _scratch_base(root: Path, progress: Progress) -> Path:
+    """A sparse ext4 file system image, formatted once; nodes write to qcow2 overlays of it."""
+    base = root / "nodes" / f"scratch-{SCRATCH_SIZE_GIB}g-v{RECIPE_VERSION}.raw"
+    if base.is_file():
+        return base
+    with _locked(root / "nodes" / ".lock-scratch"):
+        if base.is_file():
+            return base
+        progress(f"node image: formatting the {SCRATCH_SIZE_GIB} GiB scratch base (ext4) ...")
+        tmp = base.with_name(base.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        with tmp.open("wb") as f:
+            f.truncate(SCRATCH_SIZE_GIB << 30)
+        _run(
+            ["mkfs.ext4", "-q", "-F", "-L", SCRATCH_LABEL, "-m", "0", tmp],
+            fix="apt-get install e2fsprogs",
+        )
+        os.replace(tmp, base)
+    return base
+
+
+def node_recipe(kernel: Kernel, busybox: Path) -> dict[str, object]:
+    """Everything that determines the node initramfs; its hash is the cache key."""
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "kernel": kernel.version,
+        "modules": list(NODE_MODULES),
+        "node-init": _sha256(NODE_INIT),
+        "node-boot": _sha256(NODE_BOOT),
+        "node-cloudinit": _sha256(NODE_CLOUDINIT),
+        "busybox": _sha256(busybox),
+    }
+
+
+def build_debian_image(
+    cache_dir: Path | None = None, progress: Progress = _stderr_progress
+) -> DebianImage:
+    """The offline node image, built once per recipe and cached (a cached call takes ms)."""
+    root = cache_root(cache_dir)
+    kernel = fetch_node_kernel(root, progress)
+    try:
+        busybox = find_busybox(root, progress)
+    except RuntimeError as e:
+        raise NodeImageError(f"no static busybox: {e}. Fix: apt-get install busybox-static") from e
+    recipe = node_recipe(kernel, busybox)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    nodes = root / "nodes"
+    nodes.mkdir(exist_ok=True)
+    initrd = nodes / key / "initrd.gz"
+    if not initrd.is_file():
+        with _locked(nodes / ".lock"):
+            if not initrd.is_file():
+                progress(f"node image: building initramfs {key} (kernel {kernel.version}) ...")
+                t0 = time.monotonic()
+                with tempfile.TemporaryDirectory(dir=nodes, prefix=".tmp-") as tmp:
+                    staged = Path(tmp) / key
+                    staged.mkdir()
+                    try:
+                        build_initramfs(
+                            kernel,
+                            NODE_INIT,
+                            NODE_MODULES,
+                            {"/node-boot": NODE_BOOT, "/node-cloudinit": NODE_CLOUDINIT},
+                            out=staged / "initrd.gz",
+                            busybox=busybox,
+                        )
+                    except RuntimeError as e:
+                        raise NodeImageError(f"building the node initramfs failed: {e}") from e
+                    (staged / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+                    os.rename(staged, nodes / key)
+                progress(f"node image: initramfs built in {time.monotonic() - t0:.1f}s")
+    return DebianImage(
+        kernel=_boot_kernel(kernel, progress),
+        initrd=initrd,
+        kernel_version=kernel.version,
+        modules_dir=kernel.modules_dir,
+        scratch_base=_scratch_base(root, progress),
+    )
+
+
+# --------------------------------------------------------------------------- ubuntu
+
+
+def download(url: str, dest: Path, progress: Progress = _stderr_progress) -> Path:
+    """Fetch url to dest atomically (``.part`` then rename), reporting progress.
+
+    Raises NodeImageError ``cannot download <url>: <reason>`` at the first failure: no
+    retries, so a machine without internet fails in seconds.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, part.open("wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            done, last = 0, 0.0
+            progress(f"node image: downloading {url} ({total >> 20} MiB) ...")
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                now = time.monotonic()
+                if now - last >= 5 or (total and done == total):
+                    pct = f" {100 * done // total}%" if total else ""
+                    progress(f"node image: {done >> 20} MiB{pct} ({now - t0:.0f}s)")
+                    last = now
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        part.unlink(missing_ok=True)
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise NodeImageError(f"cannot download {url}: {reason}") from e
+    os.replace(part, dest)
+    return dest
+
+
+def fetch_ubuntu_image(
+    cache_dir: Path | None = None, progress: Progress = _stderr_progress, url: str | None = None
+) -> UbuntuImage:
+    """The Ubuntu 22.04 cloud image, downloaded once into the cache."""
+    url = url or os.environ.get(UBUNTU_URL_ENV) or UBUNTU_IMAGE_URL
+    images = cache_root(cache_dir) / "ubuntu"
+    dest = images / url.rstrip("/").rsplit("/", 1)[-1]
+    if not dest.is_file():
+        with _locked(images / ".lock"):
+            if not dest.is_file():
+                download(url, dest, progress)
+    return UbuntuImage(base=dest)
+
+
+def build_image(
+    kind: str = "debian", cache_dir: Path | None = None, progress: Progress = _stderr_progress
+) -> NodeImage:
+    """The node image of the given kind, from the cache when possible."""
+    if kind == "debian":
+        return build_debian_image(cache_dir, progress)
+    if kind == "ubuntu":
+        return fetch_ubuntu_image(cache_dir, progress)
+    raise NodeImageError(f"unknown node image {kind!r}; choose from: {', '.join(IMAGE_KINDS)}")
+
+
+def create_overlay(image: NodeImage, out: Path) -> Path:
+    """A qcow2 copy-on-write overlay of the image's disk base (the base is never written)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk_base)]
+    argv += ["-F", image.disk_base_format, str(out)]
+    _run(argv, fix="apt-get install qemu-utils")
+    return out
+
+
+def overlay_backing(path: Path) -> str | None:
+    """The backing file recorded in a qcow2 overlay (None if unreadable)."""
+    try:
+        out = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return json.loads(out).get("backing-filename")
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return None

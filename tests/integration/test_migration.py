@@ -1,0 +1,128 @@
+"""Real migrations: two TCG QEMUs in two netns nodes, `katamaran` as two processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pytest_katamaran.diskcheck import last_ack, verify_writes
+from pytest_katamaran.locallab import qmp, wait_for_text
+
+pytestmark = pytest.mark.qemu
+
+
+def assert_migrated(rig, src_rc: int, dst_rc: int) -> None:
+    logs = f"\nsource:\n{rig.log('source.log')}\ndest:\n{rig.log('dest.log')}"
+    assert src_rc == 0, f"katamaran source exited {src_rc}{logs}"
+    assert dst_rc == 0, f"katamaran dest exited {dst_rc}{logs}"
+    assert rig.status(rig.dst) == "running"
+    assert rig.status(rig.src) == "postmigrate"
+    assert "migration completed in" in rig.log("source.log")
+
+
+def assert_nothing_left(rig, dest: bool = True) -> None:
+    """No block job, NBD export or helper node left (dest: once its katamaran has exited)."""
+    assert qmp(rig.src.qmp_path, "query-block-jobs") == []
+    nodes = qmp(rig.src.qmp_path, "query-named-block-nodes", flat=True)
+    assert not [n for n in nodes if n.get("node-name", "").startswith("katamaran")]
+    if dest and rig.dst.alive():
+        assert qmp(rig.dst.qmp_path, "query-block-exports") == []
+        nodes = qmp(rig.dst.qmp_path, "query-named-block-nodes", flat=True)
+        assert not [n for n in nodes if n.get("node-name", "").startswith("katamaran")]
+
+
+@pytest.mark.parametrize("dest_ip", ["10.0.0.2", "fd00:10::2"], ids=["ipv4", "ipv6"])
+def test_nbd_migration_carries_the_disk(rig_factory, dest_ip):
+    rig = rig_factory()
+    rig.up()
+    dest = rig.start_dest()
+    source = rig.start_source(dest_ip)
+    assert_migrated(rig, rig.finish(source), rig.finish(dest))
+    assert "downtime" in rig.log("source.log") and "storage" in rig.log("source.log")
+    assert_nothing_left(rig)
+    rig.src.stop()
+    rig.dst.stop()
+    compare = subprocess.run(
+        ["qemu-img", "compare", rig.src_disk, rig.dst_disk], capture_output=True, text=True
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_incoming_tcp_destination(rig_factory):
+    """A destination QEMU already listening (-incoming tcp:...) works too."""
+    rig = rig_factory()
+    rig.up(incoming="tcp:[::]:4444")
+    dest = rig.start_dest()
+    assert "already listening" in rig.log("dest.log")
+    source = rig.start_source()
+    assert_migrated(rig, rig.finish(source), rig.finish(dest))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["nbd", "shared-storage"])
+def test_writing_guest_loses_no_write(rig_factory, shared):
+    """Every write the guest completed, before or after the switch, is on the final disk."""
+    rig = rig_factory(writer=True, shared=shared)
+    rig.up()
+    wait_for_text(rig.src.console_log, "ACK ", 60)
+    dest = rig.start_dest()
+    source = rig.start_source()
+    assert_migrated(rig, rig.finish(source), rig.finish(dest))
+    acked_on_source = last_ack(rig.src.console_log)
+    # The writer goes on at the destination: wait until it has acked more there.
+    deadline = time.monotonic() + 60
+    while last_ack(rig.dst.console_log) <= acked_on_source and time.monotonic() < deadline:
+        time.sleep(0.2)
+    acked = max(acked_on_source, last_ack(rig.dst.console_log))
+    assert acked > acked_on_source, "the guest did not keep writing after the migration"
+    rig.src.stop()
+    rig.dst.stop()
+    report = verify_writes(rig.dst_disk, acked)
+    assert report.ok, str(report)
+    print(f"acked on source {acked_on_source}, total {acked}: {report}")
+
+
+def test_sigint_mid_migration_leaves_source_running_and_clean(rig_factory):
+    rig = rig_factory(writer=True)
+    rig.up()
+    # Throttle the writer's target: a mirror that cannot converge fast keeps the
+    # migration in flight long enough to interrupt it.
+    dest = rig.start_dest()
+    source = rig.start_source("10.0.0.2", "-downtime-limit", "1")
+    wait_for_text(rig.tmp / "source.log", "mirroring", 60, source)
+    source.send_signal(signal.SIGINT)
+    rc = rig.finish(source)
+    assert rc == 130, rig.log("source.log")
+    assert "aborting and cleaning up" in rig.log("source.log")
+    assert rig.status(rig.src) == "running"
+    assert_nothing_left(rig, dest=False)
+    before = last_ack(rig.src.console_log)
+    deadline = time.monotonic() + 30
+    while last_ack(rig.src.console_log) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last_ack(rig.src.console_log) > before, "source guest stopped writing after abort"
+    dest.send_signal(signal.SIGTERM)
+    assert rig.finish(dest) == 130, rig.log("dest.log")
+    assert qmp(rig.dst.qmp_path, "query-block-exports") == []
+
+    # Idempotent: a second run after the abort migrates cleanly.
+    (rig.tmp / "dest.log").rename(rig.tmp / "dest-1.log")
+    (rig.tmp / "source.log").rename(rig.tmp / "source-1.log")
+    dest = rig.start_dest()
+    source = rig.start_source()
+    assert_migrated(rig, rig.finish(source), rig.finish(dest))
+
+
+def test_source_fails_cleanly_when_destination_is_absent(rig_factory):
+    rig = rig_factory()
+    rig.up()
+    source = rig.start_source()
+    rc = rig.finish(source)
+    assert rc == 1
+    log = rig.log("source.log")
+    assert "drive-mirror failed" in log and "10.0.0.2:10809" in log, log
+    assert "Traceback" not in log
+    assert rig.status(rig.src) == "running"
+    assert_nothing_left(rig)

@@ -1,0 +1,209 @@
+"""Smoke: the testenv scripts and the node_vm/seed/nodeimage code behind them, without QEMU.
+
+Why: the guide's entry points must parse, fail early with the guide's message when
+setup.sh has not run, and build the node command line the integration tests boot.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_katamaran import node_vm, nodeimage, seed
+from pytest_katamaran.node_vm import NodeSpec, Testenv, node_argv
+from pytest_katamaran.nodeimage import DebianImage, NodeImageError, UbuntuImage
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted((REPO / "testenv").glob("*.sh"))
+HINT = "not found. Run ./testenv/setup.sh first."
+
+
+def _run(argv: list[str], env_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KATAMARAN_TESTENV_DIR=str(env_dir))
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("role", ["a", "b"])
+def test_start_script_fails_early_without_setup(tmp_path, role):
+    state = tmp_path / "empty"
+    state.mkdir()
+    r = _run(["bash", str(REPO / "testenv" / f"start-node-{role}.sh")], state, tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip() == f"empty/.state/nodes.json {HINT}"
+    assert not (state / ".state").exists(), "a failing start must not create state"
+
+
+def _fake_setup(root: Path) -> Testenv:
+    """A manifest whose files do not exist (nothing here may reach QEMU)."""
+    env = Testenv(root)
+    env.state.mkdir(parents=True)
+    image = DebianImage(
+        kernel=root / "vmlinux",
+        initrd=root / "initrd.gz",
+        kernel_version="6.1.0-0-amd64",
+        modules_dir=root / "modules",
+        scratch_base=root / "scratch.raw",
+    )
+    env.manifest.write_text(json.dumps({"image": image.to_dict(), "accel": "tcg"}))
+    return env
+
+
+@pytest.mark.parametrize("role", ["a", "b"])
+def test_start_script_names_each_missing_file(tmp_path, role):
+    env = _fake_setup(tmp_path / "te")
+    script = str(REPO / "testenv" / f"start-node-{role}.sh")
+    expected = [env.disk(role), env.seed(role), env.key, tmp_path / "te" / "vmlinux"]
+    for path in expected:
+        r = _run(["bash", script], env.root, tmp_path)
+        assert r.returncode == 1
+        assert r.stderr.strip() == f"{path.relative_to(tmp_path)} {HINT}"
+        path.write_text("x")  # next run names the next missing file
+
+
+def _spec(tmp_path: Path, role: str, image: DebianImage | UbuntuImage | None = None) -> NodeSpec:
+    image = image or DebianImage(
+        kernel=tmp_path / "vmlinux",
+        initrd=tmp_path / "initrd.gz",
+        kernel_version="6.1.0-0-amd64",
+        modules_dir=tmp_path / "lib/modules/6.1.0-0-amd64",
+        scratch_base=tmp_path / "scratch.raw",
+    )
+    return NodeSpec(
+        role=role,
+        image=image,
+        disk=tmp_path / f"node-{role}.qcow2",
+        seed=tmp_path / f"node-{role}-seed.iso",
+        serial_log=tmp_path / f"node-{role}.log",
+        ssh_port=2222 if role == "a" else 2223,
+        link_port=1234,
+    )
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_node_argv_debian_layout(tmp_path):
+    a = node_argv(_spec(tmp_path, "a"))
+    b = node_argv(_spec(tmp_path, "b"))
+    assert a[0] == "qemu-system-x86_64"
+    assert _opt(a, "-M") == ["pc"] and _opt(a, "-accel") == ["tcg"] and _opt(a, "-cpu") == ["max"]
+    assert _opt(a, "-display") == ["none"] and _opt(a, "-smp") == ["1"]
+    assert _opt(a, "-m") == ["1536"]
+    assert "user,id=nat,hostfwd=tcp:127.0.0.1:2222-:22" in _opt(a, "-netdev")
+    assert "user,id=nat,hostfwd=tcp:127.0.0.1:2223-:22" in _opt(b, "-netdev")
+    assert "socket,id=priv,listen=127.0.0.1:1234" in _opt(a, "-netdev")
+    assert "socket,id=priv,connect=127.0.0.1:1234" in _opt(b, "-netdev")
+    devs_a, devs_b = _opt(a, "-device"), _opt(b, "-device")
+    # fixed MACs at fixed PCI slots (enp0s3 / enp0s4 inside the node)
+    assert any("netdev=nat,mac=52:54:00:12:34:0a,addr=0x3" in d for d in devs_a)
+    assert any("netdev=priv,mac=52:54:00:12:35:0a,addr=0x4" in d for d in devs_a)
+    assert any("netdev=priv,mac=52:54:00:12:35:0b,addr=0x4" in d for d in devs_b)
+    assert f"file,id=serial0,path={tmp_path / 'node-a.log'}" in _opt(a, "-chardev")
+    fsdev = _opt(a, "-fsdev")[0]
+    assert fsdev.startswith("local,") and "path=/," in fsdev and "readonly=on" in fsdev
+    assert "security_model=none" in fsdev
+    append = _opt(a, "-append")[0]
+    assert "katamaran.privip=10.0.0.1/24" in append
+    assert "katamaran.privip=10.0.0.2/24" in _opt(b, "-append")[0]
+    drives = _opt(a, "-drive")
+    assert any("node-a.qcow2" in d and "format=qcow2" in d for d in drives)
+    assert any("node-a-seed.iso" in d and "readonly=on" in d for d in drives)
+
+
+def test_node_argv_ubuntu_boots_its_disk_under_kvm(tmp_path):
+    spec = _spec(tmp_path, "b", UbuntuImage(base=tmp_path / "jammy.img"))
+    argv = node_argv(NodeSpec(**{**spec.__dict__, "accel": "kvm"}))
+    assert _opt(argv, "-accel") == ["kvm"] and _opt(argv, "-cpu") == ["host"]
+    assert "-kernel" not in argv and "-fsdev" not in argv
+    assert _opt(argv, "-m") == ["4096"]
+
+
+def test_node_spec_rejects_unknown_role(tmp_path):
+    with pytest.raises(ValueError):
+        _spec(tmp_path, "c")
+
+
+def test_seed_iso_holds_the_guide_user(tmp_path):
+    pycdlib = pytest.importorskip("pycdlib")
+    iso_path = seed.write_seed(
+        tmp_path / "seed.iso",
+        hostname="node-b",
+        authorized_keys=["ssh-rsa AAAA test"],
+        private_ip="10.0.0.2/24",
+    )
+    iso = pycdlib.PyCdlib()
+    iso.open(str(iso_path))
+    try:
+        assert iso.pvd.volume_identifier.decode().strip() == "cidata"
+        files = {}
+        for name in ("user-data", "meta-data", "network-config"):
+            buf = io.BytesIO()
+            iso.get_file_from_iso_fp(buf, rr_path="/" + name)
+            files[name] = buf.getvalue().decode()
+    finally:
+        iso.close()
+    assert files["user-data"].startswith("#cloud-config\n")
+    data = json.loads(files["user-data"].partition("\n")[2])
+    user = data["users"][0]
+    assert user["name"] == "ubuntu" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
+    assert user["ssh_authorized_keys"] == ["ssh-rsa AAAA test"]
+    assert {"name": "ubuntu", "password": "ubuntu", "type": "text"} in data["chpasswd"]["users"]
+    assert "local-hostname: node-b" in files["meta-data"]
+    assert '"10.0.0.2/24"' in files["network-config"] and "enp0s4" in files["network-config"]
+
+
+def _load_node_cloudinit():
+    path = REPO / "pytest_katamaran" / "guest" / "node-cloudinit"
+    loader = importlib.machinery.SourceFileLoader("node_cloudinit", str(path))
+    spec = importlib.util.spec_from_loader("node_cloudinit", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_node_cloudinit_reads_what_seed_writes():
+    mod = _load_node_cloudinit()
+    text = seed.render_user_data(seed.user_data("node-a", ["ssh-ed25519 AAAA k"]))
+    parsed = mod.parse_user_data(text)
+    assert parsed["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 AAAA k"]
+    meta = mod.parse_meta_data(seed.render_meta_data("id-1", "node-a"))
+    assert meta == {"instance-id": "id-1", "local-hostname": "node-a"}
+
+
+def test_ubuntu_download_fails_fast_and_cleanly(tmp_path):
+    url = "http://127.0.0.1:9/ubuntu-22.04-server-cloudimg-amd64.img"  # discard: refused
+    with pytest.raises(NodeImageError, match=r"^cannot download http://127\.0\.0\.1:9/\S+: "):
+        nodeimage.fetch_ubuntu_image(tmp_path, progress=lambda m: None, url=url)
+    assert not list((tmp_path / "ubuntu").glob("*.img*")), "partial download left behind"
+
+
+def test_missing_host_packages_are_named(monkeypatch):
+    real_which = node_vm.shutil.which
+
+    def which(cmd, path=None):
+        return None if cmd == "qemu-img" else real_which(cmd, path=path)
+
+    monkeypatch.setattr(node_vm.shutil, "which", which)
+    assert "qemu-utils" in node_vm.missing_packages("debian")
