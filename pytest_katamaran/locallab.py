@@ -20,6 +20,7 @@ from typing import Any
 from katamaran.qmp import Monitor
 from pytest_katamaran.guest import GuestImage, kernel_cmdline
 from pytest_katamaran.hostlab import HostLab, ipr
+from pytest_katamaran.podnet import DestTap, PodNet, prepare_dest_tap
 from pytest_katamaran.qemu_cmd import SandboxSpec
 from pytest_katamaran.sandbox import Sandbox
 
@@ -66,6 +67,9 @@ class Rig:
     procs: list[subprocess.Popen] = field(default_factory=list)
     copiers: dict[int, threading.Thread] = field(default_factory=dict)
     echo: bool = False
+    kata_pod: bool = False  # source QEMU in a pod netns behind Kata's tcfilter redirect
+    pod: PodNet | None = None
+    dest_tap: DestTap | None = None
 
     @property
     def src_disk(self) -> Path:
@@ -77,10 +81,15 @@ class Rig:
 
     def up(self, incoming: str = "defer") -> None:
         self.lab.up()
-        for node in self.lab.nodes:
-            with ipr(node.netns) as ip:
-                ip.link("add", ifname="tap0_kata", kind="tuntap", mode="tap")
-                ip.link("set", index=ip.link_lookup(ifname="tap0_kata")[0], state="up")
+        if self.kata_pod:
+            self.pod = PodNet("kmr-pod-" + self.lab.a.netns[-6:], VM_IP, self.lab.a.netns)
+            self.pod.setup()
+            self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=VM_IP)
+        else:
+            for node in self.lab.nodes:
+                with ipr(node.netns) as ip:
+                    ip.link("add", ifname="tap0_kata", kind="tuntap", mode="tap")
+                    ip.link("set", index=ip.link_lookup(ifname="tap0_kata")[0], state="up")
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
         subprocess.run([*create, self.src_disk, "64M"], check=True)
         # Data the guest did not write, so an idle migration still has blocks to copy.
@@ -91,7 +100,11 @@ class Rig:
         )
         if not self.shared:
             subprocess.run([*create, self.dst_disk, "64M"], check=True)
-        append = kernel_cmdline(ip=f"{VM_IP}/24", writer="/dev/vda" if self.writer else None)
+        writer = "/dev/vda" if self.writer else None
+        if self.pod:
+            append = kernel_cmdline(ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer)
+        else:
+            append = kernel_cmdline(ip=f"{VM_IP}/24", writer=writer)
         spec = SandboxSpec(
             sandbox_id="kmrtest",
             kernel=self.guest.kernel,
@@ -100,7 +113,9 @@ class Rig:
             run_dir=self.tmp / "a",
             disk=self.src_disk,
         )
-        self.src.start(spec, netns=self.lab.a.netns)
+        if self.pod and self.pod.mac:
+            spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
+        self.src.start(spec, netns=self.pod.netns if self.pod else self.lab.a.netns)
         self.src.wait_ready(120)
         dst_spec = spec.for_destination(
             disk=self.dst_disk, incoming=incoming, run_dir=self.tmp / "b"
@@ -175,4 +190,7 @@ class Rig:
                 proc.wait()
         self.src.stop()
         self.dst.stop()
+        for part in (self.pod, self.dest_tap):
+            if part is not None:
+                part.teardown()
         self.lab.teardown()

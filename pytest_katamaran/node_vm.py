@@ -512,7 +512,7 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    if cmd_check_deps(kind):
+    if missing_packages(kind) and cmd_check_deps(kind):
         return 1
     try:
         import katamaran

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pytest_katamaran.diskcheck import last_ack, verify_writes
-from pytest_katamaran.locallab import qmp, wait_for_text
+from pytest_katamaran.locallab import VM_IP, qmp, wait_for_text
 
 pytestmark = pytest.mark.qemu
 
@@ -126,3 +126,22 @@ def test_source_fails_cleanly_when_destination_is_absent(rig_factory):
     assert "Traceback" not in log
     assert rig.status(rig.src) == "running"
     assert_nothing_left(rig)
+
+
+def test_kata_shaped_pod_migrates_and_answers_on_destination(rig_factory):
+    """Source QEMU in a pod netns whose eth0 ingress Kata redirects into tap0_kata.
+
+    katamaran opens the migration and NBD streams in the node's namespace and passes
+    them to QEMU, so the redirect cannot swallow their replies. After the migration the
+    VM answers pings on node B through the destination's tap0_kata.
+    """
+    rig = rig_factory(kata_pod=True)
+    rig.up()
+    before = rig.lab.run("a", ["ping", "-c", "3", "-W", "5", VM_IP], capture_output=True, text=True)
+    assert before.returncode == 0, f"VM unreachable through the Kata tcfilter: {before.stdout}"
+    dest = rig.start_dest()
+    source = rig.start_source()
+    assert_migrated(rig, rig.finish(source), rig.finish(dest))
+    rig.dest_tap.add_pod_route()  # the CNI converges on node B
+    after = rig.lab.run("b", ["ping", "-c", "3", "-W", "5", VM_IP], capture_output=True, text=True)
+    assert after.returncode == 0, f"migrated VM does not answer on node B: {after.stdout}"
