@@ -1,4 +1,20 @@
 """Root conftest: the plugin itself is registered through the pytest11 entry point."""
 
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
 # tests/plugin use pytester; it must be registered at the root to be usable there.
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def guest():
+    """The small test guest (Debian cloud kernel + busybox initramfs), built once, cached."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    from pytest_katamaran.guest import build_guest
+
+    return build_guest()

@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="both nodes see the same disk: skip the NBD drive-mirror",
     )
+    _flag(
+        parser,
+        "copy-mode",
+        metavar="MODE",
+        default=config.COPY_MODE,
+        help="source: drive-mirror copy mode, 'background' or 'write-blocking' "
+        f"(default {config.COPY_MODE})",
+    )
     for name, default, what in (
         ("migration-timeout", config.MIGRATION_TIMEOUT, "RAM migration must complete within"),
         ("storage-sync-timeout", config.STORAGE_SYNC_TIMEOUT, "drive-mirror must sync within"),
@@ -149,6 +157,10 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError("-qmp must name the QMP socket")
     if not args.shared_storage and not args.drive_id:
         raise UsageError("-drive-id must not be empty (or use -shared-storage)")
+    if args.copy_mode not in config.COPY_MODES:
+        raise UsageError(
+            f"invalid -copy-mode \"{args.copy_mode}\" (must be 'background' or 'write-blocking')"
+        )
     return Config(
         mode=args.mode,
         qmp=Path(args.qmp),
@@ -157,6 +169,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         vm_ip=vm_ip,
         drive_id=args.drive_id,
         shared_storage=args.shared_storage,
+        copy_mode=args.copy_mode,
         migration_timeout=_number("migration-timeout", args.migration_timeout),
         storage_sync_timeout=_number("storage-sync-timeout", args.storage_sync_timeout),
         qmp_timeout=_number("qmp-timeout", args.qmp_timeout),

@@ -3,8 +3,8 @@
 Order that loses no disk write (the original tool cancelled the mirror after the
 destination had resumed, so writes still in the mirror's dirty bitmap could be lost):
 
-1. blockdev-mirror in write-blocking mode to the destination's NBD export: once READY,
-   every guest write completes on both disks before the guest sees it complete.
+1. blockdev-mirror to the destination's NBD export (background copy by default; with
+   -copy-mode write-blocking every guest write completes on both disks once READY).
 2. `pause-before-switchover`: QEMU stops the VM and waits in `pre-switchover`.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -170,7 +170,7 @@ class SourceMigration:
                     "device": self.cfg.drive_id,
                     "target": NBD_NODE,
                     "sync": "full",
-                    "copy-mode": "write-blocking",
+                    "copy-mode": self.cfg.copy_mode,
                 },
             )
         except KatamaranError as err:

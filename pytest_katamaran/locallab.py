@@ -27,7 +27,7 @@ from pytest_katamaran.sandbox import Sandbox
 VM_IP = "10.244.1.5"
 
 
-def qmp(path: Path, command: str, timeout: float = 15, **args: object) -> Any:
+def qmp(path: Path, command: str, timeout: float = 60, **args: object) -> Any:
     """One QMP command from outside (QEMU serves one client at a time: wait your turn)."""
 
     async def once() -> Any:
@@ -67,6 +67,8 @@ class Rig:
     procs: list[subprocess.Popen] = field(default_factory=list)
     copiers: dict[int, threading.Thread] = field(default_factory=dict)
     echo: bool = False
+    disk_mib: int = 64
+    fill_mib: int = 8  # data written before boot, so an idle migration has blocks to copy
     kata_pod: bool = False  # source QEMU in a pod netns behind Kata's tcfilter redirect
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
@@ -91,15 +93,22 @@ class Rig:
                     ip.link("add", ifname="tap0_kata", kind="tuntap", mode="tap")
                     ip.link("set", index=ip.link_lookup(ifname="tap0_kata")[0], state="up")
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        subprocess.run([*create, self.src_disk, "64M"], check=True)
+        subprocess.run([*create, self.src_disk, f"{self.disk_mib}M"], check=True)
         # Data the guest did not write, so an idle migration still has blocks to copy.
         subprocess.run(
-            ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 40M 8M", self.src_disk],
+            [
+                "qemu-io",
+                "-f",
+                "qcow2",
+                "-c",
+                f"write -P 0x5a {self.disk_mib - self.fill_mib}M {self.fill_mib}M",
+                self.src_disk,
+            ],
             check=True,
             capture_output=True,
         )
         if not self.shared:
-            subprocess.run([*create, self.dst_disk, "64M"], check=True)
+            subprocess.run([*create, self.dst_disk, f"{self.disk_mib}M"], check=True)
         writer = "/dev/vda" if self.writer else None
         if self.pod:
             append = kernel_cmdline(ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer)
@@ -194,3 +203,5 @@ class Rig:
             if part is not None:
                 part.teardown()
         self.lab.teardown()
+        for disk in {self.src_disk, self.dst_disk}:
+            disk.unlink(missing_ok=True)  # GiB-sized: don't leave them to pytest's tmp dirs

@@ -43,6 +43,7 @@ from pytest_katamaran.nodeimage import (
     build_image,
     create_overlay,
     image_from_dict,
+    is_current,
     overlay_backing,
 )
 
@@ -600,8 +601,14 @@ def _preflight(spec: NodeSpec, progress: Progress, wait_link: float) -> None:
 
 def cmd_start(env: Testenv, role: str, foreground: bool, accel: str | None) -> int:
     """Boot one node with the guide's ports; foreground: stream its console until it exits."""
-    _, requested = env.load()
+    image, requested = env.load()
     spec = env.spec(role, "tcg")  # validates every input file before probing KVM
+    if not is_current(image):
+        print(
+            "WARNING: the node image predates pytest_katamaran/guest/node-*: "
+            "re-run ./testenv/setup.sh to boot the current node code",
+            file=sys.stderr,
+        )
     name, cpu = _resolve_accel(accel or requested, _stderr_progress)
     spec = env.spec(role, name, cpu)
     _preflight(spec, _stderr_progress, wait_link=120.0)

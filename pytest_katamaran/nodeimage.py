@@ -435,6 +435,25 @@ def build_debian_image(
     )
 
 
+def is_current(image: NodeImage) -> bool:
+    """Whether a (testenv manifest's) debian image still matches the node scripts here.
+
+    Why: after a pull that changed ``guest/node-*`` the old initramfs still boots;
+    ``start`` warns instead of silently running stale node code.
+    """
+    if not isinstance(image, DebianImage):
+        return True
+    kernel = Kernel(
+        vmlinuz=image.kernel, modules_dir=image.modules_dir, version=image.kernel_version
+    )
+    try:
+        recipe = node_recipe(kernel, find_busybox(progress=lambda m: None))
+    except (OSError, RuntimeError):
+        return True
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return image.initrd.parent.name == key
+
+
 # --------------------------------------------------------------------------- ubuntu
 
 

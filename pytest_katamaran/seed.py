@@ -30,10 +30,11 @@ KATA_URL = (
     f"{KATA_VERSION}/kata-static-{KATA_VERSION}-amd64.tar.xz"
 )
 READY_MARKER = "KATAMARAN-NODE-READY"
+_KATA_CFG = "/etc/kata-containers/configuration.toml"
 
 # Kata Containers + containerd on an Ubuntu node (ignored by the offline node: no internet).
+# Appended to `containerd config default` (which already says version = 2).
 _CONTAINERD_KATA = """\
-version = 2
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
   runtime_type = "io.containerd.kata.v2"
 """
@@ -45,12 +46,13 @@ _RUNCMD: list[str] = [
     "ln -sf /opt/kata/bin/containerd-shim-kata-v2 /usr/local/bin/containerd-shim-kata-v2",
     "ln -sf /opt/kata/bin/kata-runtime /usr/local/bin/kata-runtime",
     "mkdir -p /etc/kata-containers",
-    "cp /opt/kata/share/defaults/kata-containers/configuration-qemu.toml"
-    " /etc/kata-containers/configuration.toml",
-    # a second QMP monitor for katamaran: the shim owns the primary one
-    "grep -q '^extra_monitor_socket' /etc/kata-containers/configuration.toml"
-    " || sed -i '/^\\[hypervisor.qemu\\]/a extra_monitor_socket = \"qmp\"'"
-    " /etc/kata-containers/configuration.toml",
+    f"cp /opt/kata/share/defaults/kata-containers/configuration-qemu.toml {_KATA_CFG}",
+    # a second QMP monitor for katamaran (the shim owns the primary one); Kata only
+    # creates it with enable_debug = true
+    f"sed -i '/^\\[hypervisor\\.qemu\\]/,/^\\[/{{s/^enable_debug = false/enable_debug = true/;"
+    f's/^extra_monitor_socket = ""/extra_monitor_socket = "qmp"/}}\' {_KATA_CFG}',
+    f"grep -q '^extra_monitor_socket = \"qmp\"' {_KATA_CFG}"
+    f" || sed -i '/^\\[hypervisor\\.qemu\\]/a extra_monitor_socket = \"qmp\"' {_KATA_CFG}",
     "mkdir -p /etc/containerd",
     "containerd config default > /etc/containerd/config.toml",
     "cat /etc/containerd/kata-runtime.toml >> /etc/containerd/config.toml",

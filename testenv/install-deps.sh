@@ -10,6 +10,7 @@ APT_PACKAGES=(
   gcc libc6-dev                   # the guest's static disk writer
   iproute2 iputils-ping procps    # namespaces, the zero-drop ping
   openssh-client openssh-server   # SSH into the lab nodes (sshd runs only inside nodes)
+  sudo e2fsprogs util-linux       # what the node VMs run from the host root
   python3-pip python3-venv
 )
 

@@ -85,12 +85,11 @@ def test_writing_guest_loses_no_write(rig_factory, shared):
 
 
 def test_sigint_mid_migration_leaves_source_running_and_clean(rig_factory):
-    rig = rig_factory(writer=True)
+    # 768 MiB of data to mirror keeps the migration in flight long enough to interrupt.
+    rig = rig_factory(writer=True, disk_mib=1024, fill_mib=768)
     rig.up()
-    # Throttle the writer's target: a mirror that cannot converge fast keeps the
-    # migration in flight long enough to interrupt it.
     dest = rig.start_dest()
-    source = rig.start_source("10.0.0.2", "-downtime-limit", "1")
+    source = rig.start_source()
     wait_for_text(rig.tmp / "source.log", "mirroring", 60, source)
     source.send_signal(signal.SIGINT)
     rc = rig.finish(source)
@@ -145,3 +144,19 @@ def test_kata_shaped_pod_migrates_and_answers_on_destination(rig_factory):
     rig.dest_tap.add_pod_route()  # the CNI converges on node B
     after = rig.lab.run("b", ["ping", "-c", "3", "-W", "5", VM_IP], capture_output=True, text=True)
     assert after.returncode == 0, f"migrated VM does not answer on node B: {after.stdout}"
+
+
+def test_source_qemu_dying_mid_migration_is_reported_and_cleaned_up(rig_factory):
+    rig = rig_factory(disk_mib=1024, fill_mib=768)
+    rig.up()
+    dest = rig.start_dest()
+    source = rig.start_source()
+    wait_for_text(rig.tmp / "source.log", "mirroring", 60, source)
+    rig.src.stop(grace=0)  # QEMU dies under katamaran
+    assert rig.finish(source) == 1, rig.log("source.log")
+    log = rig.log("source.log")
+    assert "connection is closed" in log, log
+    assert "Traceback" not in log
+    dest.send_signal(signal.SIGTERM)
+    assert rig.finish(dest) == 130, rig.log("dest.log")
+    assert qmp(rig.dst.qmp_path, "query-block-exports") == []

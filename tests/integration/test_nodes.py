@@ -20,7 +20,8 @@ import pytest
 from pytest_katamaran.backend.qemu import QemuNodes
 from pytest_katamaran.node_vm import TESTENV_LINK_PORT, TESTENV_SSH_PORTS, port_busy
 
-pytestmark = pytest.mark.qemu
+# one lab per module; with --dist loadgroup all its tests share one worker (and one boot)
+pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-test-nodes")]
 
 REPO = Path(__file__).resolve().parents[2]
 

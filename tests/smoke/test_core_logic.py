@@ -1,0 +1,92 @@
+"""Pure logic of the migration core: addresses, event matching, event history, names."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from katamaran.cli import parse_args
+from katamaran.config import host_port
+from katamaran.errors import UsageError
+from katamaran.network import SourceTunnel, tunnel_name
+from katamaran.qmp import Monitor, migration_status, named
+
+
+def test_host_port_brackets_ipv6_only():
+    assert host_port(ipaddress.ip_address("10.0.0.2"), 4444) == "10.0.0.2:4444"
+    assert host_port(ipaddress.ip_address("fd00::2"), 10809) == "[fd00::2]:10809"
+    assert host_port("::", 4444) == "[::]:4444"
+
+
+def test_named_matches_name_and_data():
+    ready = named("BLOCK_JOB_READY", device="j1")
+    assert ready({"event": "BLOCK_JOB_READY", "data": {"device": "j1"}})
+    assert not ready({"event": "BLOCK_JOB_READY", "data": {"device": "j2"}})
+    assert not ready({"event": "BLOCK_JOB_COMPLETED", "data": {"device": "j1"}})
+    either = named(("STOP", "RESUME"))
+    assert either({"event": "RESUME"}) and not either({"event": "MIGRATION"})
+
+
+def test_migration_status_matcher():
+    done = migration_status("completed", "failed")
+    assert done({"event": "MIGRATION", "data": {"status": "failed"}})
+    assert not done({"event": "MIGRATION", "data": {"status": "active"}})
+    assert not done({"event": "STOP", "data": {"status": "completed"}})
+
+
+def test_events_that_arrived_before_the_wait_are_not_lost():
+    """An event recorded while a command was in flight is found by a later wait."""
+
+    async def scenario() -> list[str]:
+        mon = Monitor(Path("/nonexistent.sock"), 1.0)
+        mark = mon.mark()
+        mon.history.append({"event": "STOP"})
+        mon.history.append({"event": "MIGRATION", "data": {"status": "completed"}})
+        found = await mon.next_event(named("STOP"), mark, 0.1)
+        assert found is not None
+        index, event = found
+        after = await mon.next_event(migration_status("completed"), index, 0.1)
+        assert after is not None
+        missing = await mon.next_event(named("RESUME"), after[0], 0.05)
+        return [event["event"], after[1]["data"]["status"], str(missing)]
+
+    assert asyncio.run(scenario()) == ["STOP", "completed", "None"]
+
+
+def test_tunnel_name_fits_ifnamsiz_and_is_stable():
+    name = tunnel_name(ipaddress.ip_address("fd00:10::2"))
+    assert len(name) <= 15 and name.startswith("kmr-")
+    assert name == tunnel_name(ipaddress.ip_address("fd00:10::2"))
+    assert name != tunnel_name(ipaddress.ip_address("10.0.0.2"))
+
+
+def test_tunnel_rule_is_a_host_route_to_the_vm_only():
+    tunnel = SourceTunnel.__new__(SourceTunnel)  # no netlink socket needed for the args
+    tunnel.vm_ip = ipaddress.ip_address("10.244.1.5")
+    tunnel.table = 27500
+    args = tunnel._rule_args()
+    assert args["dst"] == "10.244.1.5" and args["dst_len"] == 32
+    assert args["priority"] < 32766  # ahead of the main table, whose CNI route stays
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-mode", "source", "-dest-ip", "10.0.0.2"], "-dest-ip and -vm-ip are required"),
+        (["-mode", "dest", "-qmp-timeout", "abc"], 'invalid -qmp-timeout "abc"'),
+        (["-mode", "dest", "-copy-mode", "sync"], 'invalid -copy-mode "sync"'),
+        (["-mode", "dest", "-drive-id", ""], "-drive-id must not be empty"),
+    ],
+)
+def test_parse_args_rejects(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(argv)
+
+
+def test_parse_args_accepts_bracketed_ipv6_and_defaults():
+    cfg = parse_args(["-mode", "source", "-dest-ip", "[fd00::2]", "-vm-ip", "10.244.1.5"])
+    assert str(cfg.dest_ip) == "fd00::2" and cfg.tunnel_hold == 5.0
+    assert cfg.drive_id == "drive-virtio-disk0" and cfg.copy_mode == "background"
