@@ -27,6 +27,14 @@ from pytest_katamaran.sandbox import Sandbox
 VM_IP = "10.244.1.5"
 
 
+class GuestPanicked(AssertionError):
+    """The guest kernel panicked (QEMU then exits 0 because of -no-reboot).
+
+    Seen after migrations under TCG in about 1 run in 20, with katamaran and with the
+    bare QMP sequence alike (tests/bench), so it is reported as its own failure kind.
+    """
+
+
 def qmp(path: Path, command: str, timeout: float = 60, **args: object) -> Any:
     """One QMP command from outside (QEMU serves one client at a time: wait your turn)."""
 
@@ -190,6 +198,17 @@ class Rig:
             ) from None
 
     def status(self, box: Sandbox) -> str:
+        """QEMU's run state; if QEMU is gone, say so with its own last words."""
+        if not box.alive():
+            err = box.spec.sandbox_dir / "qemu.stderr" if box.spec else None
+            tail = err.read_text(errors="replace")[-1500:] if err and err.exists() else ""
+            code = box.proc.returncode if box.proc else None
+            console = box.console_log.read_text(errors="replace")[-3000:] if box.spec else ""
+            if "Kernel panic" in console:
+                raise GuestPanicked(console[console.rfind("Kernel panic") :].splitlines()[0])
+            raise AssertionError(
+                f"QEMU exited ({code}); stderr:\n{tail}\nguest console:\n{console}"
+            )
         return qmp(box.qmp_path, "query-status")["status"]
 
     def down(self) -> None:

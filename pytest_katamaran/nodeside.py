@@ -288,6 +288,15 @@ def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
     }
     st.save()
     pod.setup()
+    if not args.dynamic_arp:
+        # Calico's Felix pins the workload's MAC on its cali link (a permanent neighbour):
+        # node A never has to ARP for the pod, so a guest busy under nested TCG cannot
+        # fail a neighbour probe and turn pings into "host unreachable".
+        run(
+            ["ip", "neigh", "replace", pod.pod_ip, "lladdr", pod.mac or "", "dev"]
+            + [pod.host_ifname, "nud", "permanent"],
+            args.netns,
+        )
     disk = Path(args.disk)
     if args.disk_size:
         _create_disk(disk, args.disk_size, args.prefill)
@@ -760,6 +769,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--writer", action="store_true", help="run the guest's disk writer")
     sp.add_argument("--rate", type=int, default=0, help="writer writes/s (0: unthrottled)")
     sp.add_argument("--no-tcfilter", action="store_true", help="plain veth, no Kata redirect")
+    sp.add_argument(
+        "--dynamic-arp",
+        action="store_true",
+        help="no permanent neighbour for the pod (Felix adds one)",
+    )
     sp.add_argument("--no-wait", action="store_true", help="return before READY")
     sp.add_argument("--boot-timeout", type=float, default=600.0)
 
