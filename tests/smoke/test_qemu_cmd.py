@@ -5,6 +5,7 @@ Pure tests (no QEMU, no filesystem writes): `sandbox_argv` is a pure function.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,10 @@ def test_argv_has_every_kata_layout_element():
     assert "-daemonize" not in argv  # we must own the PID to kill it
 
 
-def test_paths_derive_from_run_dir(tmp_path):
+def test_paths_derive_from_run_dir():
+    # A short directory of our own: pytest's tmp_path under xdist can exceed the 107-byte
+    # unix socket limit that sandbox_argv rightly enforces.
+    tmp_path = Path(tempfile.mkdtemp(prefix="kq"))
     spec = make_spec(run_dir=tmp_path)
     assert spec.sandbox_dir == tmp_path / SID
     assert spec.qmp_path == tmp_path / SID / "qmp.sock"
@@ -117,6 +121,7 @@ def test_paths_derive_from_run_dir(tmp_path):
     assert spec.console_log == tmp_path / SID / "console.log"
     sandbox_argv(spec)
     assert list(tmp_path.iterdir()) == []  # pure: creates nothing
+    tmp_path.rmdir()
 
 
 @pytest.mark.parametrize("incoming", ["defer", "tcp:[::]:4444"])
