@@ -137,13 +137,13 @@ def _apt_download(package: str, dest: Path) -> Path:
     return debs[0]
 
 
-def _resolve_kernel_package() -> str:
-    """The versioned package behind the cloud kernel metapackage, e.g. linux-image-6.1.0-56-..."""
-    fix = f"run `apt-get update` (as root) so apt knows {KERNEL_PACKAGE}"
-    out = _run(["apt-cache", "depends", KERNEL_PACKAGE], fix=fix)
+def _resolve_kernel_package(package: str) -> str:
+    """The versioned package behind a kernel metapackage, e.g. linux-image-6.1.0-56-..."""
+    fix = f"run `apt-get update` (as root) so apt knows {package}"
+    out = _run(["apt-cache", "depends", package], fix=fix)
     m = re.search(r"Depends:\s*(linux-image-\S+)", out)
     if not m:
-        raise RuntimeError(f"cannot resolve {KERNEL_PACKAGE} with apt-cache depends. Fix: {fix}")
+        raise RuntimeError(f"cannot resolve {package} with apt-cache depends. Fix: {fix}")
     return m.group(1)
 
 
@@ -161,8 +161,11 @@ def _apt_lists_stamp() -> str:
     return h.hexdigest()
 
 
-def _resolve_kernel_package_cached(kernels: Path) -> str:
-    """Like _resolve_kernel_package, but memoised per apt-lists state (apt-cache takes ~1 s)."""
+def _resolve_kernel_package_cached(kernels: Path, package: str) -> str:
+    """Like _resolve_kernel_package, but memoised per apt-lists state (apt-cache takes ~1 s).
+
+    The memo lives in kernels/resolved.json, so each cache subdirectory has its own.
+    """
     memo = kernels / "resolved.json"
     stamp = _apt_lists_stamp()
     try:
@@ -171,9 +174,9 @@ def _resolve_kernel_package_cached(kernels: Path) -> str:
             return str(data["package"])
     except (OSError, ValueError, KeyError):
         pass
-    package = _resolve_kernel_package()
-    memo.write_text(json.dumps({"apt_lists": stamp, "package": package}) + "\n")
-    return package
+    resolved = _resolve_kernel_package(package)
+    memo.write_text(json.dumps({"apt_lists": stamp, "package": resolved}) + "\n")
+    return resolved
 
 
 def _kernel_at(kdir: Path) -> Kernel | None:
@@ -241,39 +244,47 @@ def _extract_vmlinux(vmlinuz: Path, out: Path) -> str | None:
     elf = subprocess.run(cmd, input=payload, capture_output=True).stdout
     if not _has_pvh_note(elf):
         return "no PVH entry note in the kernel (CONFIG_PVH off?)"
-    out.write_bytes(elf)
+    tmp = out.with_name(out.name + ".tmp")  # atomic: a cached kernel dir may be in use
+    tmp.write_bytes(elf)
+    os.replace(tmp, out)
     return None
 
 
-def fetch_kernel(cache_dir: Path | None = None, progress: Progress = _stderr_progress) -> Kernel:
-    """Debian's cloud kernel, downloaded with apt, extracted and depmod'ed once, then cached.
+def fetch_kernel(
+    cache_dir: Path | None = None,
+    progress: Progress = _stderr_progress,
+    *,
+    package: str = KERNEL_PACKAGE,
+    subdir: str = "kernels",
+    label: str = "guest",
+) -> Kernel:
+    """A Debian kernel, downloaded with apt, extracted and depmod'ed once, then cached.
 
-    Without apt metadata (no ``apt-get update``) a previously cached kernel is reused.
+    package is the apt metapackage (default: the cloud kernel), subdir the cache
+    directory it lives in (``<subdir>/<version>/``) and label the progress prefix. The
+    PVH-bootable vmlinux is extracted next to vmlinuz (also into kernels cached before
+    that existed). Without apt metadata (no ``apt-get update``) a previously cached
+    kernel is reused.
     """
-    kernels = cache_root(cache_dir) / "kernels"
+    kernels = cache_root(cache_dir) / subdir
     kernels.mkdir(exist_ok=True)
     with _locked(kernels / ".lock"):
         try:
-            package = _resolve_kernel_package_cached(kernels)
+            resolved = _resolve_kernel_package_cached(kernels, package)
         except RuntimeError:
-            cached = [k for d in sorted(kernels.iterdir()) if (k := _kernel_at(d))]
+            cached = [d for d in sorted(kernels.iterdir()) if _kernel_at(d)]
             if not cached:
                 raise
-            progress(f"guest: apt cannot resolve {KERNEL_PACKAGE}, using cached kernel")
-            return cached[-1]
-        version = package.removeprefix("linux-image-")
-        if kernel := _kernel_at(kernels / version):
-            no_pvh = kernels / version / "no-vmlinux"
-            if kernel.vmlinux is None and not no_pvh.exists():  # cached before PVH support
-                _add_vmlinux(kernels / version, progress)
-                kernel = _kernel_at(kernels / version)
-            assert kernel is not None
-            return kernel
-        progress(f"guest: downloading kernel {package} ...")
+            progress(f"{label}: apt cannot resolve {package}, using cached kernel")
+            return _cached_kernel(cached[-1], progress, label)
+        version = resolved.removeprefix("linux-image-")
+        if _kernel_at(kernels / version):
+            return _cached_kernel(kernels / version, progress, label)
+        progress(f"{label}: downloading kernel {resolved} ...")
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(dir=kernels, prefix=".tmp-") as tmp:
             tmpdir = Path(tmp)
-            deb = _apt_download(package, tmpdir)
+            deb = _apt_download(resolved, tmpdir)
             extracted = tmpdir / "x"
             _run(["dpkg-deb", "-x", deb, extracted])
             staged = tmpdir / version
@@ -286,20 +297,31 @@ def fetch_kernel(cache_dir: Path | None = None, progress: Progress = _stderr_pro
             else:
                 raise RuntimeError(f"{deb.name} holds no lib/modules/{version}")
             _run(["depmod", "-b", staged / "root", version], fix="apt-get install kmod")
-            _add_vmlinux(staged, progress)
+            _add_vmlinux(staged, progress, label)
             os.rename(staged, kernels / version)
-        progress(f"guest: kernel {version} ready in {time.monotonic() - t0:.1f}s")
+        progress(f"{label}: kernel {version} ready in {time.monotonic() - t0:.1f}s")
         kernel = _kernel_at(kernels / version)
         assert kernel is not None
         return kernel
 
 
-def _add_vmlinux(kdir: Path, progress: Progress) -> None:
+def _cached_kernel(kdir: Path, progress: Progress, label: str) -> Kernel:
+    """The complete cached kernel in kdir, given a vmlinux if cached before PVH support."""
+    kernel = _kernel_at(kdir)
+    assert kernel is not None
+    if kernel.vmlinux is None and not (kdir / "no-vmlinux").exists():
+        _add_vmlinux(kdir, progress, label)
+        kernel = _kernel_at(kdir)
+        assert kernel is not None
+    return kernel
+
+
+def _add_vmlinux(kdir: Path, progress: Progress, label: str = "guest") -> None:
     """Extract kdir/vmlinux for PVH boot; record why not in kdir/no-vmlinux (tried once)."""
     why = _extract_vmlinux(kdir / "vmlinuz", kdir / "vmlinux")
     if why:
         (kdir / "no-vmlinux").write_text(why + "\n")
-        progress(f"guest: booting the compressed kernel (~1 s slower under TCG): {why}")
+        progress(f"{label}: booting the compressed kernel (~1 s slower under TCG): {why}")
 
 
 def _is_static_elf(path: Path) -> bool:

@@ -16,15 +16,9 @@ and built under a file lock so pytest-xdist workers never race.
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
-import io
 import json
-import lzma
 import os
-import re
-import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,7 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.guest import Kernel, build_initramfs, cache_root, find_busybox
+from pytest_katamaran.guest import (
+    Kernel,
+    build_initramfs,
+    cache_root,
+    fetch_kernel,
+    find_busybox,
+)
 
 Progress = Callable[[str], None]
 
@@ -196,158 +196,25 @@ def image_from_dict(data: dict[str, Any]) -> NodeImage:
 # --------------------------------------------------------------------------- debian
 
 
-def _apt_lists_stamp() -> str:
-    """Changes exactly when ``apt-get update`` changed the package lists."""
-    h = hashlib.sha256()
-    lists = Path("/var/lib/apt/lists")
-    if lists.is_dir():
-        for p in sorted(lists.iterdir()):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _resolve_kernel_package(kdir: Path) -> str:
-    """``linux-image-6.1.0-N-amd64`` behind the metapackage, memoised per apt lists state."""
-    memo = kdir / "resolved.json"
-    stamp = _apt_lists_stamp()
-    try:
-        data = json.loads(memo.read_text())
-        if data["apt_lists"] == stamp:
-            return str(data["package"])
-    except (OSError, ValueError, KeyError):
-        pass
-    fix = f"run `apt-get update` (as root) so apt knows {NODE_KERNEL_PACKAGE}"
-    out = _run(["apt-cache", "depends", NODE_KERNEL_PACKAGE], fix=fix)
-    m = re.search(r"Depends:\s*(linux-image-\S+)", out)
-    if not m:
-        raise NodeImageError(f"cannot resolve {NODE_KERNEL_PACKAGE} with apt-cache. Fix: {fix}")
-    memo.write_text(json.dumps({"apt_lists": stamp, "package": m.group(1)}) + "\n")
-    return m.group(1)
-
-
-def _kernel_at(kdir: Path) -> Kernel | None:
-    ver = kdir.name
-    modules = kdir / "root" / "lib" / "modules" / ver
-    if (kdir / "vmlinuz").is_file() and (modules / "modules.dep").is_file():
-        return Kernel(vmlinuz=kdir / "vmlinuz", modules_dir=modules, version=ver)
-    return None
-
-
 def fetch_node_kernel(
     cache_dir: Path | None = None, progress: Progress = _stderr_progress
 ) -> Kernel:
     """Debian's generic kernel (it has 9p; the cloud kernel has not), extracted and depmod'ed.
 
-    Same recipe as ``guest.fetch_kernel``, for another package. Without apt metadata a
-    previously cached kernel is reused.
+    ``guest.fetch_kernel`` for another package, cached in ``node-kernels/<version>/``
+    (with the PVH vmlinux when the kernel has one). Without apt metadata a previously
+    cached kernel is reused.
     """
-    kernels = cache_root(cache_dir) / "node-kernels"
-    kernels.mkdir(exist_ok=True)
-    with _locked(kernels / ".lock"):
-        try:
-            package = _resolve_kernel_package(kernels)
-        except NodeImageError:
-            cached = [k for d in sorted(kernels.iterdir()) if (k := _kernel_at(d))]
-            if not cached:
-                raise
-            progress(f"node image: apt cannot resolve {NODE_KERNEL_PACKAGE}, using cached kernel")
-            return cached[-1]
-        version = package.removeprefix("linux-image-")
-        if kernel := _kernel_at(kernels / version):
-            return kernel
-        progress(f"node image: downloading kernel {package} with apt ...")
-        t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=kernels, prefix=".tmp-") as tmp:
-            tmpdir = Path(tmp)
-            fix = "run `apt-get update` (as root) and check that the Debian mirror is reachable"
-            _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], fix, tmpdir)
-            debs = sorted(tmpdir.glob("*.deb"))
-            if not debs:
-                raise NodeImageError(f"apt-get download {package} produced no .deb. Fix: {fix}")
-            extracted = tmpdir / "x"
-            _run(["dpkg-deb", "-x", debs[0], extracted])
-            staged = tmpdir / version
-            (staged / "root" / "lib" / "modules").mkdir(parents=True)
-            shutil.move(extracted / "boot" / f"vmlinuz-{version}", staged / "vmlinuz")
-            for mods in (extracted / "lib", extracted / "usr" / "lib"):
-                if (mods / "modules" / version).is_dir():
-                    shutil.move(mods / "modules" / version, staged / "root" / "lib" / "modules")
-                    break
-            else:
-                raise NodeImageError(f"{debs[0].name} holds no lib/modules/{version}")
-            _run(["depmod", "-b", staged / "root", version], fix="apt-get install kmod")
-            os.rename(staged, kernels / version)
-        progress(f"node image: kernel {version} ready in {time.monotonic() - t0:.1f}s")
-        kernel = _kernel_at(kernels / version)
-        assert kernel is not None
-        return kernel
-
-
-def _has_pvh_entry(elf: bytes) -> bool:
-    """An x86-64 ELF kernel with Xen's PHYS32_ENTRY note: QEMU can boot it via PVH."""
-    if elf[:5] != b"\x7fELF\x02":
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        ptype, _, offset = struct.unpack_from("<IIQ", elf, phoff + i * phentsize)
-        (filesz,) = struct.unpack_from("<Q", elf, phoff + i * phentsize + 0x20)
-        if ptype != 4:  # PT_NOTE
-            continue
-        pos, end = offset, offset + filesz
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
-
-
-def extract_vmlinux(vmlinuz: Path) -> bytes | None:
-    """The uncompressed ELF kernel inside a bzImage, if it can be booted through PVH.
-
-    Why: under TCG the kernel's own xz decompressor costs ~5 s of CPU per boot; QEMU
-    boots the ELF directly (``-kernel vmlinux``, PVH entry) and skips it.
-    """
-    data = vmlinuz.read_bytes()
-    candidates: list[tuple[int, Callable[[bytes], bytes]]] = []
-    if (i := data.find(b"\xfd7zXZ\x00")) >= 0:
-        candidates.append((i, lambda b: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(b)))
-    if (i := data.find(b"\x1f\x8b\x08")) >= 0:
-        candidates.append((i, lambda b: gzip.GzipFile(fileobj=io.BytesIO(b)).read()))
-    for offset, decompress in sorted(candidates, key=lambda c: c[0]):
-        try:
-            elf = decompress(data[offset:])
-        except (lzma.LZMAError, OSError, EOFError):
-            continue
-        if _has_pvh_entry(elf):
-            return elf
-    return None
-
-
-def _boot_kernel(kernel: Kernel, progress: Progress) -> Path:
-    """The kernel file QEMU should load: a cached PVH vmlinux, else the bzImage."""
-    vmlinux = kernel.vmlinuz.with_name("vmlinux")
-    if vmlinux.is_file():
-        return vmlinux
-    no_pvh = kernel.vmlinuz.with_name("vmlinux.none")
-    if no_pvh.exists():
-        return kernel.vmlinuz
-    with _locked(kernel.vmlinuz.with_name(".lock-vmlinux")):
-        if vmlinux.is_file():
-            return vmlinux
-        elf = extract_vmlinux(kernel.vmlinuz)
-        if elf is None:
-            progress("node image: kernel has no PVH entry; booting the compressed bzImage")
-            no_pvh.touch()
-            return kernel.vmlinuz
-        tmp = vmlinux.with_name("vmlinux.tmp")
-        tmp.write_bytes(elf)
-        os.replace(tmp, vmlinux)
-    return vmlinux
+    try:
+        return fetch_kernel(
+            cache_dir,
+            progress,
+            package=NODE_KERNEL_PACKAGE,
+            subdir="node-kernels",
+            label="node image",
+        )
+    except RuntimeError as e:  # callers (node_vm) catch NodeImageError
+        raise NodeImageError(str(e)) from e
 
 
 _LAZY = "lazy_itable_init=1,lazy_journal_init=1"
@@ -427,7 +294,7 @@ def build_debian_image(
                     os.rename(staged, nodes / key)
                 progress(f"node image: initramfs built in {time.monotonic() - t0:.1f}s")
     return DebianImage(
-        kernel=_boot_kernel(kernel, progress),
+        kernel=kernel.vmlinux or kernel.vmlinuz,
         initrd=initrd,
         kernel_version=kernel.version,
         modules_dir=kernel.modules_dir,
