@@ -316,6 +316,8 @@ def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
         disk=disk,
         memory_mib=args.memory,
         mac=pod.mac or "",  # Kata copies eth0's MAC into the VM NIC
+        qemu_binary=args.qemu_binary,
+        extra_args=["-L", args.qemu_datadir] if args.qemu_datadir else [],
     )
     box = _start_sandbox(spec, pod.netns, "source", st, args.qmp_timeout)
     out = {
@@ -766,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pod-name", default=DEFAULT_POD_NAME)
     sp.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     sp.add_argument("--memory", type=int, default=128)
+    sp.add_argument("--qemu-binary", default="qemu-system-x86_64")
+    sp.add_argument("--qemu-datadir", default="", help="QEMU -L (firmware of that QEMU)")
     sp.add_argument("--writer", action="store_true", help="run the guest's disk writer")
     sp.add_argument("--rate", type=int, default=0, help="writer writes/s (0: unthrottled)")
     sp.add_argument("--no-tcfilter", action="store_true", help="plain veth, no Kata redirect")

@@ -7,6 +7,7 @@ failing or interrupted test leaves the session's nodes clean for the next one.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from e2e_lab import NodeSide
+from e2e_lab import NodeSide, WorkloadQemu, backports_qemu, qemu_version
 
 from pytest_katamaran.node_vm import free_port
 from pytest_katamaran.ping import PingMonitor
@@ -42,6 +43,32 @@ def guest_image():
     from pytest_katamaran.guest import build_guest
 
     return build_guest()
+
+
+@pytest.fixture(scope="session")
+def workload_qemu() -> WorkloadQemu:
+    """The workload VMs' QEMU: Debian backports' by default (KATAMARAN_E2E_QEMU=system: 7.2).
+
+    QEMU 7.2 corrupts a TCG guest's RAM during live migration (see
+    `e2e_lab.backports_qemu`); with it the migrated workload panics on node B in most
+    runs, whatever katamaran does.
+    """
+    from pytest_katamaran.guest import cache_root
+
+    choice = os.environ.get("KATAMARAN_E2E_QEMU", "backports")
+    if choice == "backports":
+        try:
+            return backports_qemu(cache_root())
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            warnings.warn(
+                pytest.PytestWarning(
+                    f"backports QEMU unavailable ({exc}); the workload runs on the system QEMU, "
+                    "whose TCG migration can corrupt the guest"
+                ),
+                stacklevel=1,
+            )
+    binary = "qemu-system-x86_64"
+    return WorkloadQemu(binary, "", qemu_version(binary))
 
 
 @pytest.fixture

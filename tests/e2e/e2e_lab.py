@@ -11,9 +11,13 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.ping import PingStats
@@ -133,11 +137,12 @@ def describe_logs(logs: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def reply_times(ping_output: str) -> dict[int, float]:
-    """icmp_seq -> reply timestamp (ping -D) for every answered packet (no wrap handling)."""
+def send_times(ping_output: str) -> dict[int, float]:
+    """icmp_seq -> send time (reply timestamp minus RTT, ping -D) of every answered packet."""
     times: dict[int, float] = {}
-    for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from .*?icmp_seq=(\d+)", ping_output, re.M):
-        times.setdefault(int(m.group(2)), float(m.group(1)))
+    pattern = r"^\[(\d+\.\d+)\] \d+ bytes from .*?icmp_seq=(\d+).*? time=([\d.]+) ms"
+    for m in re.finditer(pattern, ping_output, re.M):
+        times.setdefault(int(m.group(2)), float(m.group(1)) - float(m.group(3)) / 1000.0)
     return times
 
 
@@ -149,28 +154,33 @@ def place_losses(
 ) -> str:
     """Where each lost ping falls relative to katamaran's events, on node A's clock.
 
-    A lost seq's send time is estimated from the previous answered seq's reply time
-    (ping sends every `interval`); the RTT is far below the interval before the cutover.
+    A lost seq's send time is the previous answered seq's send time (its reply stamp
+    minus its RTT) plus one interval per seq in between.
     """
     if not stats.lost:
         return ""
-    times = reply_times(ping_output)
+    times = send_times(ping_output)
     answered = sorted(times)
     lines = ["lost pings placed on node A's clock (send time estimated):"]
     marks = sorted((ts, name) for name, ts in events.items() if ts is not None)
     for ev_ts, ev_name in marks:
         lines.append(f"  event {ev_name}: {ev_ts:.3f}")
-    for seq in stats.lost[:40]:
-        before = [s for s in answered if s < seq]
+    ranges: list[list[int]] = []
+    for seq in stats.lost:
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    for first, last in ranges[:40]:
+        before = [s for s in answered if s < first]
         if not before:
-            lines.append(f"  seq {seq}: before the first reply")
+            lines.append(f"  seqs {first}-{last}: before the first reply")
             continue
         prev = before[-1]
-        est = times[prev] + (seq - prev) * interval
-        rel = ", ".join(f"{est - ts:+.3f}s vs {name}" for ts, name in marks)
-        lines.append(f"  seq {seq}: sent ~{est:.3f} ({rel})")
-    if len(stats.lost) > 40:
-        lines.append(f"  ... {len(stats.lost) - 40} more")
+        start = times[prev] + (first - prev) * interval
+        end = start + (last - first) * interval
+        rel = ", ".join(f"{start - ts:+.3f}s vs {name}" for ts, name in marks)
+        lines.append(f"  seqs {first}-{last}: sent ~{start:.3f}..{end:.3f} (start {rel})")
     return "\n".join(lines)
 
 
@@ -179,3 +189,100 @@ def env_float(name: str, default: float) -> float:
     conftest)."""
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+# --------------------------------------------------------------------------- workload QEMU
+
+QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-data", "qemu-system-common")
+
+
+@dataclass(frozen=True)
+class WorkloadQemu:
+    """The QEMU the workload VMs run (both sides: it is part of the shared spec)."""
+
+    binary: str
+    datadir: str  # its own firmware (-L), "" for the system QEMU
+    version: str
+
+    def nodeside_args(self) -> list[str]:
+        if not self.datadir:
+            return ["--qemu-binary", self.binary]
+        return ["--qemu-binary", self.binary, "--qemu-datadir", self.datadir]
+
+
+def qemu_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"{binary} --version failed: {out.stderr.strip()}")
+    return out.stdout.splitlines()[0].removeprefix("QEMU emulator version ").strip()
+
+
+def _system_sources() -> tuple[str, str]:
+    """(archive URI, codename) from this machine's own apt configuration (never hard-coded)."""
+    codename = ""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            codename = line.split("=", 1)[1].strip().strip('"')
+    uri = ""
+    for src in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+        if not src.is_file() or src.suffix not in (".list", ".sources"):
+            continue
+        for line in src.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("URIs:") and "security" not in line:
+                uri = uri or line.split(":", 1)[1].strip().split()[0]
+            elif line.startswith("deb ") and "security" not in line:
+                uri = uri or line.split()[1]
+    if not (uri and codename):
+        raise RuntimeError("cannot find this machine's Debian archive in its apt configuration")
+    return uri, codename
+
+
+def backports_qemu(cache: Path) -> WorkloadQemu:
+    """QEMU from Debian's <codename>-backports, unpacked (not installed) under `cache`.
+
+    Why: Debian 12's QEMU 7.2 loses guest stores during TCG live migration (its dirty
+    bitmap fast path never re-arms the TCG TLB; upstream fix 03bfc2188f "physmem: Fix
+    migration dirty bitmap coherency with TCG memory access", QEMU 9.0, not in 7.2.x),
+    which corrupts the migrated workload's kernel.  Unpacking keeps the system QEMU that
+    the rest of the suite uses untouched; the nodes see `cache` through the host root.
+    """
+    root = cache / "qemu-backports"
+    marker = root / "version"
+    binary = root / "usr/bin/qemu-system-x86_64"
+    datadir = root / "usr/share/qemu"
+    if marker.is_file() and binary.is_file():
+        return WorkloadQemu(str(binary), str(datadir), marker.read_text().strip())
+    uri, codename = _system_sources()
+    with tempfile.TemporaryDirectory(prefix="kmr-qemu-", dir=cache) as tmp:
+        work = Path(tmp)
+        (work / "lists/partial").mkdir(parents=True)
+        (work / "cache/archives/partial").mkdir(parents=True)
+        (work / "parts").mkdir()
+        (work / "sources.list").write_text(f"deb {uri} {codename}-backports main\n")
+        apt = [
+            "-o", f"Dir::Etc::SourceList={work / 'sources.list'}",
+            "-o", f"Dir::Etc::SourceParts={work / 'parts'}",
+            "-o", f"Dir::State::Lists={work / 'lists'}",
+            "-o", f"Dir::Cache={work / 'cache'}",
+            "-o", "APT::Sandbox::User=root",
+        ]  # fmt: skip
+        for cmd in (
+            ["apt-get", *apt, "update"],
+            ["apt-get", *apt, "download", *(f"{p}/{codename}-backports" for p in QEMU_PACKAGES)],
+        ):
+            done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:1] + cmd[-2:])}: {done.stderr.strip()[-500:]}")
+        stage = work / "root"
+        for deb in sorted(work.glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(stage)], check=True)
+        staged = stage / "usr/bin/qemu-system-x86_64"
+        missing = subprocess.run(["ldd", str(staged)], capture_output=True, text=True).stdout
+        if "not found" in missing:
+            raise RuntimeError(f"backports QEMU lacks libraries here:\n{missing}")
+        version = qemu_version(str(staged))
+        (stage / "version").write_text(version + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.rename(stage, root)
+    return WorkloadQemu(str(binary), str(datadir), version)
