@@ -15,9 +15,8 @@ crash finds and removes the first run's leftovers.
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import ipaddress
-import logging
 import socket
 import subprocess
 import time
@@ -33,8 +32,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .config import IPAddress
 
-log = logging.getLogger("katamaran")
-
 T = TypeVar("T")
 
 # pyroute2's synchronous API drives an event loop of its own, which cannot run inside
@@ -44,8 +41,6 @@ _NETLINK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="katamaran-netli
 
 async def netlink(fn: Callable[..., T], *args: object) -> T:
     """Run one (blocking, ordered) netlink operation off the asyncio thread."""
-    import asyncio
-
     return await asyncio.get_running_loop().run_in_executor(_NETLINK, fn, *args)
 
 
@@ -377,7 +372,3 @@ class PlugQdisc:
 
     def close(self) -> None:
         self.ipr.close()
-
-
-def parse_ip(text: str) -> IPAddress:
-    return ipaddress.ip_address(text)
