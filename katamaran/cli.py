@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="dest: the VM's tap device, where sch_plug holds packets until the VM resumes",
     )
     _flag(parser, "dest-ip", metavar="IP", help="source: destination node IP (IPv4 or IPv6)")
-    _flag(parser, "vm-ip", metavar="IP", help="source: the VM's (pod's) IP, tunnelled at cutover")
+    _flag(
+        parser,
+        "vm-ip",
+        metavar="IP",
+        help="source: the VM's (pod's) IP, tunnelled at cutover; "
+        "dest (optional): pinned as a neighbour on -tap during the cutover",
+    )
     _flag(
         parser,
         "drive-id",

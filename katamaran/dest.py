@@ -98,6 +98,8 @@ class DestMigration:
             await netlink(self.decap.remove_stale)
             for warning in await netlink(self.decap.setup):
                 self.progress.warn(warning)
+            if self.cfg.vm_ip is not None:
+                await self._pin_vm_neighbour()
         except NetworkUnavailable as err:
             raise KatamaranError(str(err)) from None
         except (NetlinkError, OSError) as err:
@@ -111,6 +113,20 @@ class DestMigration:
         except (NetworkUnavailable, NetlinkError, OSError) as err:
             self.progress.warn(f"{err}; continuing without packet buffering")
             self.plug = None
+
+    async def _pin_vm_neighbour(self) -> None:
+        """Pin VM IP -> NIC MAC on the tap, so held packets wait in sch_plug, not in ARP."""
+        assert self.decap is not None and self.cfg.vm_ip is not None
+        nics = await self.mon.execute("query-rx-filter")
+        macs = sorted({nic["main-mac"] for nic in nics if nic.get("main-mac")})
+        if len(macs) != 1:
+            self.progress.warn(
+                f"cannot pin {self.cfg.vm_ip} on {self.cfg.tap}: "
+                f"{len(macs)} NIC MACs in this VM ({', '.join(macs) or 'none'})"
+            )
+            return
+        await netlink(self.decap.pin_neighbour, self.cfg.vm_ip, macs[0])
+        self.progress.step(f"neighbour {self.cfg.vm_ip} -> {macs[0]} pinned on {self.cfg.tap}")
 
     async def _start_nbd(self) -> None:
         port = str(self.cfg.nbd_port)

@@ -44,6 +44,7 @@ async def netlink(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.get_running_loop().run_in_executor(_NETLINK, fn, *args)
 
 
+NUD_PERMANENT = 0x80
 RULE_PRIORITY = 90  # ahead of the main table (32766) and of most CNIs' rules
 TABLE_BASE = 0x6B00  # "k"; table ids 27392..28415 are ours
 
@@ -210,9 +211,32 @@ class DestDecap:
     rules: list[dict[str, object]] = field(default_factory=list)
     table: int = 0
     devices: list[str] = field(default_factory=list)
+    pinned: dict[str, object] | None = None
 
     def __post_init__(self) -> None:
         self.table = TABLE_BASE + 0x200 + _tag(self.tap)
+
+    def pin_neighbour(self, vm_ip: IPAddress, mac: str) -> None:
+        """A permanent neighbour entry for the VM on its tap, for the cutover.
+
+        Decapsulated packets are routed on-link into the tap; without this the kernel
+        must ARP for the VM first, the plug holds that request, and the packets wait in
+        the neighbour queue, which the kernel drops after ~3 s of failed resolution.
+        """
+        index = self.ipr.link_lookup(ifname=self.tap)[0]
+        args: dict[str, object] = {
+            "dst": str(vm_ip),
+            "lladdr": mac,
+            "ifindex": index,
+            "family": _family(vm_ip),
+        }
+        self.ipr.neigh("replace", state=NUD_PERMANENT, **args)
+        self.pinned = args
+
+    def unpin_neighbour(self) -> None:
+        if self.pinned is not None:
+            _quiet(self.ipr.neigh, "del", **self.pinned)
+            self.pinned = None
 
     def _rule_args(self, device: str, family: int) -> dict[str, object]:
         return {"family": family, "iifname": device, "table": self.table, "priority": 91}
@@ -265,6 +289,7 @@ class DestDecap:
         return warnings
 
     def teardown(self) -> None:
+        self.unpin_neighbour()
         for args in self.rules:
             _quiet(self.ipr.rule, "del", **args)
         self.rules.clear()

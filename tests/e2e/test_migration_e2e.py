@@ -183,7 +183,7 @@ class MigrationRun:
         # 3. katamaran: destination first, then the source; the CNI converges mid-hold.
         storage_flag = ["-shared-storage"] if self.shared else []
         self.dst_proc = b.katamaran(
-            "-mode", "dest", "-qmp", dest["qmp"], "-tap", TAP,
+            "-mode", "dest", "-qmp", dest["qmp"], "-tap", TAP, "-vm-ip", POD_IP,
             "-tunnel-hold", f"{DEST_HOLD:g}",
             "-plug-limit", str(plug_limit(self.interval)),
             *storage_flag,

@@ -170,3 +170,21 @@ def test_source_qemu_dying_mid_migration_is_reported_and_cleaned_up(rig_factory)
     dest.send_signal(signal.SIGTERM)
     assert rig.finish(dest) == 130, rig.log("dest.log")
     assert qmp(rig.dst.qmp_path, "query-block-exports") == []
+
+
+def test_dest_pins_the_vm_neighbour_on_its_tap_during_the_cutover(rig_factory):
+    """With -vm-ip, held packets wait in sch_plug rather than in an unanswerable ARP."""
+    rig = rig_factory()
+    rig.up()
+    dest = rig.start_dest("-vm-ip", VM_IP)
+
+    def neighbours() -> str:
+        show = ["ip", "neigh", "show", "dev", "tap0_kata"]
+        return rig.lab.run("b", show, capture_output=True, text=True, check=True).stdout
+
+    pinned = neighbours()
+    assert VM_IP in pinned and "PERMANENT" in pinned, pinned
+    assert rig.src.spec.mac in pinned.lower(), pinned
+    source = rig.start_source()
+    assert_migrated(rig, rig.finish(source), rig.finish(dest))
+    assert VM_IP not in neighbours(), "the pinned neighbour outlived katamaran"
