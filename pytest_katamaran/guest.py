@@ -100,6 +100,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 @contextmanager
 def _locked(lock_file: Path) -> Iterator[None]:
     """Exclusive flock: one builder at a time across processes (pytest-xdist workers)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
     with lock_file.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -15,29 +15,29 @@ and built under a file lock so pytest-xdist workers never race.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.guest import (
     Kernel,
+    _locked,
+    _stderr_progress,
     build_initramfs,
     cache_root,
     fetch_kernel,
     find_busybox,
 )
+from pytest_katamaran.guest import _run as _guest_run
 
 Progress = Callable[[str], None]
 
@@ -72,35 +72,12 @@ class NodeImageError(RuntimeError):
     """The node image cannot be built or downloaded; the message says why and what to do."""
 
 
-def _stderr_progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """Exclusive flock: one builder per cache entry across processes."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _run(cmd: Sequence[str | Path], fix: str = "", cwd: Path | None = None) -> str:
-    """Run a build step; failures name the command, its stderr and the fix."""
-    args = [str(c) for c in cmd]
+    """guest's build-step runner, failing as NodeImageError (what node_vm reports)."""
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=cwd)
-    except FileNotFoundError as e:
-        raise NodeImageError(f"{args[0]} not found. {fix}".strip()) from e
-    if proc.returncode != 0:
-        hint = f" Fix: {fix}" if fix else ""
-        raise NodeImageError(
-            f"{' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()}.{hint}"
-        )
-    return proc.stdout
+        return _guest_run(cmd, fix, cwd=cwd)
+    except RuntimeError as err:
+        raise NodeImageError(str(err)) from err
 
 
 def _sha256(path: Path) -> str:
