@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .diskcheck import last_ack, verify_writes
 from .guest import build_guest
-from .locallab import Rig
+from .locallab import GuestPanicked, Rig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             if src_rc or dst_rc:
                 say(f"FAILED: katamaran source exited {src_rc}, dest exited {dst_rc}")
                 return 1
-            src_state, dst_state = rig.status(rig.src), rig.status(rig.dst)
+            try:
+                src_state, dst_state = rig.status(rig.src), rig.status(rig.dst)
+            except GuestPanicked as panic:
+                say(f"FAILED: the destination guest kernel panicked after migration ({panic});")
+                say("seen under TCG with QEMU 7.2 with bare QMP too - run the demo again")
+                return 1
             say(f"source VM: {src_state}, destination VM: {dst_state}")
             acked_src = last_ack(rig.src.console_log)
             time.sleep(1.0)  # let the writer ack a few more writes on the destination
