@@ -366,19 +366,19 @@ class PlugQdisc:
         if self.installed:
             self._action(PLUG_RELEASE)
 
-    def backlog(self) -> int:
+    def _stat(self, key: str) -> int:
+        """One counter of the plug qdisc's TCA_STATS (0 when it is gone)."""
         for qdisc in self.ipr.get_qdiscs(index=self.index):
             if qdisc.get_attr("TCA_KIND") == "plug":
                 stats = qdisc.get_attr("TCA_STATS") or {}
-                return int(stats.get("qlen", 0)) if hasattr(stats, "get") else 0
+                return int(stats.get(key, 0)) if hasattr(stats, "get") else 0
         return 0
 
+    def backlog(self) -> int:
+        return self._stat("qlen")
+
     def drops(self) -> int:
-        for qdisc in self.ipr.get_qdiscs(index=self.index):
-            if qdisc.get_attr("TCA_KIND") == "plug":
-                stats = qdisc.get_attr("TCA_STATS") or {}
-                return int(stats.get("drop", 0)) if hasattr(stats, "get") else 0
-        return 0
+        return self._stat("drop")
 
     def remove(self, drain_timeout: float = 2.0) -> None:
         """Release, let the queue drain into the tap, then restore the default qdisc."""

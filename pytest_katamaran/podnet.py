@@ -60,6 +60,20 @@ def _link_index(ip: IPRoute, ifname: str) -> int | None:
     return found[0] if found else None
 
 
+def _delete_link(netns_name: str | None, ifname: str) -> None:
+    """Delete `ifname` if it (and its netns) still exist; a link already gone is fine."""
+    if netns_name is not None and not netns_exists(netns_name):
+        return
+    with ipr(netns_name) as ip:
+        idx = _link_index(ip, ifname)
+        if idx is not None:
+            try:
+                ip.link("del", index=idx)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise
+
+
 def _make_up_tap(netns_name: str | None, tap: str, mac: str | None) -> None:
     """Create a persistent tap (QEMU attaches via ifname=) and bring it up."""
     with ipr(netns_name) as ip:
@@ -232,15 +246,7 @@ class PodNet:
         """Delete the cali veth (its route goes with it) and the pod netns. Idempotent."""
         if self._created_veth:
             self._created_veth = False
-            if self.node_netns is None or netns_exists(self.node_netns):
-                with ipr(self.node_netns) as ip:
-                    idx = _link_index(ip, self.host_ifname)
-                    if idx is not None:
-                        try:
-                            ip.link("del", index=idx)
-                        except NetlinkError as exc:
-                            if exc.code != errno.ENODEV:
-                                raise
+            _delete_link(self.node_netns, self.host_ifname)
         if self._created_netns:
             self._created_netns = False
             if netns_exists(self.name):
@@ -278,16 +284,7 @@ class DestTap:
         if not self._created:
             return
         self._created = False
-        if self.node_netns is not None and not netns_exists(self.node_netns):
-            return
-        with ipr(self.node_netns) as ip:
-            idx = _link_index(ip, self.tap)
-            if idx is not None:
-                try:
-                    ip.link("del", index=idx)
-                except NetlinkError as exc:
-                    if exc.code != errno.ENODEV:
-                        raise
+        _delete_link(self.node_netns, self.tap)
 
     def __enter__(self) -> DestTap:
         return self
