@@ -110,6 +110,12 @@ class DestMigration:
                 self.progress.warn(f"removed a plug qdisc left on {self.cfg.tap} by an earlier run")
             await netlink(self.plug.install)
             self.progress.step(f"plug qdisc on {self.cfg.tap} (limit {self.cfg.plug_limit} bytes)")
+            raised = await netlink(self.plug.fit_tap_queue)
+            if raised:
+                self.progress.step(
+                    f"{self.cfg.tap} txqueuelen {raised[0]} -> {raised[1]} "
+                    "(room for everything the plug may release at once)"
+                )
         except (NetworkUnavailable, NetlinkError, OSError) as err:
             self.progress.warn(f"{err}; continuing without packet buffering")
             self.plug = None

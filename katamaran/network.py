@@ -314,6 +314,9 @@ PLUG_BUFFER = "TCQ_PLUG_BUFFER"
 PLUG_RELEASE = "TCQ_PLUG_RELEASE_INDEFINITE"
 
 
+MIN_FRAME = 60  # bytes of the smallest Ethernet frame (no FCS): the most frames per byte
+
+
 @dataclass
 class PlugQdisc:
     """sch_plug as the tap's root qdisc: pass-through, then hold, then release in order."""
@@ -354,6 +357,22 @@ class PlugQdisc:
             ) from None
         self.installed = True
         self._action(PLUG_RELEASE)  # a new plug qdisc starts closed: open it
+
+    def fit_tap_queue(self) -> tuple[int, int] | None:
+        """Make the tap's queue (the tun ring, sized by txqueuelen) hold a whole release.
+
+        At RESUME the plug hands everything it held to the tap at once; a tun ring
+        shorter than that burst drops the excess.  (old, new) when raised, else None.
+        The larger queue is left in place: shrinking it later would drop whatever the
+        VM has not read yet.
+        """
+        link = self.ipr.get_links(self.index)[0]
+        old = int(link.get_attr("IFLA_TXQLEN") or 0)
+        want = -(-self.limit // MIN_FRAME)
+        if old >= want:
+            return None
+        self.ipr.link("set", index=self.index, txqlen=want)
+        return old, want
 
     def _action(self, action: str) -> None:
         self.ipr.tc("change", "plug", index=self.index, handle="1:", action=action)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from qemu.qmp.protocol import Runstate, StateError
 from .errors import KatamaranError, QMPClosed, QMPCommandError, QMPTimeout
 
 Event = dict[str, Any]
+_PEERCRED = (socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
 
 # qemu.qmp logs every disconnect at error level; our own messages say it better.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -38,6 +40,7 @@ class Monitor:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = False
+        self.peer_pid: int | None = None  # QEMU's pid, from the socket (SO_PEERCRED)
 
     async def connect(self) -> None:
         """Connect and negotiate; any failure names the socket path."""
@@ -48,16 +51,24 @@ class Monitor:
             )
         if not self.path.is_socket():
             raise KatamaranError(f"Failed to connect to QMP socket {self.path}: not a socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await asyncio.wait_for(self._client.connect(str(self.path)), self.timeout)
+            sock.connect(str(self.path))
+            pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(*_PEERCRED))
+            self.peer_pid = pid or None
+            sock.setblocking(False)
+            await asyncio.wait_for(self._client.connect(sock), self.timeout)
         except TimeoutError:
+            sock.close()
             await self._client.disconnect()
             raise KatamaranError(
                 f"Failed to connect to QMP socket {self.path}: no greeting within "
                 f"{self.timeout:g}s (another client may hold a single-client monitor)"
             ) from None
         except (QMPError, OSError) as err:
-            raise KatamaranError(f"Failed to connect to QMP socket {self.path}: {err}") from None
+            sock.close()
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise KatamaranError(f"Failed to connect to QMP socket {self.path}: {reason}") from None
         self._tasks = [
             asyncio.create_task(self._pump_events()),
             asyncio.create_task(self._watch_runstate()),

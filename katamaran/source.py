@@ -1,11 +1,16 @@
-"""Source side: mirror the disk, pre-copy RAM, switch traffic into the tunnel at STOP.
+"""Source side: mirror the disk, pre-copy RAM, switch traffic into the tunnel, then pause.
 
 Order that loses no disk write (the original tool cancelled the mirror after the
 destination had resumed, so writes still in the mirror's dirty bitmap could be lost):
 
 1. blockdev-mirror to the destination's NBD export (background copy by default; with
    -copy-mode write-blocking every guest write completes on both disks once READY).
-2. `pause-before-switchover`: QEMU stops the VM and waits in `pre-switchover`.
+2. katamaran owns the switchover (QEMU's own downtime-limit is 0, so it does not pause
+   the VM by itself): right after a dirty-bitmap sync that leaves no more RAM than fits
+   in -downtime-limit at the measured bandwidth, traffic for the VM goes into the
+   tunnel, katamaran waits until the VM has read every frame already queued on its tap
+   (see tapqueue), then stops the VM.  `pause-before-switchover` holds QEMU in
+   `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
    write the guest completed.
@@ -27,9 +32,12 @@ from .errors import KatamaranError
 from .network import NetworkUnavailable, SourceTunnel, netlink
 from .progress import Progress, mib
 from .qmp import Event, Monitor, migration_status, named
+from .tapqueue import TapQueues, TapQueueUnavailable
 
 JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
+POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
+TAP_DRAIN_TIMEOUT = 2.0  # s the still-running VM gets to read what is queued on its tap
 
 
 @dataclass
@@ -76,13 +84,20 @@ class SourceMigration:
         self.completed = False
         self.was_running = True
         self.storage_bytes = 0
+        self.taps: TapQueues | None = None
+        self.switchover_started = False
+        self.last_sync: int | None = None
+        self.paused_at: float | None = None
+        self.paused_ms: int | None = None
 
     async def run(self) -> Summary:
         try:
             await self._check_state()
             await self._prepare_tunnel()
+            self._watch_taps()
             await migration.set_capabilities(self.mon)
-            await migration.set_parameters(self.mon, self.cfg)
+            # 0: QEMU never pauses the VM on its own; katamaran decides (see _converged).
+            await migration.set_parameters(self.mon, self.cfg, downtime_limit_ms=0)
             if not self.cfg.shared_storage:
                 await self._mirror()
             summary = await self._migrate()
@@ -144,6 +159,30 @@ class SourceMigration:
                 f"{err}; continuing without the tunnel: packets for {self.cfg.vm_ip} "
                 "that arrive during the cutover will not reach the destination"
             )
+
+    def _watch_taps(self) -> None:
+        """Duplicate QEMU's tap fds so the switchover can wait for their queues to empty."""
+        if not (self.tunnel and self.tunnel.ready):
+            return  # without a tunnel nothing stops new frames reaching the tap anyway
+        pid = self.mon.peer_pid
+        try:
+            if pid is None:
+                raise TapQueueUnavailable("QEMU's pid is not visible from here")
+            self.taps = TapQueues.of(pid)
+        except TapQueueUnavailable as err:
+            self.progress.warn(
+                f"cannot watch the VM's tap queue ({err}); frames queued there at the "
+                "switchover may be lost"
+            )
+            return
+        if self.taps.fds:
+            names = ", ".join(self.taps.names)
+            self.progress.step(f"watching tap queue of {names} (QEMU pid {pid})")
+
+    def _release_taps(self) -> None:
+        if self.taps:
+            self.taps.close()
+            self.taps = None
 
     async def _mirror(self) -> None:
         sock = connect_to(self.cfg, self.cfg.nbd_port, "drive-mirror failed", self.mon.timeout)
@@ -225,9 +264,11 @@ class SourceMigration:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.migration_timeout
+        next_show = loop.time() + 1.0
         interesting = named(("STOP", "MIGRATION", "BLOCK_JOB_ERROR"))
         while True:
-            found = await self.mon.next_event(interesting, mark, min(1.0, deadline - loop.time()))
+            wait = min(POLL_S, deadline - loop.time())
+            found = await self.mon.next_event(interesting, mark, wait)
             if found:
                 mark, event = found
                 if await self._on_event(event):
@@ -238,12 +279,18 @@ class SourceMigration:
                     f"migration did not complete within {self.cfg.migration_timeout:g}s "
                     "(dirty page churn? raise -migration-timeout)"
                 )
-            await self._show_ram()
+            info = await self.mon.execute("query-migrate")
+            if loop.time() >= next_show:
+                self._show_ram(info)
+                next_show = loop.time() + 1.0
+            if not self.switchover_started and self._converged(info):
+                await self._switchover(info)
         info = await self.mon.execute("query-migrate")
         ram = info.get("ram", {})
+        downtimes = [d for d in (info.get("downtime"), self.paused_ms) if d is not None]
         return Summary(
             total_s=self.progress.elapsed(),
-            downtime_ms=info.get("downtime"),
+            downtime_ms=max(downtimes) if downtimes else None,
             ram_bytes=ram.get("transferred", 0),
             storage_bytes=self.storage_bytes,
         )
@@ -252,11 +299,16 @@ class SourceMigration:
         """React to one event; True once the migration has completed."""
         name, data = event["event"], event.get("data", {})
         if name == "STOP":
+            self.paused_at = asyncio.get_running_loop().time()
+            self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
+            self._release_taps()
             if self.tunnel and self.tunnel.ready:
                 await netlink(self.tunnel.switch)
                 self.progress.step(
                     f"VM paused: traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}"
                 )
+            else:
+                self.progress.step("VM paused")
             return False
         if name == "BLOCK_JOB_ERROR" and data.get("device") == self.job:
             raise KatamaranError(f"drive-mirror failed: {data.get('reason', 'I/O error')}")
@@ -268,6 +320,9 @@ class SourceMigration:
             await self.mon.execute("migrate-continue", {"state": "pre-switchover"})
         elif status == "completed":
             self.completed = True
+            if self.paused_at is not None:
+                elapsed = asyncio.get_running_loop().time() - self.paused_at
+                self.paused_ms = round(elapsed * 1000)
             return True
         elif status in ("failed", "cancelled"):
             info = await self.mon.execute("query-migrate")
@@ -296,8 +351,47 @@ class SourceMigration:
             )
         self.storage_bytes = max(self.storage_bytes, event["data"].get("offset", 0))
 
-    async def _show_ram(self) -> None:
-        info = await self.mon.execute("query-migrate")
+    def _converged(self, info: dict) -> bool:
+        """True right after a dirty sync (not the first pass) that left no more RAM than
+        -downtime-limit allows at the bandwidth QEMU measured: QEMU's own test, which
+        katamaran now applies itself so it can switch traffic before the VM pauses."""
+        ram = info.get("ram") or {}
+        if info.get("status") != "active" or "dirty-sync-count" not in ram:
+            return False
+        sync, last = ram["dirty-sync-count"], self.last_sync
+        self.last_sync = sync
+        if sync < 2 or sync == last:
+            return False
+        bytes_per_ms = ram.get("mbps", 0.0) * 1e6 / 8 / 1000
+        return bytes_per_ms > 0 and ram["remaining"] <= bytes_per_ms * self.cfg.downtime_limit_ms
+
+    async def _switchover(self, info: dict) -> None:
+        """Tunnel first, let the running VM empty its tap queue, then pause it."""
+        self.switchover_started = True
+        remaining = mib(info["ram"]["remaining"])
+        if self.tunnel and self.tunnel.ready:
+            await netlink(self.tunnel.switch)
+            self.progress.step(
+                f"switchover ({remaining} of RAM left): traffic for {self.cfg.vm_ip} "
+                f"into {self.tunnel.ifname}"
+            )
+        else:
+            self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
+        if self.taps and self.taps.fds:
+            t0 = asyncio.get_running_loop().time()
+            busy = await asyncio.to_thread(self.taps.wait_empty, TAP_DRAIN_TIMEOUT)
+            waited = (asyncio.get_running_loop().time() - t0) * 1000
+            if busy:
+                self.progress.warn(
+                    f"{', '.join(busy)} still held frames for the VM after "
+                    f"{TAP_DRAIN_TIMEOUT:g} s; pausing anyway (those frames are lost)"
+                )
+            else:
+                self.progress.step(f"{', '.join(self.taps.names)} drained in {waited:.0f} ms")
+        self._release_taps()
+        await self.mon.execute("stop")
+
+    def _show_ram(self, info: dict) -> None:
         ram = info.get("ram")
         if ram:
             self.progress.update(
@@ -328,6 +422,7 @@ class SourceMigration:
 
     async def _cleanup(self) -> None:
         """Undo everything not needed any more; every step tolerates a dead QEMU."""
+        self._release_taps()
         steps = []
         if self.migration_started and not self.completed:
             steps.append(self._abort_migration)

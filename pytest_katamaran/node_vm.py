@@ -65,9 +65,11 @@ TESTENV_SSH_PORTS = {"a": 2222, "b": 2223}
 TESTENV_LINK_PORT = 1234
 TESTENV_ENV = "KATAMARAN_TESTENV_DIR"
 SETUP_HINT = "Run ./testenv/setup.sh first."
-# Offline debian nodes under TCG: 1 vCPU each (2 host cores, two nodes), RAM for a
-# nested workload VM. Ubuntu nodes (KVM laptop) get what Kata needs.
-RESOURCES = {"debian": (1, 1536), "ubuntu": (2, 4096)}
+# Offline debian nodes under TCG: 2 vCPUs each (MTTCG), so the nested workload's QEMU,
+# its I/O thread, ping and katamaran do not queue behind one vCPU (with 1, the nested
+# guest answered ~60 pings/s and fell minutes behind); RAM for a nested workload VM.
+# Ubuntu nodes (KVM laptop) get what Kata needs.
+RESOURCES = {"debian": (2, 1536), "ubuntu": (2, 4096)}
 BOOT_TIMEOUTS = {"debian": 180.0, "ubuntu": 900.0}
 
 

@@ -101,6 +101,7 @@ class PingStats:
     rtt_max_ms: float | None = None
     first_reply_ts: float | None = None
     last_reply_ts: float | None = None
+    highest_reply_seq: int = 0
     interval: float | None = None
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
@@ -320,6 +321,7 @@ def parse_ping_output(text: str, interval: float | None = None) -> PingStats:
         rtt_max_ms=max(rtts) if rtts else None,
         first_reply_ts=first_ts,
         last_reply_ts=last_ts,
+        highest_reply_seq=highest_reply,
         interval=interval,
         summary=summary,
         notes=notes,
@@ -513,6 +515,19 @@ class PingMonitor:
     def snapshot(self) -> PingStats:
         """Stats from the output so far, without stopping (no summary yet)."""
         return parse_ping_output(self.output(), self.interval)
+
+    def wait_caught_up(self, timeout: float, lag: float = 1.0) -> bool:
+        """Wait until replies trail sends by at most `lag` s (a slow guest's backlog
+        answered), so stopping does not cut off packets that were merely queued."""
+        deadline = time.monotonic() + timeout
+        behind = max(1, math.ceil(lag / self.interval))
+        while True:
+            snap = self.snapshot()
+            if snap.sent and snap.highest_reply_seq >= snap.sent - behind:
+                return True
+            if time.monotonic() >= deadline or not self.running:
+                return False
+            time.sleep(0.2)
 
     def stop(self, timeout: float = 10.0) -> PingStats:
         """SIGINT ping so it prints its summary, then parse everything.  Idempotent."""

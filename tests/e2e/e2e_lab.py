@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest_katamaran
 from pytest_katamaran.ping import PingStats
 from pytest_katamaran.ssh import RemoteProcess
 
 STATE_DIR = "/run/katamaran-e2e"
+# The checkout this test imports: the node sees it through the host root and must run
+# the same code, whatever the interpreter's site-packages has installed.
+CHECKOUT = str(Path(pytest_katamaran.__file__).resolve().parent.parent)
 STAMP_RE = re.compile(r"^\[(?P<ts>\d+\.\d+)\] (?P<msg>.*)$")
 SUMMARY_RE = re.compile(
     r"migration completed in (?P<total>[\d.]+) s \(downtime (?P<downtime>\d+ ms|n/a), "
@@ -53,7 +57,8 @@ class NodeSide:
         return str(self.node.name)
 
     def command(self, *args: str) -> str:
-        base = [self.python, "-m", "pytest_katamaran.nodeside", "--state-dir", self.state_dir]
+        base = ["env", f"PYTHONPATH={CHECKOUT}", self.python, "-m", "pytest_katamaran.nodeside"]
+        base += ["--state-dir", self.state_dir]
         return shlex.join([*base, *args])
 
     def call(self, *args: str, timeout: float = 300.0, check: bool = True) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def test_node_argv_debian_layout(tmp_path):
     b = node_argv(_spec(tmp_path, "b"))
     assert a[0] == "qemu-system-x86_64"
     assert _opt(a, "-M") == ["pc"] and _opt(a, "-accel") == ["tcg"] and _opt(a, "-cpu") == ["max"]
-    assert _opt(a, "-display") == ["none"] and _opt(a, "-smp") == ["1"]
+    assert _opt(a, "-display") == ["none"] and _opt(a, "-smp") == ["2"]
     assert _opt(a, "-m") == ["1536"]
     assert "user,id=nat,hostfwd=tcp:127.0.0.1:2222-:22" in _opt(a, "-netdev")
     assert "user,id=nat,hostfwd=tcp:127.0.0.1:2223-:22" in _opt(b, "-netdev")
