@@ -10,6 +10,7 @@ from .qmp import Monitor
 # and setting the source-only ones on the destination is harmless.
 CAPABILITIES = ("events", "auto-converge", "pause-before-switchover")
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
+MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's ceiling (MAX_MIGRATE_DOWNTIME): "switch over now"
 UNCAPPED = 1 << 62  # bytes/s; QEMU's default cap (32 MiB/s) would dominate migration time
 
 

@@ -9,7 +9,8 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
    VM by itself only when nearly nothing is left): right after a dirty-bitmap sync
    that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
    traffic for the VM goes into the tunnel, katamaran waits until the VM has read
-   every frame already queued on its tap (see tapqueue), then stops the VM.
+   every frame already queued on its tap (see tapqueue), then lets QEMU pause the VM
+   (by lifting QEMU's downtime-limit).
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -391,7 +392,12 @@ class SourceMigration:
             else:
                 self.progress.step(f"{', '.join(self.taps.names)} drained in {waited:.0f} ms")
         self._release_taps()
-        await self.mon.execute("stop")
+        # Not `stop`: a VM paused by a client arrives paused at the destination (QEMU
+        # migrates the runstate).  A huge downtime-limit makes QEMU's next convergence
+        # check (every ~100 ms) pass, and QEMU pauses the VM itself, as "running".
+        await self.mon.execute(
+            "migrate-set-parameters", {"downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
+        )
 
     def _show_ram(self, info: dict) -> None:
         ram = info.get("ram")
