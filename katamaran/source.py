@@ -5,12 +5,13 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
 
 1. blockdev-mirror to the destination's NBD export (background copy by default; with
    -copy-mode write-blocking every guest write completes on both disks once READY).
-2. katamaran owns the switchover (QEMU's own downtime-limit is 1 ms, so it pauses the
-   VM by itself only when nearly nothing is left): right after a dirty-bitmap sync
+2. katamaran races QEMU for the switchover (both apply the same -downtime-limit test):
+   right after a dirty-bitmap sync
    that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
    traffic for the VM goes into the tunnel, katamaran waits until the VM has read
    every frame already queued on its tap (see tapqueue), then lets QEMU pause the VM
-   (by lifting QEMU's downtime-limit).
+   (by lifting QEMU's downtime-limit).  If QEMU pauses the VM first, the tunnel is
+   switched at STOP, and frames still queued on the tap may be lost.
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -97,10 +98,12 @@ class SourceMigration:
             await self._prepare_tunnel()
             self._watch_taps()
             await migration.set_capabilities(self.mon)
-            # 1 ms: QEMU pauses the VM by itself only for a near-idle guest; katamaran
-            # decides otherwise (see _converged).  0 would not do: QEMU then switches
-            # over at the end of the first pass, before any dirty sync.
-            await migration.set_parameters(self.mon, self.cfg, downtime_limit_ms=1)
+            # QEMU keeps -downtime-limit; katamaran applies the same test (_converged)
+            # and, when it sees convergence first, switches and drains before the pause.
+            # (Lowering QEMU's limit to 1 ms so katamaran always decides left the
+            # destination VM unreachable on QEMU 7.2 in tests/e2e/test_nodeside.py:
+            # not understood yet, so not done.)
+            await migration.set_parameters(self.mon, self.cfg)
             if not self.cfg.shared_storage:
                 await self._mirror()
             summary = await self._migrate()
