@@ -19,11 +19,10 @@ async def set_capabilities(mon: Monitor) -> None:
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
 
 
-async def set_parameters(mon: Monitor, cfg: Config, downtime_limit_ms: int | None = None) -> None:
-    """Uncapped bandwidth; QEMU's downtime-limit (the source passes 0: it decides itself)."""
-    limit = cfg.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms
+async def set_parameters(mon: Monitor, cfg: Config) -> None:
     await mon.execute(
-        "migrate-set-parameters", {"downtime-limit": limit, "max-bandwidth": UNCAPPED}
+        "migrate-set-parameters",
+        {"downtime-limit": cfg.downtime_limit_ms, "max-bandwidth": UNCAPPED},
     )
 
 
