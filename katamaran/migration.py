@@ -10,6 +10,8 @@ from .qmp import Monitor
 # and setting the source-only ones on the destination is harmless.
 CAPABILITIES = ("events", "auto-converge", "pause-before-switchover")
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
+# 1 ms, not 0: with 0 QEMU switches over at the end of the first pass, before any sync.
+OWN_SWITCHOVER_LIMIT_MS = 1
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's ceiling (MAX_MIGRATE_DOWNTIME): "switch over now"
 UNCAPPED = 1 << 62  # bytes/s; QEMU's default cap (32 MiB/s) would dominate migration time
 
@@ -24,6 +26,20 @@ async def set_parameters(mon: Monitor, cfg: Config) -> None:
         "migrate-set-parameters",
         {"downtime-limit": cfg.downtime_limit_ms, "max-bandwidth": UNCAPPED},
     )
+
+
+async def tcg_dirty_tracking_is_reliable(mon: Monitor) -> bool:
+    """Whether many RAM passes are safe: KVM, or QEMU 9.0+ under TCG.
+
+    QEMU before 9.0 could lose pages a TCG vCPU dirtied during a bitmap sync (fixed
+    upstream by "physmem: Fix migration dirty bitmap coherency with TCG memory
+    access").  Seen here with QEMU 7.2: the more syncs, the likelier the destination
+    guest finds its virtio rings corrupt ("virtio_blk: id 0 is not a head").
+    """
+    if (await mon.execute("query-kvm")).get("enabled"):
+        return True
+    version = (await mon.execute("query-version"))["qemu"]
+    return (version["major"], version["minor"]) >= (9, 0)
 
 
 async def vm_status(mon: Monitor) -> str:

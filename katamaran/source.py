@@ -5,13 +5,14 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
 
 1. blockdev-mirror to the destination's NBD export (background copy by default; with
    -copy-mode write-blocking every guest write completes on both disks once READY).
-2. katamaran races QEMU for the switchover (both apply the same -downtime-limit test):
-   right after a dirty-bitmap sync
-   that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
+2. katamaran decides the switchover (QEMU's own downtime-limit drops to 1 ms, so QEMU
+   pauses the VM by itself only when almost nothing is left): right after a dirty-bitmap
+   sync that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
    traffic for the VM goes into the tunnel, katamaran waits until the VM has read
    every frame already queued on its tap (see tapqueue), then lets QEMU pause the VM
-   (by lifting QEMU's downtime-limit).  If QEMU pauses the VM first, the tunnel is
-   switched at STOP, and frames still queued on the tap may be lost.
+   (by lifting QEMU's downtime-limit).  Where that is unsafe (TCG on QEMU < 9.0) or
+   there is no tap to drain, QEMU keeps -downtime-limit and katamaran only races it; if
+   QEMU pauses first, the tunnel is switched at STOP.
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -98,12 +99,8 @@ class SourceMigration:
             await self._prepare_tunnel()
             self._watch_taps()
             await migration.set_capabilities(self.mon)
-            # QEMU keeps -downtime-limit; katamaran applies the same test (_converged)
-            # and, when it sees convergence first, switches and drains before the pause.
-            # (Lowering QEMU's limit to 1 ms so katamaran always decides left the
-            # destination VM unreachable on QEMU 7.2 in tests/e2e/test_nodeside.py:
-            # not understood yet, so not done.)
             await migration.set_parameters(self.mon, self.cfg)
+            await self._take_switchover_decision()
             if not self.cfg.shared_storage:
                 await self._mirror()
             summary = await self._migrate()
@@ -184,6 +181,24 @@ class SourceMigration:
         if self.taps.fds:
             names = ", ".join(self.taps.names)
             self.progress.step(f"watching tap queue of {names} (QEMU pid {pid})")
+
+    async def _take_switchover_decision(self) -> None:
+        """Lower QEMU's own downtime-limit so the pause is katamaran's call (_converged).
+
+        QEMU then pauses the VM by itself only when almost nothing is left.  Skipped
+        where extra RAM passes are unsafe (see tcg_dirty_tracking_is_reliable): there
+        katamaran only races QEMU's identical test.
+        """
+        if not (self.taps and self.taps.fds):
+            return  # nothing to drain: QEMU's own timing is as good
+        if not await migration.tcg_dirty_tracking_is_reliable(self.mon):
+            self.progress.warn(
+                "this QEMU's TCG dirty tracking is unreliable over many RAM passes (< 9.0): "
+                "leaving the pause to QEMU; frames queued on the tap when it pauses may be lost"
+            )
+            return
+        limit = {"downtime-limit": migration.OWN_SWITCHOVER_LIMIT_MS}
+        await self.mon.execute("migrate-set-parameters", limit)
 
     def _release_taps(self) -> None:
         if self.taps:

@@ -51,3 +51,40 @@ def test_no_tap_means_nothing_to_watch():
 
     queues = TapQueues.of(os.getpid())
     assert queues.fds == {} and queues.queued() == [] and queues.wait_empty(0.1) == []
+
+
+def test_switchover_mode_follows_qemu_version_and_accelerator(tmp_path):
+    """katamaran decides the pause only where extra RAM passes are safe (KVM or 9.0+)."""
+    import asyncio
+    import time
+
+    from katamaran import migration
+    from katamaran.qmp import Monitor
+
+    sock = tmp_path / "qmp.sock"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-M", "none", "-accel", "tcg", "-display", "none"]
+        + ["-qmp", f"unix:{sock},server=on,wait=off"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def ask() -> tuple[bool, tuple[int, int]]:
+            mon = Monitor(sock, 30)
+            await mon.connect()
+            try:
+                version = (await mon.execute("query-version"))["qemu"]
+                reliable = await migration.tcg_dirty_tracking_is_reliable(mon)
+                return reliable, (version["major"], version["minor"])
+            finally:
+                await mon.close()
+
+        reliable, version = asyncio.run(ask())
+        assert reliable == (version >= (9, 0)), (version, reliable)
+    finally:
+        qemu.kill()
+        qemu.wait()
