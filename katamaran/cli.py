@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("qmp-timeout", config.QMP_TIMEOUT, "each QMP command must be answered within"),
         ("tunnel-hold", config.TUNNEL_HOLD, "keep the tunnel after cutover (CNI convergence)"),
         ("dest-timeout", config.DEST_TIMEOUT, "dest: wait at most this long for the VM to resume"),
+        (
+            "tap-drain-timeout",
+            config.TAP_DRAIN_TIMEOUT,
+            "source: time the VM gets to read its tap queue before the pause",
+        ),
     ):
         _flag(
             parser,
@@ -180,6 +185,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         storage_sync_timeout=_number("storage-sync-timeout", args.storage_sync_timeout),
         qmp_timeout=_number("qmp-timeout", args.qmp_timeout),
         tunnel_hold=_number("tunnel-hold", args.tunnel_hold),
+        tap_drain_timeout=_number("tap-drain-timeout", args.tap_drain_timeout),
         dest_timeout=_number("dest-timeout", args.dest_timeout),
         plug_limit=int(_number("plug-limit", args.plug_limit, int)),
         downtime_limit_ms=int(_number("downtime-limit", args.downtime_limit, int)),

@@ -44,6 +44,7 @@ async def netlink(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.get_running_loop().run_in_executor(_NETLINK, fn, *args)
 
 
+NUD_REACHABLE = 0x02
 NUD_PERMANENT = 0x80
 RULE_PRIORITY = 90  # ahead of the main table (32766) and of most CNIs' rules
 TABLE_BASE = 0x6B00  # "k"; table ids 27392..28415 are ours
@@ -234,8 +235,14 @@ class DestDecap:
         self.pinned = args
 
     def unpin_neighbour(self) -> None:
+        """Hand the entry back to the kernel as an ordinary REACHABLE one, not delete it.
+
+        Deleting it would make the node ARP for the VM at once; a VM still working off
+        the backlog of its pause (or a slow one) answers late, and the kernel drops what
+        queued behind the request.  A reachable entry ages and re-validates as usual.
+        """
         if self.pinned is not None:
-            _quiet(self.ipr.neigh, "del", **self.pinned)
+            _quiet(self.ipr.neigh, "replace", state=NUD_REACHABLE, **self.pinned)
             self.pinned = None
 
     def _rule_args(self, device: str, family: int) -> dict[str, object]:

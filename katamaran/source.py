@@ -40,7 +40,6 @@ from .tapqueue import TapQueues, TapQueueUnavailable
 JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
-TAP_DRAIN_TIMEOUT = 2.0  # s the still-running VM gets to read what is queued on its tap
 
 
 @dataclass
@@ -400,12 +399,12 @@ class SourceMigration:
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
         if self.taps and self.taps.fds:
             t0 = asyncio.get_running_loop().time()
-            busy = await asyncio.to_thread(self.taps.wait_empty, TAP_DRAIN_TIMEOUT)
+            busy = await asyncio.to_thread(self.taps.wait_empty, self.cfg.tap_drain_timeout)
             waited = (asyncio.get_running_loop().time() - t0) * 1000
             if busy:
                 self.progress.warn(
                     f"{', '.join(busy)} still held frames for the VM after "
-                    f"{TAP_DRAIN_TIMEOUT:g} s; pausing anyway (those frames are lost)"
+                    f"{self.cfg.tap_drain_timeout:g} s; pausing anyway (those frames are lost)"
                 )
             else:
                 self.progress.step(f"{', '.join(self.taps.names)} drained in {waited:.0f} ms")

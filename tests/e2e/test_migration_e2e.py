@@ -9,7 +9,8 @@ veth and Kata's tcfilter redirect, writing its disk all along.
 Tunables (environment): KATAMARAN_E2E_TUNNEL_HOLD (source hold, s; the destination holds
 5 s longer), KATAMARAN_E2E_CONVERGE_DELAY (s after the source's completion line before
 the CNI routes change; must stay well below the hold), KATAMARAN_E2E_WRITER_RATE
-(guest disk writes/s), KATAMARAN_E2E_MAX_PAUSE (s of VM pause the plug must absorb).
+(guest disk writes/s), KATAMARAN_E2E_MAX_PAUSE (s of VM pause the plug must absorb),
+KATAMARAN_E2E_TAP_DRAIN (source -tap-drain-timeout).
 """
 
 from __future__ import annotations
@@ -48,12 +49,21 @@ CONVERGE_DELAY = env_float("KATAMARAN_E2E_CONVERGE_DELAY", 2.0)
 # Each O_DSYNC write costs the nested guest dearly: at 50/s its ping RTT reached seconds.
 WRITER_RATE = int(env_float("KATAMARAN_E2E_WRITER_RATE", 10))
 MAX_PAUSE_S = env_float("KATAMARAN_E2E_MAX_PAUSE", 60.0)
+# A nested TCG guest throttled by auto-converge can be seconds behind on its tap queue.
+TAP_DRAIN_S = env_float("KATAMARAN_E2E_TAP_DRAIN", 30.0)
 PING_FRAME = 98  # bytes sch_plug counts per 56-byte-payload ICMP echo (Ethernet frame)
 # Nested TCG (~17x slower than TCG): generous, but every wait is bounded.
 BOOT_TIMEOUT = 900.0
 DEST_READY_TIMEOUT = 300.0
 MIGRATION_TIMEOUT = 900.0
 CATCH_UP_S = 60.0
+# Where a node may have dropped a ping (shown on failure): kernel drop/forward counters,
+# the tap's queue and link stats, and how the pod IP routes and resolves right now.
+DROP_COUNTERS = (
+    "nstat -asz | grep -iE 'drop|discard|noroute|unreach|forw|redirect|rpfilter|fail'; "
+    f"ip -s -s link show dev {TAP}; tc -s qdisc show dev {TAP}; "
+    f"ip neigh show {POD_IP}; ip rule; ip route get {POD_IP}"
+)
 
 
 def plug_limit(interval: float) -> int:
@@ -194,7 +204,7 @@ class MigrationRun:
         self.src_proc = a.katamaran(
             "-mode", "source", "-qmp", work["qmp"],
             "-dest-ip", b.node.private_ip, "-vm-ip", POD_IP,
-            "-tunnel-hold", f"{TUNNEL_HOLD:g}",
+            "-tunnel-hold", f"{TUNNEL_HOLD:g}", "-tap-drain-timeout", f"{TAP_DRAIN_S:g}",
             *storage_flag,
         )  # fmt: skip
         logs = self.logs()
@@ -317,6 +327,12 @@ class MigrationRun:
                 parts.append(f"\n--- {which} VM console on {side.name} ---\n{con['tail']}")
             except Exception as exc:  # the failure itself may be that the VM is gone
                 parts.append(f"\n--- {which} VM console on {side.name}: unavailable ({exc})")
+        for side in (self.a, self.b):
+            try:
+                out = side.node.ssh.sudo(DROP_COUNTERS, timeout=60, check=False)
+                parts.append(f"\n--- drop counters on {side.name} ---\n{out.stdout}{out.stderr}")
+            except Exception as exc:
+                parts.append(f"\n--- drop counters on {side.name}: unavailable ({exc})")
         if self.monitor is not None:
             stats = self.monitor.stats or self.monitor.snapshot()
             parts.append(f"\n--- ping ---\n{stats.describe()}")

@@ -187,4 +187,7 @@ def test_dest_pins_the_vm_neighbour_on_its_tap_during_the_cutover(rig_factory):
     assert rig.src.spec.mac in pinned.lower(), pinned
     source = rig.start_source()
     assert_migrated(rig, rig.finish(source), rig.finish(dest))
-    assert VM_IP not in neighbours(), "the pinned neighbour outlived katamaran"
+    left = [ln for ln in neighbours().splitlines() if ln.startswith(VM_IP + " ")]
+    # Handed back to the kernel as an ordinary entry (it ages and re-validates as usual).
+    assert len(left) == 1 and rig.src.spec.mac in left[0].lower(), left
+    assert "PERMANENT" not in left[0], f"the pin outlived katamaran: {left[0]}"
