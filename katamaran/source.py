@@ -39,6 +39,8 @@ from .tapqueue import TapQueues, TapQueueUnavailable
 
 JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
+# QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
+THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
 
 
@@ -91,6 +93,7 @@ class SourceMigration:
         self.last_sync: int | None = None
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
+        self.saved_throttle: dict[str, int] = {}
 
     async def run(self) -> Summary:
         try:
@@ -398,6 +401,8 @@ class SourceMigration:
         else:
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
         if self.taps and self.taps.fds:
+            if info.get("cpu-throttle-percentage"):
+                await self._ease_throttle(info["cpu-throttle-percentage"])
             t0 = asyncio.get_running_loop().time()
             busy = await asyncio.to_thread(self.taps.wait_empty, self.cfg.tap_drain_timeout)
             waited = (asyncio.get_running_loop().time() - t0) * 1000
@@ -415,6 +420,19 @@ class SourceMigration:
         await self.mon.execute(
             "migrate-set-parameters", {"downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
         )
+
+    async def _ease_throttle(self, percent: int) -> None:
+        """Cap auto-converge's throttle while the VM reads its tap queue.
+
+        Once traffic goes into the tunnel nothing converges any more (QEMU's limit is
+        1 ms), so auto-converge would keep raising the throttle, up to 99 %, and the
+        VM could not read its queue at all (seen in the nested e2e: no reply for 30 s).
+        The next throttle step QEMU takes is then capped at 1 %.  Restored in _cleanup.
+        """
+        params = await self.mon.execute("query-migrate-parameters")
+        self.saved_throttle = {key: params[key] for key in THROTTLE_PARAMS if key in params}
+        await self.mon.execute("migrate-set-parameters", dict.fromkeys(THROTTLE_PARAMS, 1))
+        self.progress.step(f"auto-converge throttle ({percent}%) capped at 1% for the drain")
 
     def _show_ram(self, info: dict) -> None:
         ram = info.get("ram")
@@ -445,10 +463,15 @@ class SourceMigration:
             await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
             self.nbd_added = False
 
+    async def _restore_throttle(self) -> None:
+        if self.saved_throttle:
+            await self.mon.execute("migrate-set-parameters", self.saved_throttle)
+            self.saved_throttle = {}
+
     async def _cleanup(self) -> None:
         """Undo everything not needed any more; every step tolerates a dead QEMU."""
         self._release_taps()
-        steps = []
+        steps = [self._restore_throttle]
         if self.migration_started and not self.completed:
             steps.append(self._abort_migration)
         if self.mirror_started:
