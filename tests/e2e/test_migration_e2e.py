@@ -43,7 +43,10 @@ NODE_A_POD_CIDR = "10.244.1.0/24"
 TAP = "tap0_kata"
 DISK_DIR = "/var/lib/katamaran/e2e"
 DISK_SIZE = "64M"
-TUNNEL_HOLD = env_float("KATAMARAN_E2E_TUNNEL_HOLD", 15.0)
+# Long enough for both nodes' CNI step (a nodeside call costs 10-15 s of Python start-up
+# on a loaded TCG node); with 15 s, node B's route came 1.7 s after A's tunnel was gone
+# and ~100 pings looped between the nodes (ICMP redirect from B).
+TUNNEL_HOLD = env_float("KATAMARAN_E2E_TUNNEL_HOLD", 30.0)
 DEST_HOLD = TUNNEL_HOLD + 5.0  # the destination decapsulates for as long as A tunnels
 CONVERGE_DELAY = env_float("KATAMARAN_E2E_CONVERGE_DELAY", 2.0)
 # Each O_DSYNC write costs the nested guest dearly: at 50/s its ping RTT reached seconds.
@@ -260,6 +263,12 @@ class MigrationRun:
         assert events["hold start"] is not None, "the source never held a tunnel"
         assert converged["a"] < events["hold start"] + TUNNEL_HOLD, (
             f"node A converged {converged['a'] - events['hold start']:.2f} s into a "
+            f"{TUNNEL_HOLD:g} s hold: raise KATAMARAN_E2E_TUNNEL_HOLD"
+        )
+        # Node B must route the pod itself before node A stops tunnelling (B's clock
+        # against A's: both nodes take their time from this host at boot).
+        assert converged["b"] < events["hold start"] + TUNNEL_HOLD, (
+            f"node B converged {converged['b'] - events['hold start']:.2f} s into node A's "
             f"{TUNNEL_HOLD:g} s hold: raise KATAMARAN_E2E_TUNNEL_HOLD"
         )
         assert dest_events["received"] is not None
