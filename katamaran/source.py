@@ -41,6 +41,9 @@ JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
 # QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
 THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
+# bytes/s while the VM drains its tap (see _ease_migration): about one page per
+# 100 ms rate-limit window, after which QEMU's migration thread sleeps out the window.
+DRAIN_MAX_BANDWIDTH = 4096
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
 
 
@@ -93,7 +96,7 @@ class SourceMigration:
         self.last_sync: int | None = None
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
-        self.saved_throttle: dict[str, int] = {}
+        self.saved_params: dict[str, int] = {}  # migration parameters eased for the drain
 
     async def run(self) -> Summary:
         try:
@@ -401,8 +404,7 @@ class SourceMigration:
         else:
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
         if self.taps and self.taps.fds:
-            if info.get("cpu-throttle-percentage"):
-                await self._ease_throttle(info["cpu-throttle-percentage"])
+            await self._ease_migration(info.get("cpu-throttle-percentage") or 0)
             t0 = asyncio.get_running_loop().time()
             busy = await asyncio.to_thread(self.taps.wait_empty, self.cfg.tap_drain_timeout)
             waited = (asyncio.get_running_loop().time() - t0) * 1000
@@ -417,22 +419,30 @@ class SourceMigration:
         # Not `stop`: a VM paused by a client arrives paused at the destination (QEMU
         # migrates the runstate).  A huge downtime-limit makes QEMU's next convergence
         # check (every ~100 ms) pass, and QEMU pauses the VM itself, as "running".
-        await self.mon.execute(
-            "migrate-set-parameters", {"downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
-        )
+        lift = {**self.saved_params, "downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
+        await self.mon.execute("migrate-set-parameters", lift)
+        self.saved_params = {}
 
-    async def _ease_throttle(self, percent: int) -> None:
-        """Cap auto-converge's throttle while the VM reads its tap queue.
+    async def _ease_migration(self, throttle: int) -> None:
+        """Let the running VM read its tap queue while QEMU still iterates (limit 1 ms).
 
-        Once traffic goes into the tunnel nothing converges any more (QEMU's limit is
-        1 ms), so auto-converge would keep raising the throttle, up to 99 %, and the
-        VM could not read its queue at all (seen in the nested e2e: no reply for 30 s).
-        The next throttle step QEMU takes is then capped at 1 %.  Restored in _cleanup.
+        - Bandwidth: with almost nothing dirty, QEMU syncs the dirty bitmap (under the
+          big QEMU lock) back to back, which starves the main loop that moves the VM's
+          network I/O: a nested TCG guest answered nothing for 30 s.  At
+          DRAIN_MAX_BANDWIDTH the migration thread sends a page, then sleeps out its
+          100 ms window.
+        - Auto-converge: nothing converges any more, so QEMU would keep raising the
+          throttle, up to 99 %, and the VM could not read its queue at all (also seen in
+          the nested e2e).  The next throttle step QEMU takes is capped at 1 %.
+        Both are restored when the limit is lifted, or in _cleanup.
         """
         params = await self.mon.execute("query-migrate-parameters")
-        self.saved_throttle = {key: params[key] for key in THROTTLE_PARAMS if key in params}
-        await self.mon.execute("migrate-set-parameters", dict.fromkeys(THROTTLE_PARAMS, 1))
-        self.progress.step(f"auto-converge throttle ({percent}%) capped at 1% for the drain")
+        keys = ("max-bandwidth", *THROTTLE_PARAMS)
+        self.saved_params = {key: params[key] for key in keys if key in params}
+        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **dict.fromkeys(THROTTLE_PARAMS, 1)}
+        await self.mon.execute("migrate-set-parameters", eased)
+        if throttle:
+            self.progress.step(f"auto-converge throttle ({throttle}%) capped at 1% for the drain")
 
     def _show_ram(self, info: dict) -> None:
         ram = info.get("ram")
@@ -463,15 +473,15 @@ class SourceMigration:
             await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
             self.nbd_added = False
 
-    async def _restore_throttle(self) -> None:
-        if self.saved_throttle:
-            await self.mon.execute("migrate-set-parameters", self.saved_throttle)
-            self.saved_throttle = {}
+    async def _restore_params(self) -> None:
+        if self.saved_params:
+            await self.mon.execute("migrate-set-parameters", self.saved_params)
+            self.saved_params = {}
 
     async def _cleanup(self) -> None:
         """Undo everything not needed any more; every step tolerates a dead QEMU."""
         self._release_taps()
-        steps = [self._restore_throttle]
+        steps = [self._restore_params]
         if self.migration_started and not self.completed:
             steps.append(self._abort_migration)
         if self.mirror_started:

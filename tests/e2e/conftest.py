@@ -103,7 +103,14 @@ def shared_disk(tmp_path):
     if shutil.which("qemu-nbd") is None:
         pytest.skip("qemu-nbd not installed (apt-get install qemu-utils)")
     disk = tmp_path / "shared.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, SHARED_DISK_SIZE], check=True)
+    # preallocation=metadata: the export is the file's bytes and a block device cannot
+    # grow, so the qcow2 must span its full size up front (sparse here).  Without it the
+    # export is ~9 MB and the guest's first write past it pauses the VM (io-error).
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata"]
+        + [disk, SHARED_DISK_SIZE],
+        check=True,
+    )
     subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 40M 8M", disk],
         check=True,

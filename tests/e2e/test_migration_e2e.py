@@ -337,6 +337,11 @@ class MigrationRun:
             except Exception as exc:  # the failure itself may be that the VM is gone
                 parts.append(f"\n--- {which} VM console on {side.name}: unavailable ({exc})")
         for side in (self.a, self.b):
+            try:  # e.g. "paused" after an I/O error, or a QEMU that died
+                parts.append(f"\n--- VMs on {side.name} ---\n{side.call('status', timeout=60)}")
+            except Exception as exc:
+                parts.append(f"\n--- VMs on {side.name}: unavailable ({exc})")
+        for side in (self.a, self.b):
             try:
                 out = side.node.ssh.sudo(DROP_COUNTERS, timeout=60, check=False)
                 parts.append(f"\n--- drop counters on {side.name} ---\n{out.stdout}{out.stderr}")
