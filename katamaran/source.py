@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import migration
+from . import migration, tapqueue
 from .config import Config, host_port
 from .errors import KatamaranError
 from .network import NetworkUnavailable, SourceTunnel, netlink
@@ -197,9 +197,10 @@ class SourceMigration:
         if not (self.taps and self.taps.fds):
             return  # nothing to drain: QEMU's own timing is as good
         if not await migration.tcg_dirty_tracking_is_reliable(self.mon):
-            self.progress.warn(
+            self.progress.step(
                 "this QEMU's TCG dirty tracking is unreliable over many RAM passes (< 9.0): "
-                "leaving the pause to QEMU; frames queued on the tap when it pauses may be lost"
+                "leaving the pause to QEMU; what the VM has not read from its tap by then "
+                "follows through the tunnel"
             )
             return
         limit = {"downtime-limit": migration.OWN_SWITCHOVER_LIMIT_MS}
@@ -327,14 +328,15 @@ class SourceMigration:
         if name == "STOP":
             self.paused_at = asyncio.get_running_loop().time()
             self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
-            self._release_taps()
             if self.tunnel and self.tunnel.ready:
                 await netlink(self.tunnel.switch)
                 self.progress.step(
                     f"VM paused: traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}"
                 )
+                await self._forward_tap_leftovers()
             else:
                 self.progress.step("VM paused")
+            self._release_taps()
             return False
         if name == "BLOCK_JOB_ERROR" and data.get("device") == self.job:
             raise KatamaranError(f"drive-mirror failed: {data.get('reason', 'I/O error')}")
@@ -409,9 +411,10 @@ class SourceMigration:
             busy = await asyncio.to_thread(self.taps.wait_empty, self.cfg.tap_drain_timeout)
             waited = (asyncio.get_running_loop().time() - t0) * 1000
             if busy:
-                self.progress.warn(
+                self.progress.step(
                     f"{', '.join(busy)} still held frames for the VM after "
-                    f"{self.cfg.tap_drain_timeout:g} s; pausing anyway (those frames are lost)"
+                    f"{self.cfg.tap_drain_timeout:g} s; pausing anyway (they will follow "
+                    "through the tunnel)"
                 )
             else:
                 self.progress.step(f"{', '.join(self.taps.names)} drained in {waited:.0f} ms")
@@ -422,6 +425,31 @@ class SourceMigration:
         lift = {**self.saved_params, "downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
         await self.mon.execute("migrate-set-parameters", lift)
         self.saved_params = {}
+
+    async def _forward_tap_leftovers(self) -> None:
+        """Frames the paused VM had not read would die with the source QEMU: read them off
+        its tap and send them through the tunnel, after what it already carries (those
+        are newer, so the destination sees them slightly reordered, not lost).  If the
+        migration then fails, these few frames are lost with the destination."""
+        if not (self.taps and self.taps.fds and self.tunnel):
+            return
+        try:
+            left = await asyncio.to_thread(self.taps.take_leftovers)
+            sent = await asyncio.to_thread(tapqueue.resend, left.packets)
+        except OSError as err:
+            self.progress.warn(f"frames left on {', '.join(self.taps.names)} are lost: {err}")
+            return
+        if sent:
+            self.progress.step(
+                f"{sent} packet(s) the VM had not read from {', '.join(self.taps.names)} "
+                f"sent through {self.tunnel.ifname}"
+            )
+        lost = left.unsendable + len(left.packets) - sent
+        if lost:
+            self.progress.warn(
+                f"{lost} packet(s) left on {', '.join(self.taps.names)} could not be "
+                "forwarded (GSO or malformed) and are lost"
+            )
 
     async def _ease_migration(self, throttle: int) -> None:
         """Let the running VM read its tap queue while QEMU still iterates (limit 1 ms).

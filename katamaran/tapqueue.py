@@ -1,28 +1,40 @@
-"""Watch the source VM's tap queues, so the switchover waits until they are empty.
+"""The source VM's tap queues: wait until the VM has read them, forward what it has not.
 
 Why: once QEMU pauses the VM, virtio-net stops reading its tap.  Frames the kernel had
 already queued on the tap (the tun ring) would then die with the source QEMU: the tunnel
 only catches what arrives *after* the switch.  katamaran therefore switches traffic into
-the tunnel first, waits here until the still-running VM has read everything queued on its
-taps, and only then pauses it.
+the tunnel first and waits here until the still-running VM has read everything queued on
+its taps.  A VM too slow to do so within -tap-drain-timeout (seen with a nested TCG
+guest) is paused anyway, and what it left on the tap is read off it here and sent, as
+IP packets, through the tunnel after the rest.
 
 How: QEMU's pid comes from the QMP socket (SO_PEERCRED); its tap fds are the
 `/dev/net/tun` entries of `/proc/<pid>/fd` (fdinfo names the interface); `pidfd_getfd(2)`
 gives katamaran a duplicate of each, on which poll(POLLIN) says whether a frame is still
-queued.  Nothing is ever read from them.
+queued.  Nothing is read from them while the VM runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import select
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SYS_PIDFD_GETFD = 438  # x86_64, arm64 and the other generic-syscall architectures
 TUN_DEVICE = "/dev/net/tun"
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
+TUNGETVNETHDRSZ = 0x800454D7  # _IOR('T', 215, int)
+IFF_VNET_HDR = 0x4000  # QEMU's taps carry a virtio-net header before each frame
+VNET_F_NEEDS_CSUM = 1  # the checksum at csum_start + csum_offset is still to be done
+ETH_HLEN = 14
+ETHERTYPES = {0x0800: 4, 0x86DD: 6}  # IPv4, IPv6: what can be resent as an IP packet
+MAX_FRAME = 65536 + 64
 
 
 class TapQueueUnavailable(Exception):
@@ -57,6 +69,90 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
         err = ctypes.get_errno()
         raise TapQueueUnavailable(f"pidfd_getfd: {os.strerror(err)}")
     return int(dup)
+
+
+@dataclass
+class Leftovers:
+    """What a paused VM had not read from its taps, oldest first."""
+
+    packets: list[bytes] = field(default_factory=list)  # IP packets, checksums complete
+    not_ip: int = 0  # ARP and the like: the destination announces itself anyway
+    unsendable: int = 0  # IP, but a GSO super-frame or malformed: lost
+
+
+def _vnet_hdr_len(fd: int) -> int:
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    if not struct.unpack_from("H", ifr, 16)[0] & IFF_VNET_HDR:
+        return 0
+    return int(struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0])
+
+
+def _fold(data: bytes | bytearray) -> int:
+    """The Internet checksum (RFC 1071) of data."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def frame_to_packet(frame: bytes, vnet_hdr_len: int) -> tuple[int, bytes | None]:
+    """(IP version or 0 if not IP, the IP packet or None if it cannot be resent).
+
+    A frame read from a tap with IFF_VNET_HDR starts with a virtio_net_hdr.  A frame the
+    host left checksum-partial (NEEDS_CSUM: the field holds the pseudo-header sum) gets
+    its checksum completed, as the VM's virtio driver would have; GSO super-frames are
+    not resent (bigger than the path MTU; TCP retransmits them).
+    """
+    flags = csum_start = csum_offset = 0
+    if vnet_hdr_len:
+        if len(frame) < vnet_hdr_len:
+            return 0, None
+        flags, gso_type, _, _, csum_start, csum_offset = struct.unpack_from("<BBHHHH", frame)
+        if gso_type:
+            version = ETHERTYPES.get(
+                int.from_bytes(frame[vnet_hdr_len + 12 : vnet_hdr_len + 14], "big"), 0
+            )
+            return version, None
+        frame = frame[vnet_hdr_len:]
+    if len(frame) <= ETH_HLEN:
+        return 0, None
+    version = ETHERTYPES.get(int.from_bytes(frame[12:14], "big"), 0)
+    if not version:
+        return 0, None
+    packet = bytearray(frame[ETH_HLEN:])
+    if flags & VNET_F_NEEDS_CSUM:
+        start, at = csum_start - ETH_HLEN, csum_start - ETH_HLEN + csum_offset
+        if start < 0 or at + 2 > len(packet):
+            return version, None
+        csum = _fold(packet[start:])
+        packet[at : at + 2] = struct.pack("!H", csum or 0xFFFF)
+    return version, bytes(packet)
+
+
+def resend(packets: list[bytes]) -> int:
+    """Send IP packets as they are (header included) from this network namespace, where
+    the tunnel's rule routes them to the destination; returns how many were sent."""
+    sent = 0
+    socks: dict[int, socket.socket] = {}
+    try:
+        for packet in packets:
+            version = packet[0] >> 4
+            if version == 4:
+                family, dst = socket.AF_INET, (socket.inet_ntop(socket.AF_INET, packet[16:20]), 0)
+            elif version == 6:
+                family, dst = socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0)
+            else:
+                continue
+            if family not in socks:  # IPPROTO_RAW: the header is ours (IP_HDRINCL)
+                socks[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            socks[family].sendto(packet, dst)
+            sent += 1
+    finally:
+        for sock in socks.values():
+            sock.close()
+    return sent
 
 
 @dataclass
@@ -113,6 +209,28 @@ class TapQueues:
             if time.monotonic() >= deadline:
                 return busy
             time.sleep(0.005)
+
+    def take_leftovers(self, limit: int = 100_000) -> Leftovers:
+        """Read every frame still queued (the VM must be paused: QEMU no longer reads)."""
+        left = Leftovers()
+        for fd in self.fds:
+            hdr = _vnet_hdr_len(fd)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while poller.poll(0) and limit > 0:
+                try:
+                    frame = os.read(fd, MAX_FRAME)
+                except BlockingIOError:
+                    break  # QEMU's fds are non-blocking; someone read it first
+                limit -= 1
+                version, packet = frame_to_packet(frame, hdr)
+                if packet is not None:
+                    left.packets.append(packet)
+                elif version:
+                    left.unsendable += 1
+                else:
+                    left.not_ip += 1
+        return left
 
     def close(self) -> None:
         for fd in self.fds:

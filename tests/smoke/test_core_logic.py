@@ -90,3 +90,50 @@ def test_parse_args_accepts_bracketed_ipv6_and_defaults():
     cfg = parse_args(["-mode", "source", "-dest-ip", "[fd00::2]", "-vm-ip", "10.244.1.5"])
     assert str(cfg.dest_ip) == "fd00::2" and cfg.tunnel_hold == 5.0
     assert cfg.drive_id == "drive-virtio-disk0" and cfg.copy_mode == "background"
+
+
+# ---------------------------------------------------------------- tap leftovers
+
+
+def _udp_frame(needs_csum: bool, gso: int = 0) -> tuple[bytes, bytes]:
+    """(frame as read from a vnet-hdr tap, the UDP datagram with its correct checksum)."""
+    import socket
+    import struct
+
+    from katamaran.tapqueue import _fold
+
+    src, dst = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.244.1.5")
+    payload = b"katamaran"
+    udp_len = 8 + len(payload)
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, udp_len)
+    udp = struct.pack("!HHHH", 4000, 5000, udp_len, 0) + payload
+    correct = udp[:6] + struct.pack("!H", _fold(pseudo + udp)) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, 0, 64, 17, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", _fold(ip)) + ip[12:]
+    if needs_csum:  # the host leaves the pseudo-header sum (not inverted) in the field
+        partial = (~_fold(pseudo)) & 0xFFFF
+        udp = udp[:6] + struct.pack("!H", partial) + udp[8:]
+    else:
+        udp = correct
+    eth = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00"
+    hdr = struct.pack("<BBHHHH", 1 if needs_csum else 0, gso, 0, 0, 14 + 20, 6) + b"\0\0"
+    return hdr + eth + ip + udp, ip + correct
+
+
+def test_frame_to_packet_completes_a_partial_checksum():
+    from katamaran.tapqueue import frame_to_packet
+
+    frame, expected = _udp_frame(needs_csum=True)
+    assert frame_to_packet(frame, 12) == (4, expected)
+
+
+def test_frame_to_packet_keeps_a_complete_packet_and_refuses_gso_and_arp():
+    from katamaran.tapqueue import frame_to_packet
+
+    frame, expected = _udp_frame(needs_csum=False)
+    assert frame_to_packet(frame, 12) == (4, expected)
+    assert frame_to_packet(frame[12:], 0) == (4, expected)  # a tap without vnet header
+    gso, _ = _udp_frame(needs_csum=True, gso=3)
+    assert frame_to_packet(gso, 12) == (4, None)
+    arp = b"\xff" * 6 + b"\x04" * 6 + b"\x08\x06" + bytes(28)
+    assert frame_to_packet(arp, 0) == (0, None)
