@@ -57,6 +57,7 @@ class KatamaranConfig:
     results_dir: Path
     rootdir: Path
     accelerator: Accel | None = None
+    ping_interval_set: bool = True  # False: the 10 ms default, not the user's choice
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> KatamaranConfig:
@@ -106,6 +107,7 @@ class KatamaranConfig:
             ping_interval=interval,
             results_dir=results.resolve(),
             rootdir=config.rootpath,
+            ping_interval_set=raw_interval not in (None, ""),
         )
 
 

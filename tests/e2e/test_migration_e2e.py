@@ -1,4 +1,4 @@
-"""E2E: a Kata-shaped VM migrates from node A to node B under a 10 ms ping with zero loss.
+"""E2E: a Kata-shaped VM migrates from node A to node B under a continuous ping with zero loss.
 
 Why: this is the proof of the network cutover (IPIP tunnel at STOP, sch_plug until
 RESUME, CNI convergence during the tunnel hold) that the host kernel cannot run: the
@@ -54,6 +54,11 @@ WRITER_RATE = int(env_float("KATAMARAN_E2E_WRITER_RATE", 10))
 MAX_PAUSE_S = env_float("KATAMARAN_E2E_MAX_PAUSE", 60.0)
 # A nested TCG guest throttled by auto-converge can be seconds behind on its tap queue.
 TAP_DRAIN_S = env_float("KATAMARAN_E2E_TAP_DRAIN", 30.0)
+# The nested TCG guest answered 35-100 pings/s here depending on the host's load (2
+# shared CPUs for two TCG nodes and the nested VM): at the guide's 10 ms its tap queue
+# (1000 frames) overflowed before any migration in 2 of 5 runs.  Under TCG, unless
+# --ping-interval is given, the e2e pings at a rate the lab can answer.
+NESTED_TCG_PING_INTERVAL = 0.05
 PING_FRAME = 98  # bytes sch_plug counts per 56-byte-payload ICMP echo (Ethernet frame)
 # Nested TCG (~17x slower than TCG): generous, but every wait is bounded.
 BOOT_TIMEOUT = 900.0
@@ -95,12 +100,17 @@ def test_migration_zero_drop(
     workload_qemu,
     pod_ping,
     katamaran_config,
+    accelerator,
     results,
 ):
     t_begin = time.monotonic()
     a, b = sides
     interval = katamaran_config.ping_interval
+    if accelerator.name == "tcg" and not katamaran_config.ping_interval_set:
+        interval = NESTED_TCG_PING_INTERVAL
+        print(f"e2e: TCG: pinging every {interval:g} s (nested guest capacity; --ping-interval)")
     results.update(
+        ping_interval_s=interval,
         storage=storage,
         nodes={
             n.name: {"boot_s": round(n.boot_seconds, 2), "ssh_s": round(n.ssh_seconds, 2)}
