@@ -12,6 +12,9 @@ CAPABILITIES = ("events", "auto-converge", "pause-before-switchover")
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
 # 1 ms, not 0: with 0 QEMU switches over at the end of the first pass, before any sync.
 OWN_SWITCHOVER_LIMIT_MS = 1
+# bytes/s assumed for QEMU's own switchover test while katamaran decides (see
+# Source._take_switchover_decision): with the 1 ms limit, a 1-byte threshold.
+OWN_SWITCHOVER_BANDWIDTH = 1000
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's ceiling (MAX_MIGRATE_DOWNTIME): "switch over now"
 UNCAPPED = 1 << 62  # bytes/s; QEMU's default cap (32 MiB/s) would dominate migration time
 

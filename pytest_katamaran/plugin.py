@@ -340,20 +340,30 @@ def accelerator(pytestconfig: pytest.Config, katamaran_config: KatamaranConfig) 
 
 
 class _TermAsInterrupt:
-    """Turn SIGTERM into KeyboardInterrupt while nodes run, so teardown still stops them."""
+    """Turn SIGTERM into KeyboardInterrupt while nodes run, so teardown still stops them.
+
+    Only in this process: a forked child inherits the handler (pyroute2's netns.create
+    forks a helper and stops it with SIGTERM), and raising there would run pytest's
+    teardown, node shutdown included, inside the child.
+    """
 
     def __init__(self) -> None:
         self.previous: Any = None
         self.installed = False
+        self.owner = os.getpid()
 
     def __enter__(self) -> _TermAsInterrupt:
         if threading.current_thread() is threading.main_thread():
+            self.owner = os.getpid()
             self.previous = signal.signal(signal.SIGTERM, self._handler)
             self.installed = True
         return self
 
-    @staticmethod
-    def _handler(signum: int, frame: Any) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.owner:  # a forked child: die as SIGTERM would kill it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc: object) -> None:

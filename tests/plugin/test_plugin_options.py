@@ -140,3 +140,27 @@ def test_pyproject_settings_are_read(pytester: pytest.Pytester):
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*CFG * keep=True interval=0.5 *"])
+
+
+def test_sigterm_interrupts_this_process_but_kills_a_forked_child():
+    """pyroute2's netns.create forks a helper and stops it with SIGTERM: the helper must
+    die, not raise KeyboardInterrupt and run pytest's teardown in the child."""
+    import os
+    import signal
+
+    from pytest_katamaran.plugin import _TermAsInterrupt
+
+    with _TermAsInterrupt():
+        pid = os.fork()
+        if pid == 0:  # child: what pyroute2's helper sees when stopped
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pause()
+            except KeyboardInterrupt:
+                os._exit(3)  # the bug: the child would go on as a pytest process
+            os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
