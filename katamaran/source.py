@@ -463,11 +463,12 @@ class SourceMigration:
     async def _ease_migration(self, throttle: int) -> None:
         """Let the running VM read its tap queue while QEMU still iterates (limit 1 ms).
 
-        - Bandwidth: with almost nothing dirty, QEMU syncs the dirty bitmap (under the
-          big QEMU lock) back to back, which starves the main loop that moves the VM's
-          network I/O: a nested TCG guest answered nothing for 30 s.  At
-          DRAIN_MAX_BANDWIDTH the migration thread sends a page, then sleeps out its
-          100 ms window.
+        - Bandwidth: with almost nothing dirty, QEMU may sync the dirty bitmap (under
+          the big QEMU lock) back to back and starve the main loop that moves the VM's
+          network I/O; at DRAIN_MAX_BANDWIDTH the migration thread sends a page, then
+          sleeps out its 100 ms window.  A likely cause of a nested TCG guest answering
+          nothing for a whole 30 s drain, not a proven one: it happened once with this
+          cap too.  What the VM leaves unread is forwarded (_forward_tap_leftovers).
         - Auto-converge: nothing converges any more, so QEMU would keep raising the
           throttle, up to 99 %, and the VM could not read its queue at all (also seen in
           the nested e2e).  The next throttle step QEMU takes is capped at 1 %.
