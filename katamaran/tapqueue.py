@@ -105,22 +105,17 @@ def frame_to_packet(frame: bytes, vnet_hdr_len: int) -> tuple[int, bytes | None]
     its checksum completed, as the VM's virtio driver would have; GSO super-frames are
     not resent (bigger than the path MTU; TCP retransmits them).
     """
-    flags = csum_start = csum_offset = 0
+    flags = gso_type = csum_start = csum_offset = 0
     if vnet_hdr_len:
         if len(frame) < vnet_hdr_len:
             return 0, None
         flags, gso_type, _, _, csum_start, csum_offset = struct.unpack_from("<BBHHHH", frame)
-        if gso_type:
-            version = ETHERTYPES.get(
-                int.from_bytes(frame[vnet_hdr_len + 12 : vnet_hdr_len + 14], "big"), 0
-            )
-            return version, None
         frame = frame[vnet_hdr_len:]
     if len(frame) <= ETH_HLEN:
         return 0, None
     version = ETHERTYPES.get(int.from_bytes(frame[12:14], "big"), 0)
-    if not version:
-        return 0, None
+    if not version or gso_type:
+        return version, None
     packet = bytearray(frame[ETH_HLEN:])
     if flags & VNET_F_NEEDS_CSUM:
         start, at = csum_start - ETH_HLEN, csum_start - ETH_HLEN + csum_offset
@@ -157,7 +152,7 @@ def resend(packets: list[bytes]) -> int:
 
 @dataclass
 class TapQueues:
-    """Duplicates of a QEMU's tap fds, polled (never read) to see queued frames."""
+    """Duplicates of a QEMU's tap fds: polled while the VM runs, read once it is paused."""
 
     pid: int
     fds: dict[int, str] = field(default_factory=dict)  # our duplicate fd -> ifname
