@@ -70,6 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(
         parser,
+        "source-ip",
+        metavar="IP",
+        help="dest: the source node's IP; only it may connect to NBD/migration or tunnel in",
+    )
+    _flag(
+        parser,
+        "listen-ip",
+        metavar="IP",
+        help="dest: bind the NBD and migration listeners to this address (default: all)",
+    )
+    _flag(
+        parser,
+        "tls",
+        action="store_true",
+        help="both sides: NBD and migration streams over TLS (x509 files from -tls-dir)",
+    )
+    _flag(
+        parser,
+        "tls-dir",
+        metavar="DIR",
+        default=str(config.TLS_DIR),
+        help="x509 files in libvirt's layout: ca-cert.pem, server-cert.pem/server-key.pem, "
+        f"client-cert.pem/client-key.pem (default {config.TLS_DIR})",
+    )
+    for name, default in (("nbd-port", config.NBD_PORT), ("migration-port", config.MIGRATION_PORT)):
+        _flag(
+            parser, name, metavar="PORT", default=str(default), help=f"TCP port (default {default})"
+        )
+    _flag(
+        parser,
         "drive-id",
         metavar="ID",
         default=config.DEFAULT_DRIVE_ID,
@@ -149,6 +179,16 @@ def _number(flag: str, value: str, kind: type = float) -> float:
     return number
 
 
+def _port(flag: str, value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise UsageError(f'invalid -{flag} "{value}" (want a TCP port, 1-65535)')
+    return port
+
+
 def parse_args(argv: Sequence[str]) -> Config:
     """Validate everything before anything on the node is touched."""
     if not argv:
@@ -162,6 +202,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError(f"invalid mode \"{args.mode}\" (must be 'source' or 'dest')")
     dest_ip = _ip("dest-ip", args.dest_ip)
     vm_ip = _ip("vm-ip", args.vm_ip)
+    source_ip = _ip("source-ip", args.source_ip)
+    listen_ip = _ip("listen-ip", args.listen_ip)
+    nbd_port = _port("nbd-port", args.nbd_port)
+    migration_port = _port("migration-port", args.migration_port)
+    if nbd_port == migration_port:
+        raise UsageError(f"-nbd-port and -migration-port must differ (both {nbd_port})")
     if args.mode == "source" and (dest_ip is None or vm_ip is None):
         raise UsageError("-dest-ip and -vm-ip are required for source mode")
     if not args.qmp:
@@ -189,6 +235,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         dest_timeout=_number("dest-timeout", args.dest_timeout),
         plug_limit=int(_number("plug-limit", args.plug_limit, int)),
         downtime_limit_ms=int(_number("downtime-limit", args.downtime_limit, int)),
+        nbd_port=nbd_port,
+        migration_port=migration_port,
+        source_ip=source_ip,
+        listen_ip=listen_ip,
+        tls=args.tls,
+        tls_dir=Path(args.tls_dir),
     )
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 DEFAULT_QMP = Path("/run/vc/vm/qmp.sock")
 DEFAULT_DRIVE_ID = "drive-virtio-disk0"
-NBD_PORT = 10809
-MIGRATION_PORT = 4444
+NBD_PORT = 10809  # -nbd-port (the guide's port)
+MIGRATION_PORT = 4444  # -migration-port (the guide's port)
+TLS_DIR = Path("/etc/pki/qemu")  # -tls-dir: libvirt's default directory for QEMU's x509 files
 
 # The guide names these "constants"; here they are flags with these defaults.
 MIGRATION_TIMEOUT = 600.0  # -migration-timeout: RAM pre-copy must converge within this
@@ -50,6 +51,10 @@ class Config:
     plug_limit: int = PLUG_LIMIT
     nbd_port: int = NBD_PORT
     migration_port: int = MIGRATION_PORT
+    source_ip: IPAddress | None = None  # dest: the only peer allowed on NBD/migration/tunnel
+    listen_ip: IPAddress | None = None  # dest: bind the listeners to this address only
+    tls: bool = False  # both streams over TLS (x509 files from tls_dir); required when set
+    tls_dir: Path = TLS_DIR
 
 
 def host_port(ip: IPAddress | str, port: int) -> str:
