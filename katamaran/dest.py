@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import migration
 from .config import Config, host_port
 from .errors import KatamaranError, QMPCommandError
-from .network import DestDecap, NetworkUnavailable, PlugQdisc, netlink
+from .network import DestDecap, NetworkUnavailable, PlugQdisc, fit_tap_queue, netlink
 from .progress import Progress
 from .qmp import Monitor, named
 
 EXPORT_ID = "katamaran-export"
 EXPORT_NODE = "katamaran-export"
+DECAP_QUIET = 1.0  # after the hold: decapsulate until no tunnelled packet came for this long
+DECAP_MAX_WAIT = 60.0  # ...but at most this much longer
 
 
 class DestMigration:
@@ -66,9 +69,8 @@ class DestMigration:
                     f"(now {self.cfg.plug_limit} bytes)"
                 )
             self.progress.step(f"migration received in {self.progress.elapsed():.2f} s")
-            if self.decap and self.decap.devices:
-                # The source keeps tunnelling for its hold time: keep decapsulating.
-                await asyncio.sleep(self.cfg.tunnel_hold)
+            if self.decap and self.decap.rules:
+                await self._hold_until_quiet()
         finally:
             await self._cleanup()
 
@@ -93,24 +95,42 @@ class DestMigration:
         if not self.cfg.tap:
             self.progress.warn("no -tap given: packets are not held during the cutover")
             return
+        if not await netlink(self._tap_exists):
+            raise KatamaranError(f"tap device {self.cfg.tap} not found")
+        mac = await self._vm_mac()
+        if mac is None:
+            return
+        self.decap = await netlink(DestDecap, self.cfg.tap, mac, self.cfg.vm_ip, self.cfg.source_ip)
+        scope = self.decap.scope()
+        if scope:
+            self.progress.warn(scope)
         try:
-            self.decap = await netlink(DestDecap, self.cfg.tap)
-            await netlink(self.decap.remove_stale)
+            for what in await netlink(self.decap.remove_stale):
+                self.progress.warn(f"removed {what} left by an earlier run")
             for warning in await netlink(self.decap.setup):
                 self.progress.warn(warning)
-            if self.cfg.vm_ip is not None:
-                await self._pin_vm_neighbour()
-        except NetworkUnavailable as err:
-            raise KatamaranError(str(err)) from None
-        except (NetlinkError, OSError) as err:
-            self.progress.warn(f"cannot steer tunnelled packets into {self.cfg.tap}: {err}")
+        except (NetworkUnavailable, NetlinkError, OSError) as err:
+            self.progress.warn(
+                f"cannot steer tunnelled packets into {self.cfg.tap}: {err}; "
+                "continuing without the tunnel and packet buffering"
+            )
+            await self._remove_network()
+            return
+        if not self.decap.devices:
+            return
+        self.progress.step(
+            f"decapsulating on {', '.join(self.decap.devices)}"
+            + (f" from {self.cfg.source_ip}" if self.cfg.source_ip else "")
+            + (f" for {self.cfg.vm_ip}" if self.cfg.vm_ip else "")
+            + f" into {self.decap.hold} -> {self.cfg.tap}"
+        )
         try:
-            self.plug = await netlink(PlugQdisc, self.cfg.tap, self.cfg.plug_limit)
-            if await netlink(self.plug.remove_stale):
-                self.progress.warn(f"removed a plug qdisc left on {self.cfg.tap} by an earlier run")
+            self.plug = await netlink(PlugQdisc, self.decap.hold, self.cfg.plug_limit)
             await netlink(self.plug.install)
-            self.progress.step(f"plug qdisc on {self.cfg.tap} (limit {self.cfg.plug_limit} bytes)")
-            raised = await netlink(self.plug.fit_tap_queue)
+            self.progress.step(
+                f"plug qdisc on {self.decap.hold} (limit {self.cfg.plug_limit} bytes)"
+            )
+            raised = await netlink(fit_tap_queue, self.decap.ipr, self.cfg.tap, self.cfg.plug_limit)
             if raised:
                 self.progress.step(
                     f"{self.cfg.tap} txqueuelen {raised[0]} -> {raised[1]} "
@@ -118,21 +138,54 @@ class DestMigration:
                 )
         except (NetworkUnavailable, NetlinkError, OSError) as err:
             self.progress.warn(f"{err}; continuing without packet buffering")
+            if self.plug is not None:
+                await netlink(self.plug.close)
             self.plug = None
 
-    async def _pin_vm_neighbour(self) -> None:
-        """Pin VM IP -> NIC MAC on the tap, so held packets wait in sch_plug, not in ARP."""
-        assert self.decap is not None and self.cfg.vm_ip is not None
+    def _tap_exists(self) -> bool:
+        with IPRoute() as ipr:
+            return bool(ipr.link_lookup(ifname=self.cfg.tap))
+
+    async def _vm_mac(self) -> str | None:
+        """The VM NIC's MAC: the hold veth addresses held packets to it (no ARP there)."""
         nics = await self.mon.execute("query-rx-filter")
         macs = sorted({nic["main-mac"] for nic in nics if nic.get("main-mac")})
         if len(macs) != 1:
             self.progress.warn(
-                f"cannot pin {self.cfg.vm_ip} on {self.cfg.tap}: "
+                f"cannot steer tunnelled packets into {self.cfg.tap}: "
                 f"{len(macs)} NIC MACs in this VM ({', '.join(macs) or 'none'})"
             )
-            return
-        await netlink(self.decap.pin_neighbour, self.cfg.vm_ip, macs[0])
-        self.progress.step(f"neighbour {self.cfg.vm_ip} -> {macs[0]} pinned on {self.cfg.tap}")
+            return None
+        return macs[0]
+
+    async def _hold_until_quiet(self) -> None:
+        """Keep decapsulating for the hold, then for as long as tunnelled packets arrive.
+
+        Each side's -tunnel-hold starts at its own moment: the source may still tunnel
+        when this side's hold ends.  The hold veth counts this migration's tunnelled
+        packets only; once it has not moved for DECAP_QUIET s (at most DECAP_MAX_WAIT s
+        more), the source has stopped tunnelling.
+        """
+        assert self.decap is not None
+        await asyncio.sleep(self.cfg.tunnel_hold)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        last, still_since = await netlink(self.decap.forwarded), start
+        while loop.time() - still_since < DECAP_QUIET:
+            if loop.time() - start >= DECAP_MAX_WAIT:
+                self.progress.warn(
+                    f"tunnelled packets still arrive {DECAP_MAX_WAIT:g} s after the hold: "
+                    "removing the decapsulation anyway"
+                )
+                break
+            await asyncio.sleep(0.1)
+            now = await netlink(self.decap.forwarded)
+            if now != last:
+                last, still_since = now, loop.time()
+        self.progress.step(
+            f"tunnel quiet for {DECAP_QUIET:g} s ({last} packet(s) tunnelled in all): "
+            "decapsulation removed"
+        )
 
     async def _start_nbd(self) -> None:
         port = str(self.cfg.nbd_port)
@@ -249,11 +302,20 @@ class DestMigration:
             await self._stop_nbd()
         except KatamaranError as err:
             self.progress.warn(f"cleanup: {err}")
-        for part in (self.plug, self.decap):
-            if part is None:
-                continue
+        await self._remove_network()
+
+    async def _remove_network(self) -> None:
+        """Rules first (nothing new enters the hold), then drain the plug, then the rest."""
+        steps = []
+        if self.decap is not None:
+            steps.append(self.decap.unsteer)
+        if self.plug is not None:
+            steps += [self.plug.remove, self.plug.close]
+        if self.decap is not None:
+            steps += [self.decap.teardown, self.decap.close]
+        for step in steps:
             try:
-                await netlink(part.remove if isinstance(part, PlugQdisc) else part.teardown)
+                await netlink(step)
             except (NetlinkError, OSError) as err:
                 self.progress.warn(f"cleanup: {err}")
-            await netlink(part.close)
+        self.plug = self.decap = None

@@ -158,6 +158,8 @@ class SourceMigration:
             for what in await netlink(self.tunnel.remove_stale):
                 self.progress.warn(f"removed {what} left by an earlier run")
             await netlink(self.tunnel.prepare)
+            for warning in self.tunnel.warnings:
+                self.progress.warn(warning)
             self.progress.step(
                 f"tunnel {self.tunnel.ifname} to {self.cfg.dest_ip} ready "
                 f"(switched at STOP for {self.cfg.vm_ip})"
@@ -457,7 +459,7 @@ class SourceMigration:
         if lost:
             self.progress.warn(
                 f"{lost} packet(s) left on {', '.join(self.taps.names)} could not be "
-                "forwarded (GSO or malformed) and are lost"
+                "forwarded (GSO, larger than the tunnel MTU, or malformed) and are lost"
             )
 
     async def _ease_migration(self, throttle: int) -> None:

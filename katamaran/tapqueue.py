@@ -17,6 +17,7 @@ queued.  Nothing is read from them while the VM runs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import select
@@ -128,7 +129,8 @@ def frame_to_packet(frame: bytes, vnet_hdr_len: int) -> tuple[int, bytes | None]
 
 def resend(packets: list[bytes]) -> int:
     """Send IP packets as they are (header included) from this network namespace, where
-    the tunnel's rule routes them to the destination; returns how many were sent."""
+    the tunnel's rule routes them to the destination; returns how many were sent (a
+    packet the route's MTU refuses, EMSGSIZE, is skipped and not counted)."""
     sent = 0
     socks: dict[int, socket.socket] = {}
     try:
@@ -142,7 +144,12 @@ def resend(packets: list[bytes]) -> int:
                 continue
             if family not in socks:  # IPPROTO_RAW: the header is ours (IP_HDRINCL)
                 socks[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            socks[family].sendto(packet, dst)
+            try:
+                socks[family].sendto(packet, dst)
+            except OSError as err:
+                if err.errno != errno.EMSGSIZE:
+                    raise
+                continue  # bigger than the route's MTU: this one is lost, not the rest
             sent += 1
     finally:
         for sock in socks.values():

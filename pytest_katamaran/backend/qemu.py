@@ -84,8 +84,11 @@ class QemuNodes:
         progress: Progress | None = None,
         boot_timeout: float | None = None,
         ssh_timeout: float | None = None,
+        roles: tuple[str, ...] = ROLES,
     ) -> None:
         self.config = config
+        # ("a",): one node alone, for tests that need a Debian kernel but no second node
+        self.roles = roles
         self.image_kind: str = getattr(config, "node_image", "debian") or "debian"
         self.progress = progress or _stderr_progress
         self.boot_timeout = boot_timeout or BOOT_TIMEOUTS.get(self.image_kind, 300.0)
@@ -162,7 +165,7 @@ class QemuNodes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         key = generate_keypair(self.workdir / "id_rsa")
         pubkey = key.with_name(key.name + ".pub").read_text().strip()
-        for role in ROLES:
+        for role in self.roles:
             create_overlay(self.image, self.workdir / f"node-{role}.qcow2")
             write_seed(
                 self.workdir / f"node-{role}-seed.iso",
@@ -173,14 +176,15 @@ class QemuNodes:
             )
         self.progress(
             f"katamaran: lab prepared in {time.monotonic() - t0:.1f}s "
-            f"({self.image.kind} image, {accel}); booting node-a and node-b"
+            f"({self.image.kind} image, {accel}); booting "
+            + " and ".join(f"node-{role}" for role in self.roles)
         )
         self._launch_both(accel, cpu)
-        for role in ROLES:
+        for role in self.roles:
             proc = self._procs[role]
             seconds = proc.wait_ready(self.boot_timeout)
             self.progress(f"katamaran: {proc.spec.name}: READY after {seconds:.1f}s")
-        for role in ROLES:
+        for role in self.roles:
             proc = self._procs[role]
             client = SSHClient(
                 "127.0.0.1",
@@ -231,7 +235,7 @@ class QemuNodes:
         for attempt in range(1, _LAUNCH_TRIES + 1):
             link_port = free_port()
             try:
-                for role in ROLES:
+                for role in self.roles:
                     proc = NodeProcess(self._spec(role, accel, cpu, link_port), self.progress)
                     self._procs[role] = proc
                     proc.launch()
