@@ -107,9 +107,11 @@ def topology() -> str:
         f"ip addr add {DST_IP}/24 dev eth0; ip link set eth0 up",
         "ip addr add 10.9.1.2/24 dev eth1; ip link set eth1 up",
         "ip link set tap0 up",
-        # a node that routes its pods (tap0) but is no router otherwise; loose rp_filter
-        "sysctl -qw net.ipv4.ip_forward=0 net.ipv4.conf.all.rp_filter=2",
-        "sysctl -qw net.ipv4.conf.tap0.forwarding=1",
+        # a node that routes its pods (tap0) but is no router otherwise; devices created
+        # from now on (katamaran's) get strict rp_filter: the reverse-path rule must hold
+        "sysctl -qw net.ipv4.ip_forward=0 net.ipv4.conf.all.rp_filter=0",
+        "sysctl -qw net.ipv4.conf.default.rp_filter=1 net.ipv4.conf.tap0.rp_filter=0",
+        "sysctl -qw net.ipv4.conf.tap0.forwarding=1 net.ipv4.conf.eth0.forwarding=1",
         f"ip route add 10.7.0.0/24 via {SRC_IP}",
         f"ip route add 10.8.0.0/24 via {SRC_IP}",
         # Calico-like: the fallback tunnel is up and decapsulates from anyone
@@ -183,7 +185,7 @@ def main() -> dict[str, object]:
         tunnel.switch()
     facts["ping"] = ping(VM_IP, 3)
     if os.environ.get("DECAP_DEBUG"):
-        print(sh("nstat -a | grep -v ' 0 '", ns="dst"), sh("nstat -a | grep -v ' 0 '", ns="vm"))
+        print(*(sh("nstat -a | grep -v ' 0 ' | grep -v 6", ns=n) for n in ("src", "dst", "cl")))
         print(sh("ip -s link", ns="vm"), sh("ip -s link; ip rule", ns="dst"))
     facts["ping_1400"] = ping(VM_IP, 3, size=1400, df=True)
     facts["ping_1472"] = ping(VM_IP, 3, size=1472, df=True)
@@ -231,10 +233,14 @@ def main() -> dict[str, object]:
         stdout=subprocess.PIPE,
         text=True,
     )
+    echos = in_echos()
     time.sleep(1.0)
     with inside("dst"):
-        facts["held_at_resume"] = plug.backlog()
+        facts["vm_echos_while_held"] = in_echos() - echos
+        echos = in_echos()
         plug.release()
+        time.sleep(0.05)  # the plug hands its backlog over at once: ~100 pings in 1 s
+        facts["held_at_resume"] = in_echos() - echos
     time.sleep(1.0)
     sh("ip route replace 10.8.0.9/32 dev tap0", ns="dst")  # the CNI converges
     sh(f"ip route replace 10.8.0.9/32 via {DST_IP}", ns="src")

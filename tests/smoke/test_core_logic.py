@@ -11,7 +11,14 @@ import pytest
 from katamaran.cli import parse_args
 from katamaran.config import host_port
 from katamaran.errors import UsageError
-from katamaran.network import SourceTunnel, tunnel_name
+from katamaran.network import (
+    TABLE_BASE,
+    TABLE_MASK,
+    SourceTunnel,
+    hold_names,
+    table_for,
+    tunnel_name,
+)
 from katamaran.qmp import Monitor, migration_status, named
 
 
@@ -57,10 +64,22 @@ def test_events_that_arrived_before_the_wait_are_not_lost():
 
 
 def test_tunnel_name_fits_ifnamsiz_and_is_stable():
-    name = tunnel_name(ipaddress.ip_address("fd00:10::2"))
-    assert len(name) <= 15 and name.startswith("kmr-")
-    assert name == tunnel_name(ipaddress.ip_address("fd00:10::2"))
-    assert name != tunnel_name(ipaddress.ip_address("10.0.0.2"))
+    v6, v4 = ipaddress.ip_address("fd00:10::2"), ipaddress.ip_address("10.0.0.2")
+    assert tunnel_name(v6).startswith("kmr6-") and tunnel_name(v4).startswith("kmr-")
+    assert tunnel_name(v4, 6).startswith("kmrs-")  # IPv6 VM over IPv4 nodes: sit
+    for name in (tunnel_name(v6), tunnel_name(v4), tunnel_name(v4, 6)):
+        assert len(name) <= 15
+    assert tunnel_name(v6) == tunnel_name(ipaddress.ip_address("fd00:10::2"))
+    assert tunnel_name(v6) != tunnel_name(v4)
+
+
+def test_tables_and_hold_devices_are_per_peer_and_vm():
+    peer = ipaddress.ip_address("10.0.0.1")
+    vm1, vm2 = ipaddress.ip_address("10.244.1.5"), ipaddress.ip_address("10.244.1.6")
+    tables = {table_for(r, peer, v) for r in ("source", "dest") for v in (vm1, vm2)}
+    assert len(tables) == 4 and all(TABLE_BASE <= t <= TABLE_BASE + TABLE_MASK for t in tables)
+    assert hold_names(peer, vm1) != hold_names(peer, vm2)
+    assert all(len(n) <= 15 for n in hold_names(peer, vm1))
 
 
 def test_tunnel_rule_is_a_host_route_to_the_vm_only():

@@ -1,0 +1,90 @@
+"""The cutover's kernel side in a real Debian kernel: scoped decapsulation, full-size
+packets, a lossless end of the hold, nothing left behind.
+
+Why a node VM: this host's kernel has no ipip/sch_plug.  One lab node (Debian kernel over
+this host's root, TCG) boots; decap_scenario.py runs there as root with network
+namespaces as source node, destination node, third host, client and VM (a veth stands in
+for the tap), and katamaran.network's own classes in the order source.py/dest.py use them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-decap-node")]
+
+SCENARIO = Path(__file__).with_name("decap_scenario.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory):
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    from pytest_katamaran.backend.qemu import QemuNodes
+    from pytest_katamaran.nodeimage import NodeImageError
+
+    config = types.SimpleNamespace(
+        node_image="debian",
+        accel="tcg",
+        keep_on_failure=False,
+        results_dir=tmp_path_factory.mktemp("results"),
+    )
+    lab = QemuNodes(config, roles=("a",))
+    try:
+        lab.start()
+    except NodeImageError as err:
+        pytest.skip(f"no Debian node image: {err}")
+    try:
+        run = lab.node_a.ssh.run(
+            f"cd {REPO} && sudo env PYTHONPATH={REPO} python3 {SCENARIO}", timeout=240
+        )
+    finally:
+        lab.stop()
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_scoped_setup_without_warnings(facts):
+    assert facts["scope_warning"] is None
+    assert facts["source_warnings"] == [] and facts["dest_warnings"] == []
+    assert facts["devices"]["tunnel"][0].startswith("kmr-")
+
+
+def test_only_the_sources_packets_for_the_vm_reach_its_tap(facts):
+    assert facts["ping"]["received"] == facts["ping"]["sent"] == 3
+    # a third host tunnelling to the node (decapsulated on tunl0, Calico-style)
+    assert facts["third"] == {"vm_echos": 0, "held": 0}
+    # the source tunnelling a packet for another inner address (the VM has it too)
+    assert facts["other"]["vm_echos"] == 0 and facts["other"]["held"] == 0
+
+
+def test_full_size_packets_pass_the_tunnel(facts):
+    assert facts["ping_1400"]["received"] == 3, facts["ping_1400"]
+    assert facts["ping_1472"]["received"] == 3, facts["ping_1472"]
+
+
+def test_two_migrations_share_the_tunnel_but_nothing_else(facts):
+    assert facts["second"]["table"] and facts["second"]["hold"] != facts["devices"]["hold"]
+    assert facts["shared_tunnel_kept"] and facts["dst_kept_for_second"]
+
+
+def test_hold_holds_and_its_end_drops_nothing_at_10ms(facts):
+    assert facts["held_at_resume"] > 0 and facts["vm_echos_while_held"] == 0
+    ping = facts["hold_ping"]
+    assert ping["sent"] == 700 and ping["received"] == 700 and ping["dups"] == 0, ping
+    assert facts["plug_drops"] == 0 and facts["tunnelled"] > facts["held_at_resume"]
+
+
+def test_nothing_left_after_cleanup(facts):
+    for ns in ("src", "dst"):
+        left = facts["leftovers"][ns]
+        assert left["kmr_links"] == [] and left["rules"] == [] and left["routes"] == [], left
+        assert left["neigh"] == "", left
+        assert facts["after"][ns] == facts["before"][ns]
+    assert "plug" not in facts["leftovers"]["dst"]["tap_qdisc"]
