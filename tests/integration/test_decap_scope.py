@@ -41,12 +41,11 @@ def facts(tmp_path_factory):
     except NodeImageError as err:
         pytest.skip(f"no Debian node image: {err}")
     try:
-        run = lab.node_a.ssh.run(
+        run = lab.node_a.ssh.run(  # check=True: a failing scenario raises with its stderr
             f"cd {REPO} && sudo env PYTHONPATH={REPO} python3 {SCENARIO}", timeout=240
         )
     finally:
         lab.stop()
-    assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
