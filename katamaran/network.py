@@ -197,6 +197,18 @@ def _clear_df(ifname: str) -> str | None:
     return None
 
 
+def _source_address(ipr: IPRoute, peer: IPAddress) -> str:
+    """The address this node sends from towards peer (the route's preferred source)."""
+    try:
+        route = ipr.route("get", dst=str(peer), family=_family(peer))[0]
+    except NetlinkError as err:
+        raise NetworkUnavailable(f"no route to {peer}: {err.args[-1]}") from None
+    src = route.get_attr("RTA_PREFSRC")
+    if not src:
+        raise NetworkUnavailable(f"no source address towards {peer}")
+    return str(src)
+
+
 def ensure_tunnel(ipr: IPRoute, kind: str, peer: IPAddress, inner: int) -> list[str]:
     """Create (or reuse) the shared tunnel device to/from peer; return warnings.
 
@@ -207,7 +219,12 @@ def ensure_tunnel(ipr: IPRoute, kind: str, peer: IPAddress, inner: int) -> list[
     _modprobe(MODULES[kind])
     warnings: list[str] = []
     if kind == "ip6tnl":
-        data: dict[str, object] = {"ip6tnl_remote": str(peer), "ip6tnl_proto": 0}
+        # ip6tnl sends only with a local address set (remote-only tunnels only receive)
+        data: dict[str, object] = {
+            "ip6tnl_remote": str(peer),
+            "ip6tnl_local": _source_address(ipr, peer),
+            "ip6tnl_proto": 0,  # mode any: IPv4 and IPv6 inside
+        }
     else:
         data = {f"{kind}_remote": str(peer), f"{kind}_pmtudisc": 0}
     if not ipr.link_lookup(ifname=name):

@@ -89,7 +89,7 @@ def topology() -> str:
     sh(
         "ip addr add 10.7.0.1/24 dev cl0; ip link set cl0 up",
         f"ip addr add {SRC_IP}/24 dev eth0; ip link set eth0 up",
-        "sysctl -qw net.ipv4.ip_forward=1",
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
         # the VM still lives here as far as the CNI knows: its route points at dst
         f"ip route add 10.8.0.0/24 via {DST_IP}",
         ns="src",
@@ -112,6 +112,7 @@ def topology() -> str:
         "sysctl -qw net.ipv4.ip_forward=0 net.ipv4.conf.all.rp_filter=0",
         "sysctl -qw net.ipv4.conf.default.rp_filter=1 net.ipv4.conf.tap0.rp_filter=0",
         "sysctl -qw net.ipv4.conf.tap0.forwarding=1 net.ipv4.conf.eth0.forwarding=1",
+        "sysctl -qw net.ipv6.conf.all.forwarding=1",  # the node routes its IPv6 pods
         f"ip route add 10.7.0.0/24 via {SRC_IP}",
         f"ip route add 10.8.0.0/24 via {SRC_IP}",
         # Calico-like: the fallback tunnel is up and decapsulates from anyone
@@ -161,6 +162,65 @@ def leftovers(ns: str) -> dict[str, object]:
         "tap_qdisc": sh("tc qdisc show dev tap0", ns=ns).strip() if ns == "dst" else "",
         "neigh": sh("ip neigh show nud permanent", ns=ns).strip(),
     }
+
+
+def ping6(target: str, count: int, size: int = 56) -> dict[str, int]:
+    out = sh(f"ping -6 -q -c {count} -i 0.2 -s {size} -M do -W 2 {target} || true", ns="cl")
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    return {"sent": int(m[1]), "received": int(m[2])} if m else {"sent": count, "received": -1}
+
+
+def mixed_families(vm_mac: str) -> dict[str, object]:
+    """IPv6 VM over IPv4 nodes (sit) and IPv4 VM over IPv6 nodes (ip6tnl, mode any)."""
+    sh(
+        "ip addr add fd00:7::2/64 dev eth0 nodad; ip -6 route add default via fd00:7::1",
+        ns="cl",
+    )
+    sh(
+        "ip addr add fd00:7::1/64 dev cl0 nodad; ip addr add fd00:9::1/64 dev eth0 nodad",
+        "ip -6 route add fd00:8::/64 via fd00:9::2",
+        ns="src",
+    )
+    tap_mac = sh("cat /sys/class/net/tap0/address", ns="dst").strip()
+    sh(
+        "ip addr add fd00:8::9/64 dev eth0 nodad",
+        "ip -6 route add default via fe80::1 dev eth0",
+        f"ip -6 neigh replace fe80::1 lladdr {tap_mac} dev eth0 nud permanent",
+        ns="vm",
+    )
+    sh(
+        "ip addr add fd00:9::2/64 dev eth0 nodad",
+        "ip -6 route add fd00:7::/64 via fd00:9::1",
+        ns="dst",
+    )
+    out: dict[str, object] = {}
+    cases = (
+        ("v6_in_v4", "fd00:8::9", DST_IP, SRC_IP),
+        ("v4_in_v6", VM_IP, "fd00:9::2", "fd00:9::1"),
+    )
+    for name, vm_s, dst_s, src_s in cases:
+        vm = ipaddress.ip_address(vm_s)
+        dst, src = ipaddress.ip_address(dst_s), ipaddress.ip_address(src_s)
+        with inside("src"):
+            tunnel = SourceTunnel(dst, vm)
+            tunnel.prepare()
+        with inside("dst"):
+            decap = DestDecap("tap0", vm_mac, vm, src)
+            warnings = decap.setup()
+        with inside("src"):
+            tunnel.switch()
+        if vm.version == 6:
+            result = {"ping": ping6(vm_s, 3), "full": ping6(vm_s, 3, size=1452)}
+        else:
+            result = {"ping": ping(vm_s, 3)}
+        with inside("dst"):
+            result["held"] = decap.forwarded()
+            decap.teardown()
+        with inside("src"):
+            tunnel.remove()
+        result.update(devices=[tunnel.ifname], warnings=warnings + tunnel.warnings)
+        out[name] = result
+    return out
 
 
 def main() -> dict[str, object]:
@@ -270,6 +330,7 @@ def main() -> dict[str, object]:
         decap2.teardown()
     with inside("src"):
         tunnel2.remove()
+    facts["mixed"] = mixed_families(vm_mac)
     facts["after"] = {"src": sysctls("src"), "dst": sysctls("dst")}
     facts["before"] = before
     facts["leftovers"] = {"src": leftovers("src"), "dst": leftovers("dst")}

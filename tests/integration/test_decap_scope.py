@@ -87,3 +87,12 @@ def test_nothing_left_after_cleanup(facts):
         assert left["neigh"] == "", left
         assert facts["after"][ns] == facts["before"][ns]
     assert "plug" not in facts["leftovers"]["dst"]["tap_qdisc"]
+
+
+def test_ipv6_over_ipv4_and_ipv4_over_ipv6_work_end_to_end(facts):
+    v6_in_v4, v4_in_v6 = facts["mixed"]["v6_in_v4"], facts["mixed"]["v4_in_v6"]
+    assert v6_in_v4["devices"][0].startswith("kmrs-") and v6_in_v4["warnings"] == []
+    assert v6_in_v4["ping"]["received"] == 3 and v6_in_v4["held"] >= 3, v6_in_v4
+    assert v6_in_v4["full"]["received"] == 3, v6_in_v4  # 1500-byte IPv6 packets through sit
+    assert v4_in_v6["devices"][0].startswith("kmr6-") and v4_in_v6["warnings"] == []
+    assert v4_in_v6["ping"]["received"] == 3 and v4_in_v6["held"] == 3, v4_in_v6
