@@ -398,6 +398,7 @@ class DestDecap:
     rules: list[dict[str, object]] = field(default_factory=list)
     table: int = 0
     rpf_table: int = 0
+    skipped: list[int] = field(default_factory=list)  # inner IP versions not steered
     devices: list[str] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     hold: str = ""
@@ -516,6 +517,7 @@ class DestDecap:
         hold = self.ipr.link_lookup(ifname=self.hold)[0]
         for version in self.versions:
             if version == 6 and not self._ipv6_forwarding(warnings):
+                self.skipped.append(6)
                 continue
             gateway = HOLD_GATEWAY[version]
             self.ipr.neigh(
@@ -537,7 +539,7 @@ class DestDecap:
             )
         for kind, version in self._kinds():
             name = self._device(kind, version)
-            if name not in self.devices:
+            if name not in self.devices or version in self.skipped:
                 continue
             # rp_filter (strict, or loose on an address-less tunnel) would drop the
             # decapsulated packets: the kernel checks their source with a lookup whose
@@ -573,8 +575,16 @@ class DestDecap:
         own.set(f"net.ipv4.conf.{_sysctl_dev(device)}.forwarding", "1")
 
     def _ipv6_forwarding(self, warnings: list[str]) -> bool:
-        """IPv6 forwards only with the node-wide switch on: set it, and say so."""
-        if self.sysctls.set("net.ipv6.conf.all.forwarding", "1"):
+        """IPv6 forwards only with the node-wide switch on: set it for an IPv6 VM (and
+        say so); without -vm-ip, steer IPv6 only where the node forwards it already."""
+        key = "net.ipv6.conf.all.forwarding"
+        if self.vm_ip is None and _sysctl_path(key).read_text().strip() != "1":
+            warnings.append(
+                f"{key} is 0: tunnelled IPv6 packets are not steered (give -vm-ip for an "
+                "IPv6 VM: katamaran then turns IPv6 forwarding on for the hold)"
+            )
+            return False
+        if self.sysctls.set(key, "1"):
             warnings.append(
                 "net.ipv6.conf.all.forwarding was 0: set to 1 for the hold (IPv6 has no "
                 "per-device forwarding switch), restored afterwards"
