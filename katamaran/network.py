@@ -418,9 +418,7 @@ class DestDecap:
         """One warning naming what cannot be scoped, or None when all of it is."""
         missing = []
         if self.source_ip is None:
-            missing.append(
-                "-source-ip not given: packets tunnelled from ANY host (tunl0/sit0/ip6tnl0)"
-            )
+            missing.append("-source-ip not given: packets tunnelled from ANY host (tunl0/sit0)")
         if self.vm_ip is None:
             missing.append("-vm-ip not given: for ANY inner address")
         if not missing:

@@ -164,6 +164,21 @@ def leftovers(ns: str) -> dict[str, object]:
     }
 
 
+def fallback(vm_mac: str, vm: ipaddress.IPv4Address | ipaddress.IPv6Address) -> dict:
+    """Without -source-ip: tunl0 (up already, Calico-style), the rule still `to <vm-ip>`."""
+    with inside("dst"):
+        decap = DestDecap("tap0", vm_mac, vm, None)
+        facts = {"scope": decap.scope(), "warnings": decap.setup(), "devices": list(decap.devices)}
+        echos = in_echos()
+    sh(f"ping -q -c 3 -i 0.2 -W 1 {VM_IP} || true", ns="thr")  # tunl0 takes anyone's
+    sh(f"ping -q -c 3 -i 0.2 -W 1 {OTHER_IP} || true", ns="thr")
+    with inside("dst"):
+        facts["third_to_vm_echos"] = in_echos() - echos
+        decap.teardown()
+    facts["tunl0_up"] = "UP" in sh("ip -br link show tunl0", ns="dst")
+    return facts
+
+
 def ping6(target: str, count: int, size: int = 56) -> dict[str, int]:
     out = sh(f"ping -6 -q -c {count} -i 0.2 -s {size} -M do -W 2 {target} || true", ns="cl")
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
@@ -253,7 +268,7 @@ def main() -> dict[str, object]:
     # scoping: a third host's tunnelled packet, and the source's for another address
     sh(
         f"ip link add t3 type ipip remote 10.9.1.2 local {THIRD_IP}; ip link set t3 up",
-        f"ip addr add 10.7.3.3/32 dev t3; ip route add {VM_IP}/32 dev t3 src 10.7.3.3",
+        "ip addr add 10.7.3.3/32 dev t3; ip route add 10.8.0.0/24 dev t3 src 10.7.3.3",
         ns="thr",
     )
     with inside("dst"):
@@ -330,6 +345,7 @@ def main() -> dict[str, object]:
         decap2.teardown()
     with inside("src"):
         tunnel2.remove()
+    facts["fallback"] = fallback(vm_mac, vm)
     facts["mixed"] = mixed_families(vm_mac)
     facts["after"] = {"src": sysctls("src"), "dst": sysctls("dst")}
     facts["before"] = before

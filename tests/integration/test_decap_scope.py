@@ -96,3 +96,12 @@ def test_ipv6_over_ipv4_and_ipv4_over_ipv6_work_end_to_end(facts):
     assert v6_in_v4["full"]["received"] == 3, v6_in_v4  # 1500-byte IPv6 packets through sit
     assert v4_in_v6["devices"][0].startswith("kmr6-") and v4_in_v6["warnings"] == []
     assert v4_in_v6["ping"]["received"] == 3 and v4_in_v6["held"] == 3, v4_in_v6
+
+
+def test_without_source_ip_the_fallback_is_still_scoped_to_the_vm(facts):
+    fallback = facts["fallback"]
+    assert fallback["scope"].startswith("-source-ip not given: packets tunnelled from ANY host")
+    assert fallback["devices"] == ["tunl0"] and fallback["warnings"] == []
+    # the third host's 3 pings to the VM are steered (that is what cannot be scoped), its
+    # 3 pings to the VM's other address are not; tunl0 stays up (it was up before)
+    assert fallback["third_to_vm_echos"] == 3 and fallback["tunl0_up"]
