@@ -179,6 +179,50 @@ def fallback(vm_mac: str, vm: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
     return facts
 
 
+CHURN_TAP = (
+    "tc qdisc add dev t0 root handle 1: plug limit 1000000",
+    "tc qdisc change dev t0 root handle 1: plug release_indefinite",
+    "sleep 0.1; tc qdisc del dev t0 root; sleep 0.05",
+)
+CHURN_HOLD = (
+    "ip link add kh type veth peer name kp; ip link set kh up; ip link set kp up",
+    "tc qdisc add dev kp ingress",
+    "tc filter add dev kp parent ffff: matchall action mirred egress redirect dev t0",
+    "tc qdisc add dev kh root handle 1: plug limit 1000000",
+    "tc qdisc change dev kh root handle 1: plug release_indefinite",
+    "sleep 0.1; tc qdisc del dev kh root; ip link del kh; sleep 0.05",
+)
+
+
+def churn() -> dict[str, dict[str, int]]:
+    """A 2 ms ping to a "VM" behind a veth "tap" while a plug is installed and removed 30
+    times: as the tap's root qdisc (the old hold) or on a hold veth redirecting into it."""
+    sh("ip netns add ch; ip netns add cv")
+    sh(
+        "ip link set lo up; ip link add t0 type veth peer name e0 netns cv",
+        "ip addr add 10.5.0.1/24 dev t0; ip link set t0 up",
+        ns="ch",
+    )
+    sh("ip addr add 10.5.0.2/24 dev e0; ip link set e0 up", ns="cv")
+    sh("ping -c 1 -W 2 10.5.0.2", ns="ch")
+    out = {}
+    try:
+        for name, steps in (("tap_root_qdisc", CHURN_TAP), ("hold_veth", CHURN_HOLD)):
+            pinger = subprocess.Popen(
+                ["ip", "netns", "exec", "ch", "ping", "-q", "-i", "0.002", "-c", "3000",
+                 "-W", "1", "10.5.0.2"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for _ in range(30):
+                sh(*steps, ns="ch")
+            m = re.search(r"(\d+) packets transmitted, (\d+) received", pinger.communicate()[0])
+            out[name] = {"sent": int(m[1]), "received": int(m[2])} if m else {}
+    finally:
+        sh("ip netns del ch; ip netns del cv", check=False)
+    return out
+
+
 def ping6(target: str, count: int, size: int = 56) -> dict[str, int]:
     out = sh(f"ping -6 -q -c {count} -i 0.2 -s {size} -M do -W 2 {target} || true", ns="cl")
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
@@ -346,6 +390,7 @@ def main() -> dict[str, object]:
     with inside("src"):
         tunnel2.remove()
     facts["fallback"] = fallback(vm_mac, vm)
+    facts["churn"] = churn()
     facts["mixed"] = mixed_families(vm_mac)
     facts["after"] = {"src": sysctls("src"), "dst": sysctls("dst")}
     facts["before"] = before
