@@ -795,13 +795,13 @@ def test_minikube_test_sh_usage_errors(args):
 
 
 def _fake_python(tmp_path: Path) -> dict[str, str]:
-    """A ``python3`` on PATH that prints its args and the keep variable instead of running."""
+    """A python (testenv/lib.sh's KATAMARAN_PYTHON) that prints its args and the keep variable."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "python3"
     fake.write_text('#!/bin/sh\necho "args: $*"\necho "keep: ${KATAMARAN_KEEP_CLUSTER:-unset}"\n')
     fake.chmod(0o755)
-    env = _env(PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    env = _env(KATAMARAN_PYTHON=str(fake))
     env.pop("KATAMARAN_KEEP_CLUSTER", None)
     return env
 

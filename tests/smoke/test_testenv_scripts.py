@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -207,3 +208,89 @@ def test_missing_host_packages_are_named(monkeypatch):
 
     monkeypatch.setattr(node_vm.shutil, "which", which)
     assert "qemu-utils" in node_vm.missing_packages("debian")
+
+
+# --------------------------------------------------------------------------- the .venv
+
+# Every entry point a user or CI runs; each must run the python testenv/lib.sh picks.
+FRONT_ENDS = [p for p in SCRIPTS if p.name not in ("lib.sh", "install-deps.sh")]
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, REPO / ".ci" / "run"], ids=lambda p: p.name)
+def test_no_script_runs_the_system_python(script):
+    """Stock Debian 12 / Ubuntu 24.04 refuse pip into /usr/bin/python3 (PEP 668): .venv only."""
+    text = script.read_text()
+    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    offenders = [line for line in code if re.search(r"(^|[\s;(`])python3?\s+-[mc]\b", line)]
+    assert not offenders, f"{script.name} runs python3 from PATH: {offenders}"
+    assert not [line for line in code if "pip install" in line and "venv_py" not in line]
+
+
+@pytest.mark.parametrize("script", FRONT_ENDS, ids=lambda p: p.name)
+def test_front_ends_source_lib_sh(script):
+    text = script.read_text()
+    assert 'source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"' in text
+    assert "katamaran_python" in text and '"$KATAMARAN_PY"' in text
+
+
+def _copy_checkout(tmp_path: Path) -> Path:
+    """testenv/ alone in a fresh directory: a clone where install-deps.sh has not run."""
+    work = tmp_path / "clone"
+    (work / "testenv").mkdir(parents=True)
+    for script in SCRIPTS:
+        (work / "testenv" / script.name).write_bytes(script.read_bytes())
+    return work
+
+
+def _run_script(work: Path, script: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KATAMARAN_PYTHON"}
+    env.update(env_extra)
+    return subprocess.run(
+        ["bash", str(work / "testenv" / script)],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("script", ["test.sh", "run-tests.sh", "start-node-a.sh", "setup.sh"])
+def test_without_venv_the_scripts_name_install_deps(tmp_path, script):
+    work = _copy_checkout(tmp_path)
+    r = _run_script(work, script, {})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"{work}/.venv/bin/python not found. Run ./testenv/install-deps.sh (as root) first."
+    )
+
+
+def test_scripts_run_the_venv_python_without_activation(tmp_path):
+    work = _copy_checkout(tmp_path)
+    venv_bin = work / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    fake = venv_bin / "python"
+    fake.write_text('#!/bin/sh\necho "venv python: $*"\n')
+    fake.chmod(0o755)
+    r = _run_script(work, "test.sh", {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "venv python: -m pytest tests/smoke\n"
+    r = _run_script(work, "test.sh", {"KATAMARAN_PYTHON": "/bin/echo"})
+    assert r.stdout == "-m pytest tests/smoke\n", "KATAMARAN_PYTHON must win over .venv"
+
+
+def test_ci_builds_the_venv_on_the_system_python():
+    text = (REPO / ".ci" / "run").read_text()
+    assert "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in text
+    assert "unset KATAMARAN_PYTHON KATAMARAN_BASE_PYTHON" in text
+    assert 'if [[ "$base" != /usr ]]' in text
+
+
+def test_install_deps_builds_the_venv_from_the_distribution_python():
+    lib = (REPO / "testenv" / "lib.sh").read_text()
+    assert 'KATAMARAN_BASE_PYTHON="${KATAMARAN_BASE_PYTHON:-/usr/bin/python3}"' in lib
+    text = (REPO / "testenv" / "install-deps.sh").read_text()
+    assert '"$KATAMARAN_BASE_PYTHON" -m venv "$KATAMARAN_VENV"' in text
+    assert "\"$venv_py\" -m pip install -q -e '.[test]'" in text
+    assert "python3-venv" in text
