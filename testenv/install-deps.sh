@@ -54,8 +54,9 @@ if [ ! -e "$KATAMARAN_VENV" ]; then
   "$KATAMARAN_BASE_PYTHON" -m venv "$KATAMARAN_VENV"
 fi
 say "$venv_py -m pip install -e '.[test]'"
+# (pip's status survives the filter: pipefail; the filter drops noise from find-links setups)
 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-  "$venv_py" -m pip install -q -e '.[test]'
+  "$venv_py" -m pip install -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
 "$venv_py" -c "import katamaran, pytest_katamaran.plugin" # fail here, not in the tests
 
 # `katamaran` on PATH for the guide's commands (sudo's secure_path has /usr/local/bin too).
