@@ -570,7 +570,9 @@ def test_bundle_is_self_contained(tmp_path):
     bundle = kube.build_bundle(tmp_path / "b.tgz")
     with tarfile.open(bundle) as tar:
         names = tar.getnames()
-        tar.extractall(tmp_path / "x", filter="data")
+        # filter= is 3.11.4+ (Debian 12 has 3.11.2); the archive is the one built just above
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp_path / "x", **safe)
     for required in ("katamaran/__init__.py", "qemu/qmp/__init__.py", "pyroute2/__init__.py"):
         assert required in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
