@@ -715,8 +715,9 @@ def test_node_checks_run_for_real(tmp_path):
     [
         ("python=3.12\n", None),
         ("python=3.11\n", None),
-        ("python=3.10\n", "python3 on node-b is 3.10; katamaran needs python3 >= 3.11 there"),
-        ("python=none\n", "python3 not found on node-b (katamaran needs python3 >= 3.11 there)"),
+        ("python=3.10\n", None),  # Ubuntu 22.04, the guide's node image
+        ("python=3.9\n", "python3 on node-b is 3.9; katamaran needs python3 >= 3.10 there"),
+        ("python=none\n", "python3 not found on node-b (katamaran needs python3 >= 3.10 there)"),
         ("garbage", "cannot tell python3's version on node-b (output: 'garbage')"),
     ],
 )
