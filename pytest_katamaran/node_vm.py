@@ -73,6 +73,11 @@ RESOURCES = {"debian": (2, 1536), "ubuntu": (2, 4096)}
 BOOT_TIMEOUTS = {"debian": 180.0, "ubuntu": 900.0}
 
 
+def nic_macs(role: str) -> dict[str, str]:
+    """A node's NIC MACs by purpose: the seed's network-config matches NICs by them."""
+    return {"nat": NAT_MACS[role], "private": PRIVATE_MACS[role]}
+
+
 def _stderr_progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -548,6 +553,7 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
             hostname=f"node-{role}",
             authorized_keys=[pubkey],
             private_ip=f"{PRIVATE_IPS[role]}/{PRIVATE_PREFIX}",
+            nic_macs=nic_macs(role),
         )
         say(f"    {_display(env.seed(role))}")
     manifest = {"image": image.to_dict(), "accel": accel}

@@ -153,6 +153,7 @@ def test_seed_iso_holds_the_guide_user(tmp_path):
         hostname="node-b",
         authorized_keys=["ssh-rsa AAAA test"],
         private_ip="10.0.0.2/24",
+        nic_macs=node_vm.nic_macs("b"),
     )
     iso = pycdlib.PyCdlib()
     iso.open(str(iso_path))
@@ -172,7 +173,31 @@ def test_seed_iso_holds_the_guide_user(tmp_path):
     assert user["ssh_authorized_keys"] == ["ssh-rsa AAAA test"]
     assert {"name": "ubuntu", "password": "ubuntu", "type": "text"} in data["chpasswd"]["users"]
     assert "local-hostname: node-b" in files["meta-data"]
-    assert '"10.0.0.2/24"' in files["network-config"] and "enp0s4" in files["network-config"]
+    net = files["network-config"]
+    assert '"10.0.0.2/24"' in net and "@" not in net
+    # matched by the MAC the QEMU command line gives each NIC, renamed to the guide's names
+    private = net[net.index("  private:") :]
+    assert 'macaddress: "52:54:00:12:35:0b"' in private and "set-name: enp0s4" in private
+    nat = net[net.index("  nat:") : net.index("  private:")]
+    assert 'macaddress: "52:54:00:12:34:0b"' in nat and "set-name: enp0s3" in nat
+    keys = [line.strip() for line in net.splitlines() if not line.lstrip().startswith("#")]
+    assert "enp0s3:" not in keys and "ens3:" not in keys, "NICs must not be matched by name"
+
+
+def test_network_config_macs_are_the_ones_on_the_qemu_command_line(tmp_path):
+    for role in ("a", "b"):
+        argv = " ".join(node_argv(_spec(tmp_path, role)))
+        for mac in node_vm.nic_macs(role).values():
+            assert f"mac={mac}," in argv
+
+
+@pytest.mark.parametrize(
+    "macs",
+    [{"nat": "52:54:00:12:34:0a"}, {"nat": "52:54:00:12:34:0a", "private": "52-54-00-12-35-0a"}],
+)
+def test_network_config_rejects_bad_macs(macs):
+    with pytest.raises(ValueError, match="^nic_macs must map nat and private"):
+        seed.render_network_config("10.0.0.1/24", macs)
 
 
 def _load_node_cloudinit():
