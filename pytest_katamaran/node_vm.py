@@ -44,7 +44,7 @@ from pytest_katamaran.nodeimage import (
     create_overlay,
     image_from_dict,
     is_current,
-    overlay_backing,
+    overlay_fits,
 )
 
 Progress = Callable[[str], None]
@@ -536,7 +536,7 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
     say("==> COW overlays")
     for role in ROLES:
         disk = env.disk(role)
-        if disk.exists() and overlay_backing(disk) == str(image.disk_base):
+        if disk.exists() and overlay_fits(disk, image):
             say(f"    {_display(disk)} kept (backing {image.disk_base.name})")
         else:
             create_overlay(image, disk)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -319,3 +320,46 @@ def test_install_deps_builds_the_venv_from_the_distribution_python():
     assert '"$KATAMARAN_BASE_PYTHON" -m venv "$KATAMARAN_VENV"' in text
     assert "\"$venv_py\" -m pip install -q -e '.[test]'" in text
     assert "python3-venv" in text
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def _virtual_size(path: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return json.loads(out)["virtual-size"]
+
+
+def test_ubuntu_overlay_is_grown_to_fit_kata_containerd_and_k3s(tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    base = tmp_path / "jammy.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    image = UbuntuImage(base=base)
+    disk = nodeimage.create_overlay(image, tmp_path / "node-a.qcow2")
+    assert _virtual_size(disk) == nodeimage.UBUNTU_OVERLAY_GIB << 30
+    assert nodeimage.overlay_fits(disk, image)
+    small = tmp_path / "old-node-a.qcow2"  # an overlay from before: too small, made anew
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(small)],
+        check=True,
+    )
+    assert not nodeimage.overlay_fits(small, image)
+
+
+def test_debian_overlay_keeps_the_scratch_size(tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    scratch = tmp_path / "scratch.raw"
+    scratch.write_bytes(b"")
+    os.truncate(scratch, 8 << 20)
+    image = _spec(tmp_path, "a").image
+    image = DebianImage(**{**image.__dict__, "scratch_base": scratch})
+    disk = nodeimage.create_overlay(image, tmp_path / "node-a.qcow2")
+    assert _virtual_size(disk) == 8 << 20 and nodeimage.overlay_fits(disk, image)
