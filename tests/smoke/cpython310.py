@@ -148,11 +148,22 @@ def prepare(cache: Path | None = None) -> Path:
     return root
 
 
-def run_pytest(root: Path, repo: Path, pytest_args: list[str], timeout: float = 600):
-    """Run pytest on CPython 3.10 (wasm) over this checkout; the CompletedProcess."""
-    purelib = sysconfig.get_paths()["purelib"]  # pytest, qemu.qmp, pyroute2 (pure Python)
+def run_pytest(
+    root: Path,
+    repo: Path,
+    pytest_args: list[str],
+    first: list[Path] | None = None,
+    timeout: float = 600,
+):
+    """Run pytest on CPython 3.10 (wasm) in ``repo``; the CompletedProcess.
+
+    ``first`` goes ahead on sys.path (default: the checkout), then pytest's backports and
+    this interpreter's pure-Python packages (pytest; qemu.qmp and pyroute2 for the core).
+    """
+    purelib = sysconfig.get_paths()["purelib"]
+    path = [HOST + str(p) for p in (first if first is not None else [repo])]
     args = {
-        "path": [HOST + str(repo), HOST + str(root / "backports"), HOST + purelib],
+        "path": [*path, HOST + str(root / "backports"), HOST + purelib],
         "absent": ABSENT,
         "cwd": HOST + str(repo),
         "pytest": [

@@ -710,6 +710,25 @@ def test_node_checks_run_for_real(tmp_path):
     assert prereq.kata_node_reason("node-a", out) is None
 
 
+def test_zipapp_runs_with_nothing_but_python(tmp_path):
+    """The guide's "copy the binary": katamaran.pyz runs with its deps from inside itself."""
+    app = kube.build_zipapp(tmp_path / "katamaran.pyz")
+    env = {"PATH": os.environ.get("PATH", "")}
+    # -I -S: no site-packages, no PYTHONPATH: everything must come from the archive
+    r = _run([sys.executable, "-I", "-S", str(app), "-mode", "bogus"], cwd=tmp_path, env=env)
+    assert r.returncode == 2 and 'invalid mode "bogus"' in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    where = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import katamaran.dest, qemu.qmp, pyroute2;"
+    )
+    where += "print(katamaran.dest.__file__, qemu.qmp.__file__, pyroute2.__file__)"
+    r = _run([sys.executable, "-I", "-S", "-c", where, str(app)], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert all(f.startswith(f"{app}/") for f in r.stdout.split()), r.stdout
+    r = _run([str(app), "--version"], cwd=tmp_path, env=env)  # #!/usr/bin/env python3
+    assert r.returncode == 0 and r.stdout.startswith("katamaran "), r.stdout + r.stderr
+
+
 @pytest.mark.parametrize(
     ("output", "expected"),
     [

@@ -83,11 +83,15 @@ def test_pyproject_says_310():
     assert re.search(r'^target-version = "py310"', text, re.M)
 
 
-def test_core_logic_on_a_real_cpython_310():
+def _cpython310() -> Path:
     try:
-        root = cpython310.prepare()
+        return cpython310.prepare()
     except cpython310.Unavailable as why:
         pytest.skip(f"no CPython 3.10 here: {why}")
+
+
+def test_core_logic_on_a_real_cpython_310():
+    root = _cpython310()
     # the unix-socket test needs AF_UNIX, which wasm has not; everything else runs
     r = cpython310.run_pytest(
         root, REPO, ["-q", "tests/smoke/test_core_logic.py", "-k", "not never_greets"]
@@ -97,3 +101,36 @@ def test_core_logic_on_a_real_cpython_310():
     assert r.returncode == 0, out
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) >= 10, out
+
+
+_ZIPAPP_TEST = """
+import sys
+
+
+def test_the_zipapp_imports_and_parses_on_310():
+    import katamaran.cli, katamaran.dest, katamaran.source, pyroute2, qemu.qmp
+
+    app = {app!r}
+    for module in (katamaran.dest, katamaran.source, pyroute2, qemu.qmp):
+        assert module.__file__.startswith(app + "/"), module.__file__
+    assert sys.version_info[:2] == (3, 10)
+    assert katamaran.cli.main(["-mode", "bogus"]) == 2
+    argv = ["-mode", "source", "-dest-ip", "fd00::2", "-vm-ip", "10.1.1.1"]
+    assert str(katamaran.cli.parse_args(argv).dest_ip) == "fd00::2"
+"""
+
+
+def test_zipapp_on_a_real_cpython_310(tmp_path):
+    """katamaran.pyz, as copied to an Ubuntu 22.04 node, imports everything from itself."""
+    from pytest_katamaran.kube import build_zipapp
+
+    root = _cpython310()
+    app = build_zipapp(tmp_path / "katamaran.pyz")
+    test = tmp_path / "test_zipapp310.py"
+    test.write_text(_ZIPAPP_TEST.format(app=cpython310.HOST + str(app)))
+    r = cpython310.run_pytest(
+        root, tmp_path, ["-q", "-W", "ignore::DeprecationWarning", test.name], first=[app]
+    )
+    out = r.stdout + r.stderr
+    assert "cpython 3.10." in r.stdout and r.returncode == 0, out
+    assert "1 passed" in r.stdout, out
