@@ -18,7 +18,7 @@ import sysconfig
 import tarfile
 from pathlib import Path
 
-from pytest_katamaran.guest import cache_root
+from pytest_katamaran.guest import _locked, cache_root  # the cache's one flock helper
 
 PYODIDE = "0.22.1"  # the last release on CPython 3.10 (0.23 moved to 3.11)
 # pytest's backports below 3.11 (pure Python), from PyPI
@@ -124,27 +124,37 @@ def prepare(cache: Path | None = None) -> Path:
         if shutil.which(tool) is None:
             raise Unavailable(f"`{tool}` not found (apt-get install nodejs npm)")
     root = cache_root(cache) / f"cpython310-pyodide-{PYODIDE}"
-    package = root / "package"
-    if not (package / "pyodide.asm.wasm").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        out = _run(
-            ["npm", "pack", "--silent", f"pyodide@{PYODIDE}", "--pack-destination", str(root)],
-            f"npm pack pyodide@{PYODIDE}",
-        )
-        tgz = root / out.strip().splitlines()[-1]
-        with tarfile.open(tgz) as tar:
-            tar.extractall(root)  # the npm registry's own tarball of files, no links
-        tgz.unlink()
-    site = root / "backports"
-    done = site / ".installed"
-    if not done.is_file() or done.read_text() != " ".join(BACKPORTS):
-        shutil.rmtree(site, ignore_errors=True)
-        _run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
-            + BACKPORTS,
-            f"pip install --target {site} {' '.join(BACKPORTS)}",
-        )
-        done.write_text(" ".join(BACKPORTS))
+    with _locked(root.with_name(root.name + ".lock")):  # xdist workers share the cache
+        package = root / "package"
+        if not (package / "pyodide.asm.wasm").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            out = _run(
+                ["npm", "pack", "--silent", f"pyodide@{PYODIDE}", "--pack-destination", str(root)],
+                f"npm pack pyodide@{PYODIDE}",
+            )
+            tgz = root / out.strip().splitlines()[-1]
+            unpack = root / "unpack"  # renamed whole: an interrupted unpack is redone
+            shutil.rmtree(unpack, ignore_errors=True)
+            with tarfile.open(tgz) as tar:
+                tar.extractall(unpack)  # the npm registry's own tarball of files, no links
+            shutil.rmtree(package, ignore_errors=True)
+            (unpack / "package").rename(package)
+            shutil.rmtree(unpack)
+            tgz.unlink()
+        site = root / "backports"
+        done = site / ".installed"
+        if not done.is_file() or done.read_text() != " ".join(BACKPORTS):
+            shutil.rmtree(site, ignore_errors=True)
+            _run(
+                [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
+                + BACKPORTS,
+                f"pip install --target {site} {' '.join(BACKPORTS)}",
+            )
+            done.write_text(" ".join(BACKPORTS))
+        for name, text in (("run.js", _RUNNER_JS), ("boot.py", _BOOT_PY)):
+            path = root / name
+            if not path.is_file() or path.read_text() != text:  # others may be running it
+                path.write_text(text)
     return root
 
 
@@ -184,10 +194,7 @@ def run_pytest(
             *pytest_args,
         ],
     }
-    runner = root / "run.js"
-    boot = root / "boot.py"
-    runner.write_text(_RUNNER_JS)
-    boot.write_text(_BOOT_PY)
+    runner, boot = root / "run.js", root / "boot.py"
     return subprocess.run(
         ["node", str(runner), str(root / "package"), json.dumps(args), str(boot)],
         capture_output=True,
