@@ -37,8 +37,8 @@ trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
 
-# The venv must run and be built on $KATAMARAN_BASE_PYTHON; anything else (a copied
-# checkout, a venv made by pyenv's python, a removed interpreter) is rebuilt.
+# The venv must run and be built on $KATAMARAN_BASE_PYTHON; anything else (a broken
+# venv, one made by pyenv's python, one whose interpreter was removed) is rebuilt.
 venv_py="$KATAMARAN_VENV/bin/python"
 where='import sys; print(sys.base_prefix, "%d.%d" % sys.version_info[:2])'
 want="$("$KATAMARAN_BASE_PYTHON" -c "$where")"
