@@ -8,6 +8,7 @@ real migrations in the one-machine lab (pytest_katamaran/locallab.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import shutil
 import signal
@@ -22,7 +23,8 @@ import pytest
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
 from pytest_katamaran.hostlab import IFA_F_NODAD, ipr, run_in_netns
-from pytest_katamaran.locallab import qmp
+from pytest_katamaran.locallab import qmp, wait_for_text
+from pytest_katamaran.sandbox import Sandbox
 
 SOURCE = "127.0.0.2"
 STRANGER = "127.0.0.1"
@@ -308,8 +310,13 @@ def test_tls_migration_nbd_and_ram(rig_factory, tmp_path):
     certs = make_certs(tmp_path)
     rig = rig_factory()
     rig.up()
-    dest = rig.start_dest("-tls", "-tls-dir", str(certs), "-source-ip", "10.0.0.1")
-    assert "(TLS)" in rig.log("dest.log")
+    dest = rig.start_dest(
+        "-tls", "-tls-dir", str(certs), "-source-ip", "10.0.0.1", "-listen-ip", DEST
+    )
+    log = rig.log("dest.log")
+    assert "NBD on 10.0.0.2:10809, incoming migration on 10.0.0.2:4444 (TLS)" in log, log
+    listening = tcp_listeners(rig, "b")
+    assert "10.0.0.2:10809 " in listening and "10.0.0.2:4444 " in listening, listening
     source = rig.start_source(DEST, "-tls", "-tls-dir", str(certs))
     migrated(rig, source, dest)
     # The destination accepts only a TLS handshake with -tls: the stream was TLS.
@@ -338,3 +345,35 @@ def test_source_without_tls_fails_cleanly_against_tls_destination(rig_factory, t
     assert qmp(rig.dst.qmp_path, "query-block-exports") == []
     assert katamaran_state_left(rig.dst.qmp_path) == []
     no_listener_left(rig, 4444, 10809)
+
+
+@pytest.mark.qemu
+def test_two_destinations_on_one_node_on_different_ports(rig_factory, tmp_path):
+    """A second waiting destination (default ports) beside a migration on 10810/4445."""
+    rig = rig_factory()
+    rig.up()
+    assert rig.dst.spec is not None
+    disk2 = tmp_path / "dst2.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk2, "64M"], check=True)
+    spec2 = dataclasses.replace(rig.dst.spec, tap=None, run_dir=tmp_path / "c", disk=disk2)
+    second = Sandbox()
+    try:
+        second.start(spec2, netns=rig.lab.b.netns)
+        waiting = rig.katamaran("b", "-mode", "dest", "-qmp", str(second.qmp_path), log="d2.log")
+        wait_for_text(tmp_path / "d2.log", "destination ready", 60, waiting)
+        ports = ("-nbd-port", "10810", "-migration-port", "4445")
+        dest = rig.start_dest(*ports)
+        listening = tcp_listeners(rig, "b")
+        for port in (10809, 4444, 10810, 4445):
+            assert f":{port} " in listening, listening
+        source = rig.start_source(DEST, *ports)
+        migrated(rig, source, dest)
+        assert "migrating RAM to 10.0.0.2:4445" in rig.log("source.log")
+        no_listener_left(rig, 10810, 4445)
+        listening = tcp_listeners(rig, "b")
+        assert ":10809 " in listening and ":4444 " in listening, "the other destination lost"
+        waiting.send_signal(signal.SIGTERM)
+        assert rig.finish(waiting) == 130, rig.log("d2.log")
+        no_listener_left(rig, 10809, 4444)
+    finally:
+        second.stop()
