@@ -273,7 +273,10 @@ def test_source_ip_gives_other_hosts_no_nbd_greeting(rig_factory):
     no_listener_left(rig, 4444, 10809)
 
 
-def make_certs(tmp: Path) -> Path:
+SERVER_SAN = "IP:10.0.0.2,IP:fd00:10::2"
+
+
+def make_certs(tmp: Path, server_san: str = SERVER_SAN) -> Path:
     """A CA, a server certificate naming the destination's addresses, a client certificate."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -288,7 +291,7 @@ def make_certs(tmp: Path) -> Path:
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kmr-ca",
         "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
     )  # fmt: skip
-    for role, san in (("server", "IP:10.0.0.2,IP:fd00:10::2"), ("client", "IP:10.0.0.1")):
+    for role, san in (("server", server_san), ("client", "IP:10.0.0.1")):
         run(
             "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=kmr-{role}",
             "-keyout", f"{role}-key.pem", "-out", f"{role}.csr",
@@ -327,19 +330,33 @@ def test_tls_migration_nbd_and_ram(rig_factory, tmp_path):
 
 
 @pytest.mark.qemu
-def test_source_without_tls_fails_cleanly_against_tls_destination(rig_factory, tmp_path):
-    certs = make_certs(tmp_path)
+@pytest.mark.parametrize(
+    ("dest_tls", "source_tls", "server_san", "error"),
+    [
+        (True, False, SERVER_SAN, "TLS negotiation required before option 7 (go)"),
+        (False, True, SERVER_SAN, "Denied by server for option 5 (starttls)"),
+        (True, True, "IP:10.9.9.9", "does not match"),
+    ],
+    ids=["plain-source", "plain-dest", "wrong-server-name"],
+)
+def test_tls_mismatch_fails_cleanly_and_source_keeps_running(
+    rig_factory, tmp_path, dest_tls, source_tls, server_san, error
+):
+    certs = make_certs(tmp_path, server_san)
     rig = rig_factory()
     rig.up()
-    dest = rig.start_dest("-tls", "-tls-dir", str(certs))
-    source = rig.start_source()
+    tls = ("-tls", "-tls-dir", str(certs))
+    dest = rig.start_dest(*(tls if dest_tls else ()))
+    source = rig.start_source(DEST, *(tls if source_tls else ()))
     rc = rig.finish(source)
     log = rig.log("source.log")
     assert rc == 1, log
     errors = [line for line in log.splitlines() if "error:" in line]
     assert len(errors) == 1 and "drive-mirror failed" in errors[0], log
+    assert error in errors[0], log
     assert "Traceback" not in log
     assert rig.status(rig.src) == "running"
+    assert katamaran_state_left(rig.src.qmp_path) == []
     dest.send_signal(signal.SIGTERM)
     assert rig.finish(dest) == 130, rig.log("dest.log")
     assert qmp(rig.dst.qmp_path, "query-block-exports") == []
