@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -280,11 +281,11 @@ class DestMigration:
     async def _wait_resume(self, mark: int) -> None:
         """Wait for RESUME while the migration listener accepts (and rejects) connections."""
         waiter = asyncio.create_task(self._wait_resume_events(mark))
-        tasks: set[asyncio.Task[object]] = {waiter}  # type: ignore[arg-type]
+        tasks: list[asyncio.Task[Any]] = [waiter]
         if self.incoming:
-            tasks.add(asyncio.create_task(self.incoming.accept_stream(self._hand_over)))
+            tasks.append(asyncio.create_task(self.incoming.accept_stream(self._hand_over)))
         try:
-            pending = tasks
+            pending: set[asyncio.Task[Any]] = set(tasks)
             while waiter in pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

@@ -22,7 +22,7 @@ import pytest
 
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
-from pytest_katamaran.hostlab import IFA_F_NODAD, ipr, run_in_netns
+from pytest_katamaran.hostlab import run_in_netns
 from pytest_katamaran.locallab import qmp, wait_for_text
 from pytest_katamaran.sandbox import Sandbox
 
@@ -242,33 +242,49 @@ def test_scanners_on_both_ports_do_not_disturb_the_wait(rig_factory):
 
 
 @pytest.mark.qemu
-def test_source_ip_gives_other_hosts_no_nbd_greeting(rig_factory):
-    """With -source-ip a second address on node a gets no SYN-ACK on either port."""
+@pytest.mark.parametrize(
+    ("source_ip", "dest_ip"),
+    [("10.0.0.1", DEST), ("fd00:10::1", "fd00:10::2")],
+    ids=["ipv4", "ipv6"],
+)
+def test_source_ip_gives_other_hosts_no_nbd_greeting(rig_factory, source_ip, dest_ip):
+    """With -source-ip other addresses on node a (v4 and v6) get no SYN-ACK on either port."""
     rig = rig_factory()
     rig.up()
-    with ipr(rig.lab.a.netns) as ip:
-        index = ip.link_lookup(ifname=rig.lab.a.ifname)[0]
-        ip.addr("add", index=index, address="10.0.0.3", prefixlen=24)
-        ip.addr("add", index=index, address="fd00:10::3", prefixlen=64, flags=IFA_F_NODAD)
-    dest = rig.start_dest("-source-ip", "10.0.0.1")
+    # Strangers on node a.  The IPv6 one is deprecated (preferred_lft 0) so that the
+    # kernel never picks it as the source's own address; bound explicitly it still works.
+    link = rig.lab.a.ifname
+    for cmd in (
+        ["ip", "addr", "add", "10.0.0.3/24", "dev", link],
+        ["ip", "addr", "add", "fd00:10::3/64", "dev", link, "nodad", "preferred_lft", "0"],
+    ):
+        rig.lab.run("a", cmd, check=True)
+    dest = rig.start_dest("-source-ip", source_ip)
     log = rig.log("dest.log")
     assert "open to any host" not in log, log
-    assert "only for 10.0.0.1" in log, log
+    assert f"only for {source_ip}" in log, log
 
     def probe() -> dict[str, tuple[str, bytes]]:
         found = {}
         for port in (10809, 4444):
             found[f"10.0.0.3:{port}"] = connect_from("10.0.0.3", DEST, port, send=b"QEVM")
             found[f"fd00:10::3:{port}"] = connect_from("fd00:10::3", "fd00:10::2", port)
-        # Control: the source's own address is answered (so a timeout above is the filter).
-        found["control"] = connect_from("10.0.0.1", DEST, 10809)
+        other = "fd00:10::1" if ":" not in source_ip else "10.0.0.1"  # same host, other family
+        other_dest = "fd00:10::2" if ":" in other else DEST
+        found[f"{other}:10809"] = connect_from(other, other_dest, 10809)
+        # Controls: the source's own address is answered, and the strangers reach node b
+        # (a closed port answers them with a reset), so a timeout above is the filter.
+        found["control"] = connect_from(source_ip, dest_ip, 10809)
+        found["path4"] = connect_from("10.0.0.3", DEST, 9)
+        found["path6"] = connect_from("fd00:10::3", "fd00:10::2", 9)
         return found
 
     found = run_in_netns(rig.lab.a.netns, probe)
     control = found.pop("control")
     assert control[0] == "connected" and control[1].startswith(b"NBDMAGIC"), control
+    assert found.pop("path4") == found.pop("path6") == ("refused", b"")
     assert found == dict.fromkeys(found, ("timeout", b"")), found
-    source = rig.start_source()
+    source = rig.start_source(dest_ip)
     migrated(rig, source, dest)
     no_listener_left(rig, 4444, 10809)
 
