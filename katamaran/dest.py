@@ -97,7 +97,7 @@ class DestMigration:
         if status != "inmigrate":
             raise KatamaranError(
                 f"QEMU at {self.mon.path} is {status}, not waiting for an incoming migration "
-                "(start the destination QEMU with -incoming defer or -incoming tcp:...)"
+                "(start the destination QEMU with -incoming defer)"
             )
         exports = await self.mon.execute("query-block-exports")
         if any(e["id"] == EXPORT_ID for e in exports):
