@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from katamaran.config import host_port
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
 from pytest_katamaran.hostlab import run_in_netns
@@ -325,21 +326,27 @@ def make_certs(tmp: Path, server_san: str = SERVER_SAN) -> Path:
 
 
 @pytest.mark.qemu
-def test_tls_migration_nbd_and_ram(rig_factory, tmp_path):
+@pytest.mark.parametrize(
+    ("source_ip", "dest_ip"),
+    [("10.0.0.1", DEST), ("fd00:10::1", "fd00:10::2")],
+    ids=["ipv4", "ipv6"],
+)
+def test_tls_migration_nbd_and_ram(rig_factory, tmp_path, source_ip, dest_ip):
+    """Both streams over TLS, restricted to the source and bound to one address."""
     certs = make_certs(tmp_path)
     rig = rig_factory()
     rig.up()
-    dest = rig.start_dest(
-        "-tls", "-tls-dir", str(certs), "-source-ip", "10.0.0.1", "-listen-ip", DEST
-    )
+    tls = ("-tls", "-tls-dir", str(certs))
+    dest = rig.start_dest(*tls, "-source-ip", source_ip, "-listen-ip", dest_ip)
+    nbd, mig = host_port(dest_ip, 10809), host_port(dest_ip, 4444)
     log = rig.log("dest.log")
-    assert "NBD on 10.0.0.2:10809, incoming migration on 10.0.0.2:4444 (TLS)" in log, log
+    assert f"NBD on {nbd}, incoming migration on {mig} (TLS)" in log, log
     listening = tcp_listeners(rig, "b")
-    assert "10.0.0.2:10809 " in listening and "10.0.0.2:4444 " in listening, listening
-    source = rig.start_source(DEST, "-tls", "-tls-dir", str(certs))
+    assert f"{nbd} " in listening and f"{mig} " in listening, listening
+    source = rig.start_source(dest_ip, *tls)
     migrated(rig, source, dest)
     # The destination accepts only a TLS handshake with -tls: the stream was TLS.
-    assert "migration stream from 10.0.0.1 handed to QEMU" in rig.log("dest.log")
+    assert f"migration stream from {source_ip} handed to QEMU" in rig.log("dest.log")
     assert katamaran_state_left(rig.src.qmp_path) == []
     assert katamaran_state_left(rig.dst.qmp_path) == []
     no_listener_left(rig, 4444, 10809)
