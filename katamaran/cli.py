@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, config
+from . import __version__, config, listener, tls
 from .config import Config
 from .errors import Aborted, KatamaranError, UsageError
 from .progress import Progress
@@ -210,6 +210,14 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError(f"-nbd-port and -migration-port must differ (both {nbd_port})")
     if args.mode == "source" and (dest_ip is None or vm_ip is None):
         raise UsageError("-dest-ip and -vm-ip are required for source mode")
+    if args.mode == "source" and (source_ip is not None or listen_ip is not None):
+        raise UsageError("-source-ip and -listen-ip are destination flags (-mode dest)")
+    if source_ip is not None and listen_ip is not None:
+        if listener.plain(source_ip).version != listener.plain(listen_ip).version:
+            raise UsageError(
+                f"-source-ip {source_ip} can never reach -listen-ip {listen_ip} "
+                "(give both as IPv4 or both as IPv6)"
+            )
     if not args.qmp:
         raise UsageError("-qmp must name the QMP socket")
     if not args.shared_storage and not args.drive_id:
@@ -218,7 +226,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError(
             f"invalid -copy-mode \"{args.copy_mode}\" (must be 'background' or 'write-blocking')"
         )
-    return Config(
+    cfg = Config(
         mode=args.mode,
         qmp=Path(args.qmp),
         tap=args.tap,
@@ -242,6 +250,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         tls=args.tls,
         tls_dir=Path(args.tls_dir),
     )
+    tls.check_files(cfg)
+    return cfg
 
 
 async def run(cfg: Config, progress: Progress) -> None:

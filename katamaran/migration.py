@@ -1,9 +1,8 @@
-"""QMP steps both sides share: capabilities, stale-state checks, listener addresses."""
+"""QMP steps both sides share: capabilities, parameters, state checks."""
 
 from __future__ import annotations
 
 from .config import Config
-from .errors import KatamaranError, QMPCommandError
 from .qmp import Monitor
 
 # Both sides get the same list: QEMU requires matching capabilities for some of them,
@@ -47,18 +46,3 @@ async def tcg_dirty_tracking_is_reliable(mon: Monitor) -> bool:
 
 async def vm_status(mon: Monitor) -> str:
     return (await mon.execute("query-status"))["status"]
-
-
-async def listen(mon: Monitor, command: str, make_args: object, what: str) -> str:
-    """Listen on all addresses (`::`), falling back to IPv4 where IPv6 is disabled."""
-    last: QMPCommandError | None = None
-    for host in ("::", "0.0.0.0"):
-        try:
-            await mon.execute(command, make_args(host))  # type: ignore[operator]
-            return host
-        except QMPCommandError as err:
-            last = err
-            if "Address already in use" in err.desc:
-                break
-    assert last is not None
-    raise KatamaranError(f"{what}: {last.desc}")

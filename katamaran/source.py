@@ -36,6 +36,7 @@ from .network import NetworkUnavailable, SourceTunnel, netlink
 from .progress import Progress, mib
 from .qmp import Event, Monitor, migration_status, named
 from .tapqueue import TapQueues, TapQueueUnavailable
+from .tls import TLSCreds
 
 JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
@@ -97,6 +98,7 @@ class SourceMigration:
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
         self.saved_params: dict[str, int] = {}  # migration parameters eased for the drain
+        self.tls: TLSCreds | None = None
 
     async def run(self) -> Summary:
         try:
@@ -105,6 +107,9 @@ class SourceMigration:
             self._watch_taps()
             await migration.set_capabilities(self.mon)
             await migration.set_parameters(self.mon, self.cfg)
+            if self.cfg.tls:
+                self.tls = TLSCreds(self.mon, self.cfg)
+                await self.tls.add()
             await self._take_switchover_decision()
             if not self.cfg.shared_storage:
                 await self._mirror()
@@ -234,6 +239,7 @@ class SourceMigration:
                     "node-name": NBD_NODE,
                     "server": {"type": "fd", "str": "katamaran-nbd"},
                     "export": self.cfg.drive_id,
+                    **(self.tls.nbd_client_options() if self.tls else {}),
                 },
             )
             self.nbd_added = True
@@ -526,6 +532,8 @@ class SourceMigration:
             steps.append(lambda: self._cancel_job(force=True))
         if self.nbd_added:
             steps.append(self._drop_nbd_node)
+        if self.tls:
+            steps.append(self.tls.remove)
         for step in steps:
             try:
                 await step()
