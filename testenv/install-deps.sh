@@ -15,6 +15,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping procps    # namespaces, the zero-drop ping
   openssh-client openssh-server   # SSH into the lab nodes (sshd runs only inside nodes)
   sudo e2fsprogs util-linux       # what the node VMs run from the host root
+  openssl                         # the TLS tests make their own x509 certificates
   python3 python3-venv            # the project's .venv (pip comes with it)
 )
 LINK=/usr/local/bin/katamaran
