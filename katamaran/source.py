@@ -134,6 +134,7 @@ class SourceMigration:
         self.stopped_by: str | None = None  # a run state that paused the VM, not us
         self.deadline = 0.0
         self.hold_cut = asyncio.Event()
+        self.nbd_sock: socket.socket | None = None
         self.job = f"{JOB_PREFIX}-{cfg.drive_id}"
         self.tunnel: SourceTunnel | None = None
         self.mirror_started = False
@@ -355,10 +356,10 @@ class SourceMigration:
     async def _mirror(self) -> None:
         sock = connect_to(self.cfg, self.cfg.nbd_port, "drive-mirror failed", self.mon.timeout)
         self.pending_fds.add(NBD_FD)
-        try:
-            await self.mon.send_socket(NBD_FD, sock)
-        finally:
-            sock.close()  # QEMU holds its own copy now
+        # Kept (QEMU has its own copy): shutting it down is the one way to end NBD
+        # requests stuck on a hung destination, which QEMU would otherwise wait out.
+        self.nbd_sock = sock
+        await self.mon.send_socket(NBD_FD, sock)
         try:
             await self.mon.execute(
                 "blockdev-add",
@@ -511,9 +512,27 @@ class SourceMigration:
         return False
 
     async def _check_stop(self) -> None:
-        """A STOP is the switchover only if QEMU's migration paused the VM."""
-        status = await migration.vm_status(self.mon)
+        """A STOP is the switchover only if QEMU's migration paused the VM.
+
+        QEMU drains every disk while it pauses the VM, holding its main loop: a mirror
+        write stuck on a hung destination holds QEMU (and the paused VM) as long as TCP
+        does.  If QEMU does not answer within -switchover-timeout, katamaran cuts its
+        NBD connection: the stuck writes fail, QEMU fails the migration, the source runs.
+        """
+        try:
+            status = await asyncio.wait_for(
+                migration.vm_status(self.mon), self.cfg.switchover_timeout
+            )
+        except TimeoutError:
+            self.phase = Phase.SWITCHOVER
+            self._cut_nbd()
+            raise KatamaranError(
+                f"QEMU did not answer within {self.cfg.switchover_timeout:g}s of pausing the "
+                "VM (-switchover-timeout): its last disk writes to the destination are stuck; "
+                "NBD connection cut so that the migration fails and the source runs again"
+            ) from None
         if status in SWITCHOVER_STATES:
+            self.phase = Phase.SWITCHOVER
             return
         self.stopped_by = status
         cause = STOP_CAUSES.get(status, "something else")
@@ -566,6 +585,7 @@ class SourceMigration:
             # The VM is paused: this wait is downtime, so it has its own short bound.
             event = await self.mon.wait_event(ended, self.cfg.switchover_timeout, mark)
         except TimeoutError:
+            self._cut_nbd()  # so the stuck drain ends now and the cancel can resume the VM
             raise KatamaranError(
                 f"the paused mirror drain of job {self.job} did not finish within "
                 f"{self.cfg.switchover_timeout:g}s (-switchover-timeout); cancelling the "
@@ -702,8 +722,18 @@ class SourceMigration:
 
     async def _cancel_job(self, force: bool) -> None:
         mark = self.mon.mark()
-        await self.mon.execute("block-job-cancel", {"device": self.job, "force": force})
+        try:
+            await self.mon.execute("block-job-cancel", {"device": self.job, "force": force})
+        except QMPCommandError as err:
+            if "not found" in err.desc:
+                return  # ended by itself (an error on the target): nothing to cancel
+            raise
         ended = named(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), device=self.job)
+        try:
+            await self.mon.wait_event(ended, self.cfg.switchover_timeout, mark)
+            return
+        except TimeoutError:
+            self._cut_nbd()  # requests stuck on a hung destination would hold the cancel
         try:
             await self.mon.wait_event(ended, self.mon.timeout, mark)
         except TimeoutError:
@@ -723,6 +753,13 @@ class SourceMigration:
         self.saved = None
         if self.lock:
             self.lock.clear_state()
+
+    def _cut_nbd(self) -> None:
+        if self.nbd_sock is not None:
+            try:
+                self.nbd_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already disconnected
 
     async def _close_pending_fds(self) -> None:
         for name in sorted(self.pending_fds):
@@ -745,6 +782,9 @@ class SourceMigration:
         if self.pending_fds:
             steps.append(("closing passed fds", self._close_pending_fds))
         steps.append(("restoring migration settings", self._restore_settings))
+        if self.nbd_sock is not None:
+            self.nbd_sock.close()
+            self.nbd_sock = None
         for what, step in steps:
             try:
                 await step()  # type: ignore[operator]
