@@ -223,14 +223,19 @@ class SourceMigration:
                 "it is a destination, not a source"
             )
         state = (await self.mon.execute("query-migrate")).get("status")
+        earlier = self.lock.load_state() if self.lock else None
         if status == "postmigrate" or state == "completed":
-            raise KatamaranError(f"QEMU at {self.mon.path} has already migrated away")
+            note = ""
+            if earlier and await migration.restore(self.mon, earlier):
+                note = " (restored the migration settings a killed katamaran had changed)"
+            if self.lock:
+                self.lock.clear_state()
+            raise KatamaranError(f"QEMU at {self.mon.path} has already migrated away{note}")
         if state in ("device", "postcopy-active"):
             raise OutcomeUncertain(
                 f"QEMU at {self.mon.path} is finishing a migration an earlier katamaran "
                 f"committed ({state}, VM {status}); not touching it: check the destination"
             )
-        earlier = self.lock.load_state() if self.lock else None
         recovered: list[str] = []
         if state in migration.ACTIVE_STATES:
             mark = self.mon.mark()

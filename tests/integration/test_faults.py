@@ -110,13 +110,19 @@ def assert_at_most_one_running(rig: Rig) -> list[str]:
     return running
 
 
-def ram_phase(rig_factory) -> tuple[Rig, tuple[dict, dict], subprocess.Popen]:
-    """A source katamaran held in the RAM phase: the destination QEMU is SIGSTOPped."""
+def held_destination(rig_factory) -> tuple[Rig, tuple[dict, dict]]:
+    """A lab whose destination is ready and then SIGSTOPped: no migration can progress."""
     rig = rig_factory(shared=True, extra_monitor=True)
     rig.up()
     before = settings(rig.src)
     rig.start_dest()
     kill(rig.dst, signal.SIGSTOP)
+    return rig, before
+
+
+def ram_phase(rig_factory) -> tuple[Rig, tuple[dict, dict], subprocess.Popen]:
+    """A source katamaran held in the RAM phase: the destination QEMU is SIGSTOPped."""
+    rig, before = held_destination(rig_factory)
     source = rig.start_source()
     wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
     assert watch(rig.src, "query-migrate")["status"] == "active"
@@ -320,6 +326,61 @@ def test_stuck_mirror_drain_is_bounded_by_switchover_timeout(rig_factory):
     one_error(rig, "source.log", "at the switchover", "-switchover-timeout")
     assert status(rig.src) == "running"
     relay.kill()
+    wait_exit(rig.dst)
+    assert assert_at_most_one_running(rig) == ["source"]
+    assert_source_clean(rig, before)
+
+
+def test_sigkill_after_commit_then_rerun_refuses(rig_factory):
+    """A re-run never cancels or resumes a committed migration: it says so and exits 3;
+    once QEMU completes it alone, a re-run refuses and puts the settings back."""
+    rig, before, source = hold_at_pre_switchover(rig_factory)
+    kill(rig.dst, signal.SIGSTOP)
+    try:
+        source.send_signal(signal.SIGCONT)
+        wait_for_text(rig.tmp / "source.log", "point of no return", 30, source)
+        wait_migration(rig.src, "device")
+        source.kill()
+        rig.finish(source, 30)
+        argv = ["-mode", "source", "-qmp", str(rig.src.qmp_path), "-shared-storage"]
+        argv += ["-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5"]
+        rerun = rig.katamaran("a", *argv, log="rerun.log")
+        assert rig.finish(rerun, 60) == 3, rig.log("rerun.log")
+        one_error(rig, "rerun.log", "while preparing", "committed (device", "not touching it")
+        assert watch(rig.src, "query-migrate")["status"] == "device"  # left alone
+        assert status(rig.src) == "finish-migrate"
+    finally:
+        resume_dest(rig)
+    wait_migration(rig.src, "completed")  # QEMU finishes alone once the destination answers
+    assert status(rig.dst) == "running" and status(rig.src) == "postmigrate"
+    assert assert_at_most_one_running(rig) == ["dest"]
+    again = rig.katamaran("a", *argv, log="again.log")
+    assert rig.finish(again, 60) == 1, rig.log("again.log")
+    one_error(rig, "again.log", "already migrated away", "restored the migration settings")
+    assert_source_clean(rig, before)
+
+
+def test_dropped_session_broken_stderr_and_sighup_still_cleans_up(rig_factory):
+    """An ssh session that drops closes katamaran's stderr and sends SIGHUP: every
+    write then fails (EPIPE) and cleanup must still run to the end."""
+    rig, before = held_destination(rig_factory)
+    argv = [sys.executable, "-m", "katamaran", "-mode", "source", "-qmp", str(rig.src.qmp_path)]
+    argv += ["-shared-storage", "-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5"]
+    proc = rig.lab.popen("a", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rig.procs.append(proc)
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        while b"migrating RAM" not in seen:
+            line = proc.stdout.readline()
+            assert line, seen.decode()
+            seen += line
+        proc.stdout.close()  # the session is gone: writes now fail with EPIPE
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(60) == 130
+    finally:
+        resume_dest(rig)
+    assert status(rig.src) == "running"
     wait_exit(rig.dst)
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
