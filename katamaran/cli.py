@@ -223,6 +223,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError("-qmp must name the QMP socket")
     if not args.shared_storage and not args.drive_id:
         raise UsageError("-drive-id must not be empty (or use -shared-storage)")
+    if _number("switchover-timeout", args.switchover_timeout) == 0:
+        raise UsageError('invalid -switchover-timeout "0" (must be positive)')
     if args.copy_mode not in config.COPY_MODES:
         raise UsageError(
             f"invalid -copy-mode \"{args.copy_mode}\" (must be 'background' or 'write-blocking')"

@@ -175,7 +175,10 @@ class SourceMigration:
             await self._mirror()
         self.phase = Phase.RAM
         summary = await self._migrate()
-        await self._drop_nbd_node()
+        try:
+            await self._drop_nbd_node()
+        except KatamaranError as err:  # the VM has moved: a leftover node is no failure
+            self.progress.warn(f"removing {NBD_NODE}: {err}")
         self.progress.step(summary.line())
         if self.tunnel and self.tunnel.ready:
             self.phase = Phase.HOLD

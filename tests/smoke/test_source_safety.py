@@ -106,3 +106,5 @@ def test_switchover_timeout_flag():
     assert cli.parse_args([*base, "-switchover-timeout", "1.5"]).switchover_timeout == 1.5
     with pytest.raises(UsageError, match="-switchover-timeout"):
         cli.parse_args([*base, "-switchover-timeout", "-1"])
+    with pytest.raises(UsageError, match="must be positive"):
+        cli.parse_args([*base, "-switchover-timeout", "0"])
