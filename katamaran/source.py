@@ -462,6 +462,10 @@ class SourceMigration:
                     f"migration did not complete within {self.cfg.migration_timeout:g}s "
                     "(dirty page churn? raise -migration-timeout)"
                 )
+            if self.phase is Phase.COMMITTED:
+                # QEMU sends the last RAM and the device state holding its big lock, so
+                # QMP commands may wait for a slow destination; events still come.
+                continue
             info = await self.mon.execute("query-migrate")
             if loop.time() >= next_show:
                 self._show_ram(info)

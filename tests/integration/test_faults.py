@@ -40,9 +40,30 @@ def watch(box: Sandbox, command: str, **args: object) -> object:
     return qmp(box.spec.qmp_path, command, timeout=20, **args)
 
 
-def settings(box: Sandbox) -> tuple[dict, dict]:
+def settings(box: Sandbox) -> tuple[dict, dict, int]:
+    """What a run must leave as it found it: capabilities, parameters, QEMU's sockets."""
     caps = {c["capability"]: c["state"] for c in watch(box, "query-migrate-capabilities")}
-    return caps, watch(box, "query-migrate-parameters")
+    return caps, watch(box, "query-migrate-parameters"), socket_fds(box)
+
+
+def socket_fds(box: Sandbox) -> int:
+    """Sockets QEMU holds (listeners, connections, fds passed with getfd), once QEMU has
+    closed the test's own just-ended QMP connection (it does so asynchronously)."""
+
+    def count() -> int:
+        fds = f"/proc/{box.pid}/fd"
+        links = []
+        for name in os.listdir(fds):
+            with suppress(FileNotFoundError):
+                links.append(os.readlink(f"{fds}/{name}"))
+        return sum(link.startswith("socket:") for link in links)
+
+    seen = count()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen = min(seen, count())
+    return seen
 
 
 def status(box: Sandbox) -> str | None:
@@ -92,15 +113,16 @@ def one_error(rig: Rig, log: str, *words: str) -> str:
     return lines[0]
 
 
-def assert_source_clean(rig: Rig, before: tuple[dict, dict]) -> None:
+def assert_source_clean(rig: Rig, before: tuple[dict, dict, int]) -> None:
     """No block job, helper node or live migration; capabilities/parameters as before."""
     assert watch(rig.src, "query-block-jobs") == []
     nodes = watch(rig.src, "query-named-block-nodes", flat=True)
     assert not [n for n in nodes if n.get("node-name", "").startswith("katamaran")]
     assert watch(rig.src, "query-migrate").get("status") not in ACTIVE_STATES
-    caps, params = settings(rig.src)
+    caps, params, sockets = settings(rig.src)
     assert caps == before[0], "migration capabilities not restored"
     assert params == before[1], "migration parameters not restored"
+    assert sockets == before[2], "QEMU holds sockets it did not hold before the run"
 
 
 def assert_at_most_one_running(rig: Rig) -> list[str]:
@@ -110,7 +132,7 @@ def assert_at_most_one_running(rig: Rig) -> list[str]:
     return running
 
 
-def held_destination(rig_factory) -> tuple[Rig, tuple[dict, dict]]:
+def held_destination(rig_factory) -> tuple[Rig, tuple[dict, dict, int]]:
     """A lab whose destination is ready and then SIGSTOPped: no migration can progress."""
     rig = rig_factory(shared=True, extra_monitor=True)
     rig.up()
@@ -120,12 +142,12 @@ def held_destination(rig_factory) -> tuple[Rig, tuple[dict, dict]]:
     return rig, before
 
 
-def ram_phase(rig_factory) -> tuple[Rig, tuple[dict, dict], subprocess.Popen]:
+def ram_phase(rig_factory, *extra: str) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen]:
     """A source katamaran held in the RAM phase: the destination QEMU is SIGSTOPped."""
     rig, before = held_destination(rig_factory)
-    source = rig.start_source()
+    source = rig.start_source("10.0.0.2", *extra)
     wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
-    assert watch(rig.src, "query-migrate")["status"] == "active"
+    wait_migration(rig.src, "active")  # and it stays there: the destination cannot read
     return rig, before, source
 
 
@@ -220,9 +242,15 @@ def test_operator_stop_in_ram_phase_is_no_switchover(rig_factory):
     assert_source_clean(rig, before)
 
 
-def hold_at_pre_switchover(rig_factory) -> tuple[Rig, tuple[dict, dict], subprocess.Popen]:
-    """Source QEMU paused in pre-switchover, waiting for the (stopped) katamaran."""
-    rig, before, source = ram_phase(rig_factory)
+def hold_at_pre_switchover(rig_factory) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen]:
+    """Source QEMU paused in pre-switchover, waiting for the (stopped) katamaran.
+
+    QEMU sends the RAM left at this point only after migrate-continue, holding its big
+    lock (no QMP) while a write to a stopped destination blocks: a 1 ms downtime-limit
+    keeps that last piece well inside the socket buffers, so QEMU stays responsive
+    in `device` whatever the host's load.
+    """
+    rig, before, source = ram_phase(rig_factory, "-downtime-limit", "1")
     source.send_signal(signal.SIGSTOP)
     resume_dest(rig)
     try:
@@ -231,6 +259,8 @@ def hold_at_pre_switchover(rig_factory) -> tuple[Rig, tuple[dict, dict], subproc
         source.send_signal(signal.SIGCONT)
         raise
     assert status(rig.src) == "finish-migrate"
+    left = watch(rig.src, "query-migrate")["ram"]["remaining"]
+    assert left < 1 << 20, f"{left} bytes of RAM left at pre-switchover"
     return rig, before, source
 
 
