@@ -486,8 +486,8 @@ class SourceMigration:
         """React to one event; True once the migration has completed."""
         name, data = event["event"], event.get("data", {})
         if name == "STOP":
-            await self._check_stop()
             self.paused_at = asyncio.get_running_loop().time()
+            await self._check_stop()
             self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
             if self.tunnel and self.tunnel.ready:
                 await netlink(self.tunnel.switch)
