@@ -414,3 +414,40 @@ def test_dropped_session_broken_stderr_and_sighup_still_cleans_up(rig_factory):
     wait_exit(rig.dst)
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+
+
+# Accepts connections and closes them at once: a port that is not an NBD server.
+NOT_NBD = """
+import socket, sys
+listen = socket.create_server((sys.argv[1], int(sys.argv[2])))
+while True:
+    listen.accept()[0].close()
+"""
+
+
+def test_mirror_target_that_is_not_nbd_leaves_no_socket_in_qemu(rig_factory):
+    """The NBD socket handed to QEMU with getfd is gone when blockdev-add fails.
+
+    QEMU 7.2 takes the named fd even when the NBD handshake then fails (this passes
+    without katamaran's closefd too); closefd covers a command that was never sent."""
+    rig = rig_factory(extra_monitor=True)
+    rig.up()
+    before = settings(rig.src)
+    server = rig.lab.popen("b", [sys.executable, "-c", NOT_NBD, "10.0.0.2", "10809"])
+    rig.procs.append(server)
+    wait_for_port(rig, "b", 10809)
+    source = rig.start_source()
+    assert rig.finish(source, 60) == 1, rig.log("source.log")
+    one_error(rig, "source.log", "during the disk mirror: drive-mirror failed")
+    assert status(rig.src) == "running"
+    assert_source_clean(rig, before)
+
+
+def wait_for_port(rig: Rig, node: str, port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listening = rig.lab.run(node, ["ss", "-Htln", f"sport = :{port}"], capture_output=True)
+        if listening.stdout.strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} in node {node}")
