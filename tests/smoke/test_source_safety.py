@@ -108,3 +108,39 @@ def test_switchover_timeout_flag():
         cli.parse_args([*base, "-switchover-timeout", "-1"])
     with pytest.raises(UsageError, match="must be positive"):
         cli.parse_args([*base, "-switchover-timeout", "0"])
+
+
+class _Jobs:
+    """Answers query-block-jobs only: the one QMP call the switchover test makes."""
+
+    timeout = 1.0
+
+    def __init__(self, unsynced: int) -> None:
+        self.unsynced = unsynced
+
+    async def execute(self, command: str, args: object = None) -> list[dict]:
+        assert command == "query-block-jobs"
+        job = "katamaran-mirror-drive-virtio-disk0"
+        return [{"device": job, "len": 1 << 30, "offset": (1 << 30) - self.unsynced}]
+
+
+def _converged(unsynced: int, remaining: int) -> bool:
+    import asyncio
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    src = SourceMigration(Config(mode="source"), _Jobs(unsynced), Progress(io.StringIO()))
+    src.mirror_started = True
+    src.last_sync = 2
+    # 800 Mbit/s = 100 000 bytes/ms; the default 50 ms budget is 5 000 000 bytes.
+    info = {"status": "active", "ram": {"dirty-sync-count": 3, "mbps": 800.0}}
+    info["ram"]["remaining"] = remaining
+    return asyncio.run(src._converged(info))
+
+
+def test_switchover_test_counts_the_mirror_bytes_left():
+    assert _converged(unsynced=0, remaining=4_000_000)
+    assert not _converged(unsynced=2_000_000, remaining=4_000_000)
+    assert _converged(unsynced=1_000_000, remaining=4_000_000)
+    assert not _converged(unsynced=0, remaining=6_000_000)
