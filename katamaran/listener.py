@@ -173,7 +173,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeou
     loop.add_reader(sock.fileno(), wake)
     try:
         await asyncio.wait_for(ready, timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # the builtin only from 3.11
         pass
     finally:
         loop.remove_reader(sock.fileno())

@@ -541,7 +541,7 @@ class SourceMigration:
             status = await asyncio.wait_for(
                 migration.vm_status(self.mon), self.cfg.switchover_timeout
             )
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin only from 3.11
             self.phase = Phase.SWITCHOVER
             self._cut_nbd()
             raise KatamaranError(
