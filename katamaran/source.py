@@ -193,7 +193,7 @@ class SourceMigration:
             )
             try:
                 await asyncio.wait_for(self.hold_cut.wait(), self.cfg.tunnel_hold)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin only from 3.11
                 pass
         return summary
 
