@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 
 import pytest
 
 # tests/plugin use pytester; it must be registered at the root to be usable there.
 pytest_plugins = ["pytester"]
+
+# The testenv/ scripts the tests run use the python under test, not the checkout's .venv
+# (testenv/lib.sh): a developer's own environment or a fresh clone without .venv works too.
+os.environ.setdefault("KATAMARAN_PYTHON", sys.executable)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """`katamaran` command line: Go-style single-dash flags, one-line errors, exit codes.
 
-Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted (SIGINT/SIGTERM).
+Exit codes: 0 done, 1 runtime failure (cleaned up; the source VM runs), 2 bad input,
+3 outcome uncertain after the point of no return (nothing resumed; the operator decides),
+130 interrupted before the point of no return (SIGINT/SIGTERM/SIGHUP; cleaned up).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, config
+from . import __version__, config, listener, tls
 from .config import Config
 from .errors import Aborted, KatamaranError, UsageError
 from .progress import Progress
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "destination first:  katamaran -mode dest -qmp SOCK -tap tap0_kata\n"
             "then the source:    katamaran -mode source -qmp SOCK -dest-ip IP -vm-ip IP\n"
-            "exit codes: 0 done, 1 failed (cleaned up), 2 bad input, 130 interrupted"
+            "exit codes: 0 done, 1 failed (cleaned up), 2 bad input, 3 outcome uncertain\n"
+            "after migrate-continue (nothing resumed: check the destination), 130 interrupted"
         ),
     )
     _flag(parser, "mode", metavar="MODE", help="migration role: 'source' or 'dest' (required)")
@@ -130,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
             config.TAP_DRAIN_TIMEOUT,
             "source: time the VM gets to read its tap queue before the pause",
         ),
+        (
+            "switchover-timeout",
+            config.SWITCHOVER_TIMEOUT,
+            "source: the mirror drain with the VM paused must end within (else the "
+            "migration is cancelled and the source runs)",
+        ),
     ):
         _flag(
             parser,
@@ -210,15 +219,25 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError(f"-nbd-port and -migration-port must differ (both {nbd_port})")
     if args.mode == "source" and (dest_ip is None or vm_ip is None):
         raise UsageError("-dest-ip and -vm-ip are required for source mode")
+    if args.mode == "source" and (source_ip is not None or listen_ip is not None):
+        raise UsageError("-source-ip and -listen-ip are destination flags (-mode dest)")
+    if source_ip is not None and listen_ip is not None:
+        if listener.plain(source_ip).version != listener.plain(listen_ip).version:
+            raise UsageError(
+                f"-source-ip {source_ip} can never reach -listen-ip {listen_ip} "
+                "(give both as IPv4 or both as IPv6)"
+            )
     if not args.qmp:
         raise UsageError("-qmp must name the QMP socket")
     if not args.shared_storage and not args.drive_id:
         raise UsageError("-drive-id must not be empty (or use -shared-storage)")
+    if _number("switchover-timeout", args.switchover_timeout) == 0:
+        raise UsageError('invalid -switchover-timeout "0" (must be positive)')
     if args.copy_mode not in config.COPY_MODES:
         raise UsageError(
             f"invalid -copy-mode \"{args.copy_mode}\" (must be 'background' or 'write-blocking')"
         )
-    return Config(
+    cfg = Config(
         mode=args.mode,
         qmp=Path(args.qmp),
         tap=args.tap,
@@ -232,6 +251,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         qmp_timeout=_number("qmp-timeout", args.qmp_timeout),
         tunnel_hold=_number("tunnel-hold", args.tunnel_hold),
         tap_drain_timeout=_number("tap-drain-timeout", args.tap_drain_timeout),
+        switchover_timeout=_number("switchover-timeout", args.switchover_timeout),
         dest_timeout=_number("dest-timeout", args.dest_timeout),
         plug_limit=int(_number("plug-limit", args.plug_limit, int)),
         downtime_limit_ms=int(_number("downtime-limit", args.downtime_limit, int)),
@@ -242,46 +262,72 @@ def parse_args(argv: Sequence[str]) -> Config:
         tls=args.tls,
         tls_dir=Path(args.tls_dir),
     )
+    tls.check_files(cfg)
+    return cfg
 
 
-async def run(cfg: Config, progress: Progress) -> None:
-    """Connect, run one side, always disconnect."""
+class _Running:
+    """The side being run, so the signal handler can ask it whether to cancel."""
+
+    side: object = None
+
+
+async def run(cfg: Config, progress: Progress, running: _Running | None = None) -> None:
+    """Lock the VM, connect, run one side, always disconnect and unlock."""
     from .dest import DestMigration
+    from .lock import VMLock
     from .qmp import Monitor
     from .source import SourceMigration
 
-    mon = Monitor(cfg.qmp, cfg.qmp_timeout)
-    await mon.connect()
-    progress.step(f"connected to QMP at {cfg.qmp} ({cfg.mode} mode)")
-    try:
-        if cfg.mode == "source":
-            await SourceMigration(cfg, mon, progress).run()
-        else:
-            await DestMigration(cfg, mon, progress).run()
-    finally:
-        await mon.close()
+    running = running or _Running()
+    with VMLock(cfg.qmp) as lock:  # before connecting: a refused run touches nothing
+        mon = Monitor(cfg.qmp, cfg.qmp_timeout)
+        await mon.connect()
+        progress.step(f"connected to QMP at {cfg.qmp} ({cfg.mode} mode)")
+        try:
+            if cfg.mode == "source":
+                running.side = SourceMigration(cfg, mon, progress, lock)
+                await running.side.run()
+            else:
+                running.side = DestMigration(cfg, mon, progress)
+                await running.side.run()
+        finally:
+            await mon.close()
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def _run_interruptible(cfg: Config, progress: Progress) -> None:
-    """SIGINT/SIGTERM cancel the run; its cleanup still runs to completion."""
+    """SIGINT/SIGTERM/SIGHUP cancel the run (a dropped ssh session sends SIGHUP); its
+    cleanup still runs to completion.  After the source's point of no return the run
+    is not cancelled: the source keeps waiting for the outcome (see on_signal)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     caught: list[int] = []
+    running = _Running()
 
     def interrupt(signum: int) -> None:
-        if not caught:
-            caught.append(signum)
-            progress.warn(f"{signal.Signals(signum).name}: aborting and cleaning up")
-            task.cancel()
+        if caught:
+            return  # cleanup is already running; it finishes by itself
+        name = signal.Signals(signum).name
+        on_signal = getattr(running.side, "on_signal", None)
+        if on_signal is not None and not on_signal(name):
+            return
+        caught.append(signum)
+        progress.warn(f"{name}: aborting and cleaning up")
+        task.cancel()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, interrupt, signum)
     try:
-        await run(cfg, progress)
+        await run(cfg, progress, running)
     except asyncio.CancelledError:
         if caught:
-            raise Aborted(f"interrupted by {signal.Signals(caught[0]).name}") from None
+            phase = getattr(running.side, "phase", None)
+            where = f" {phase.value}" if phase is not None else ""
+            raise Aborted(f"interrupted by {signal.Signals(caught[0]).name}{where}") from None
         raise
 
 

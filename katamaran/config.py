@@ -17,6 +17,7 @@ MIGRATION_TIMEOUT = 600.0  # -migration-timeout: RAM pre-copy must converge with
 STORAGE_SYNC_TIMEOUT = 600.0  # -storage-sync-timeout: drive-mirror must reach READY
 QMP_TIMEOUT = 30.0  # -qmp-timeout: one QMP command must be answered within this
 TUNNEL_HOLD = 5.0  # -tunnel-hold: keep the tunnel this long for CNI convergence
+SWITCHOVER_TIMEOUT = 5.0  # -switchover-timeout: the paused mirror drain must end within this
 TAP_DRAIN_TIMEOUT = 2.0  # -tap-drain-timeout: the running VM reads its tap queue within this
 DEST_TIMEOUT = 1800.0  # -dest-timeout: how long the destination waits for the VM to resume
 DOWNTIME_LIMIT_MS = 50
@@ -47,6 +48,7 @@ class Config:
     tunnel_hold: float = TUNNEL_HOLD
     dest_timeout: float = DEST_TIMEOUT
     tap_drain_timeout: float = TAP_DRAIN_TIMEOUT
+    switchover_timeout: float = SWITCHOVER_TIMEOUT
     downtime_limit_ms: int = DOWNTIME_LIMIT_MS
     plug_limit: int = PLUG_LIMIT
     nbd_port: int = NBD_PORT

@@ -1,13 +1,18 @@
 """Destination side: accept the disk over NBD, hold the VM's packets, release at RESUME.
 
-Nothing here connects to the incoming migration port: QEMU treats any connection on it
-as the migration stream and aborts the incoming migration when it is not one.
+katamaran owns both listening sockets (see listener.py): it binds them in its own
+network namespace, restricts them to -source-ip with a socket filter, and hands them to
+QEMU with `getfd`: the NBD listener at once (`nbd-server-start` on an fd), the migration
+stream only once a connection has shown the first bytes of one (`migrate-incoming fd:`).
+Nothing here ever connects to a port to probe it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -15,12 +20,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import migration
 from .config import Config, host_port
 from .errors import KatamaranError, QMPCommandError
+from .listener import MigrationListener, bound_address, open_listener
 from .network import DestDecap, NetworkUnavailable, PlugQdisc, fit_tap_queue, netlink
 from .progress import Progress
 from .qmp import Monitor, named
+from .tls import TLSCreds
 
 EXPORT_ID = "katamaran-export"
 EXPORT_NODE = "katamaran-export"
+NBD_FD = "katamaran-nbd-listener"  # getfd names, consumed by nbd-server-start / migrate-incoming
+MIGRATION_FD = "katamaran-migration"
 DECAP_QUIET = 1.0  # after the hold: decapsulate until no tunnelled packet came for this long
 DECAP_MAX_WAIT = 60.0  # ...but at most this much longer
 
@@ -34,22 +43,33 @@ class DestMigration:
         self.plug: PlugQdisc | None = None
         self.nbd_running = False
         self.export_node_added = False
+        self.nbd_address = ""
+        self.incoming: MigrationListener | None = None
+        self.qemu_listens = ""  # QEMU's own -incoming tcp: address, when it has one
+        self.tls: TLSCreds | None = None
 
     async def run(self) -> None:
         try:
             await self._check_state()
             await self._prepare_network()
             await migration.set_capabilities(self.mon)
+            if self.cfg.tls:
+                self.tls = TLSCreds(self.mon, self.cfg)
+                await self.tls.add()
             if not self.cfg.shared_storage:
                 await self._start_nbd()
             mark = self.mon.mark()
-            await self._listen_incoming()
+            self._listen_incoming()
+            self._warn_exposure()
             if self.plug:
                 await netlink(self.plug.buffer)
+            migration_at = self.incoming.address if self.incoming else self.qemu_listens
             self.progress.step(
                 "destination ready: "
-                + ("" if self.cfg.shared_storage else f"NBD on port {self.cfg.nbd_port}, ")
-                + f"incoming migration on port {self.cfg.migration_port}; waiting for the VM"
+                + ("" if self.cfg.shared_storage else f"NBD on {self.nbd_address}, ")
+                + f"incoming migration on {migration_at}"
+                + (" (TLS)" if self.tls else "")
+                + "; waiting for the VM"
             )
             await self._wait_resume(mark)
             if self.plug:
@@ -79,7 +99,7 @@ class DestMigration:
         if status != "inmigrate":
             raise KatamaranError(
                 f"QEMU at {self.mon.path} is {status}, not waiting for an incoming migration "
-                "(start the destination QEMU with -incoming defer or -incoming tcp:...)"
+                "(start the destination QEMU with -incoming defer)"
             )
         exports = await self.mon.execute("query-block-exports")
         if any(e["id"] == EXPORT_ID for e in exports):
@@ -90,6 +110,12 @@ class DestMigration:
         nodes = await self.mon.execute("query-named-block-nodes", {"flat": True})
         if any(node.get("node-name") == EXPORT_NODE for node in nodes):
             await self._quiet("blockdev-del", {"node-name": EXPORT_NODE})
+        # QEMU started with -incoming tcp:... listens by itself (query-migrate says where).
+        addresses = (await self.mon.execute("query-migrate")).get("socket-address") or []
+        self.qemu_listens = ", ".join(
+            host_port(a["host"], int(a["port"])) if a.get("type") == "inet" else str(a)
+            for a in addresses
+        )
 
     async def _prepare_network(self) -> None:
         if not self.cfg.tap:
@@ -188,13 +214,29 @@ class DestMigration:
         )
 
     async def _start_nbd(self) -> None:
-        port = str(self.cfg.nbd_port)
-        await migration.listen(
-            self.mon,
-            "nbd-server-start",
-            lambda host: {"addr": {"type": "inet", "data": {"host": host, "port": port}}},
-            f"NBD server start failed on port {port}",
-        )
+        """QEMU's NBD server on a listening socket katamaran made (see listener.py).
+
+        QEMU owns the socket from `nbd-server-start` on and closes it at `nbd-server-stop`.
+        One connection at a time: the source's.
+        """
+        port = self.cfg.nbd_port
+        what = f"NBD server start failed on port {port}"
+        sock = open_listener(what, port, self.cfg.listen_ip, self.cfg.source_ip)
+        self.nbd_address = bound_address(sock)
+        args: dict[str, object] = {
+            "addr": {"type": "fd", "data": {"str": NBD_FD}},
+            "max-connections": 1,
+        }
+        if self.tls:
+            args["tls-creds"] = self.tls.id
+        try:
+            await self.mon.send_socket(NBD_FD, sock)
+            await self.mon.execute("nbd-server-start", args)
+        except QMPCommandError as err:
+            await self._quiet("closefd", {"fdname": NBD_FD})
+            raise KatamaranError(f"{what}: {err.desc}") from None
+        finally:
+            sock.close()  # QEMU holds its own copy (or none, after closefd)
         self.nbd_running = True
         node = await self._drive_node()
         export = {
@@ -221,7 +263,10 @@ class DestMigration:
             )
             self.export_node_added = True
             await self.mon.execute("block-export-add", {**export, "node-name": EXPORT_NODE})
-        self.progress.step(f"NBD export {self.cfg.drive_id} (writable) on port {port}")
+        self.progress.step(
+            f"NBD export {self.cfg.drive_id} (writable) on {self.nbd_address}"
+            + (f", only for {self.cfg.source_ip}" if self.cfg.source_ip else "")
+        )
 
     async def _drive_node(self) -> dict[str, str]:
         for block in await self.mon.execute("query-block"):
@@ -238,22 +283,72 @@ class DestMigration:
                 return {"node": node["node-name"], "format": node["drv"], "file": node["file"]}
         raise KatamaranError(f"NBD server start failed: no drive {self.cfg.drive_id!r} here")
 
-    async def _listen_incoming(self) -> None:
-        port = str(self.cfg.migration_port)
-        try:
-            await migration.listen(
-                self.mon,
-                "migrate-incoming",
-                lambda host: {"uri": f"tcp:{host_port(host, int(port))}"},
-                "cannot listen for the incoming migration",
+    def _listen_incoming(self) -> None:
+        if self.qemu_listens:
+            self.progress.warn(
+                f"QEMU is already listening for the migration itself on {self.qemu_listens} "
+                "(-incoming tcp): katamaran cannot filter that listener; start the "
+                "destination QEMU with -incoming defer"
             )
-        except KatamaranError as err:
-            if "already been started" in str(err):
-                self.progress.step("QEMU is already listening for the migration (-incoming tcp)")
-                return
-            raise
+            return
+        sock = open_listener(
+            "cannot listen for the incoming migration",
+            self.cfg.migration_port,
+            self.cfg.listen_ip,
+            self.cfg.source_ip,
+        )
+        self.incoming = MigrationListener(
+            sock, self.cfg.tls, self.cfg.source_ip, self.progress.step
+        )
+
+    def _warn_exposure(self) -> None:
+        """One line saying what a stranger could reach, when nothing restricts it."""
+        if self.cfg.source_ip is not None or self.cfg.tls:
+            return
+        migration_at = self.incoming.address if self.incoming else self.qemu_listens
+        if self.cfg.shared_storage:
+            what = f"the migration port {migration_at} is"
+        else:
+            what = (
+                f"NBD export {self.cfg.drive_id} (read-write) on {self.nbd_address} "
+                f"and the migration port {migration_at} are"
+            )
+        self.progress.warn(
+            f"{what} open to any host that reaches this node, until the VM resumes "
+            f"(at most -dest-timeout {self.cfg.dest_timeout:g} s); give -source-ip and/or -tls"
+        )
+
+    async def _hand_over(self, conn: socket.socket, peer: str) -> None:
+        """The first connection that is a migration stream goes to QEMU."""
+        await self.mon.send_socket(MIGRATION_FD, conn)
+        try:
+            await self.mon.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
+        except QMPCommandError as err:
+            await self._quiet("closefd", {"fdname": MIGRATION_FD})
+            raise KatamaranError(f"cannot start the incoming migration: {err.desc}") from None
+        assert self.incoming is not None
+        self.progress.step(
+            f"migration stream from {peer} handed to QEMU; listener {self.incoming.address} closed"
+        )
 
     async def _wait_resume(self, mark: int) -> None:
+        """Wait for RESUME while the migration listener accepts (and rejects) connections."""
+        waiter = asyncio.create_task(self._wait_resume_events(mark))
+        tasks: list[asyncio.Task[Any]] = [waiter]
+        if self.incoming:
+            tasks.append(asyncio.create_task(self.incoming.accept_stream(self._hand_over)))
+        try:
+            pending: set[asyncio.Task[Any]] = set(tasks)
+            while waiter in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a failure of either ends the wait
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _wait_resume_events(self, mark: int) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.dest_timeout
         watch = named(("RESUME", "MIGRATION"))
@@ -298,10 +393,17 @@ class DestMigration:
             pass  # already gone
 
     async def _cleanup(self) -> None:
+        if self.incoming:
+            self.incoming.close()
         try:
             await self._stop_nbd()
         except KatamaranError as err:
             self.progress.warn(f"cleanup: {err}")
+        if self.tls:
+            try:
+                await self.tls.remove()
+            except KatamaranError as err:
+                self.progress.warn(f"cleanup: {err}")
         await self._remove_network()
 
     async def _remove_network(self) -> None:

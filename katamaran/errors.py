@@ -34,6 +34,16 @@ class QMPCommandError(KatamaranError):
 
 
 class Aborted(KatamaranError):
-    """SIGINT/SIGTERM: cleanup ran, exit 130 like a shell would."""
+    """SIGINT/SIGTERM/SIGHUP before the point of no return: cleanup ran, exit 130."""
 
     exit_code = 130
+
+
+class OutcomeUncertain(KatamaranError):
+    """After migrate-continue the outcome is not known: nothing was resumed, exit 3.
+
+    Resuming either side could leave two copies of the VM running (and, with shared
+    storage, writing one disk), so the operator decides which side to `cont`.
+    """
+
+    exit_code = 3

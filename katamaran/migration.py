@@ -1,14 +1,21 @@
-"""QMP steps both sides share: capabilities, stale-state checks, listener addresses."""
+"""QMP steps both sides share: capabilities, parameters, state checks."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from .config import Config
-from .errors import KatamaranError, QMPCommandError
 from .qmp import Monitor
 
 # Both sides get the same list: QEMU requires matching capabilities for some of them,
-# and setting the source-only ones on the destination is harmless.
-CAPABILITIES = ("events", "auto-converge", "pause-before-switchover")
+# and setting the source-only ones on the destination is harmless.  return-path: the
+# destination tells the source whether it loaded the state, so the source's `completed`
+# means the destination has the VM (and a failure there is reported, not swallowed).
+CAPABILITIES = ("events", "auto-converge", "pause-before-switchover", "return-path")
+# QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
+THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
+# Every migration parameter katamaran may change (saved first, restored on every exit).
+PARAMETERS = ("downtime-limit", "max-bandwidth", "avail-switchover-bandwidth", *THROTTLE_PARAMS)
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
 # 1 ms, not 0: with 0 QEMU switches over at the end of the first pass, before any sync.
 OWN_SWITCHOVER_LIMIT_MS = 1
@@ -17,6 +24,37 @@ OWN_SWITCHOVER_LIMIT_MS = 1
 OWN_SWITCHOVER_BANDWIDTH = 1000
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's ceiling (MAX_MIGRATE_DOWNTIME): "switch over now"
 UNCAPPED = 1 << 62  # bytes/s; QEMU's default cap (32 MiB/s) would dominate migration time
+
+
+async def snapshot(mon: Monitor) -> dict[str, dict[str, Any]]:
+    """The values of every capability and parameter katamaran may change, before it does."""
+    caps = {c["capability"]: c["state"] for c in await mon.execute("query-migrate-capabilities")}
+    params = await mon.execute("query-migrate-parameters")
+    return {
+        "capabilities": {name: caps[name] for name in CAPABILITIES if name in caps},
+        "parameters": {name: params[name] for name in PARAMETERS if name in params},
+    }
+
+
+async def restore(mon: Monitor, saved: dict[str, dict[str, Any]]) -> list[str]:
+    """Put back what `snapshot` saw; returns the names that had to change.
+
+    Parameters first: QEMU accepts them at any time, capabilities only while no
+    migration is running (then this raises and the caller reports it).
+    """
+    changed: list[str] = []
+    params = await mon.execute("query-migrate-parameters")
+    wanted = {k: v for k, v in saved.get("parameters", {}).items() if params.get(k) != v}
+    if wanted:
+        await mon.execute("migrate-set-parameters", wanted)
+        changed += wanted
+    now = {c["capability"]: c["state"] for c in await mon.execute("query-migrate-capabilities")}
+    caps = {k: v for k, v in saved.get("capabilities", {}).items() if now.get(k) != v}
+    if caps:
+        states = [{"capability": k, "state": v} for k, v in caps.items()]
+        await mon.execute("migrate-set-capabilities", {"capabilities": states})
+        changed += caps
+    return changed
 
 
 async def set_capabilities(mon: Monitor) -> None:
@@ -47,18 +85,3 @@ async def tcg_dirty_tracking_is_reliable(mon: Monitor) -> bool:
 
 async def vm_status(mon: Monitor) -> str:
     return (await mon.execute("query-status"))["status"]
-
-
-async def listen(mon: Monitor, command: str, make_args: object, what: str) -> str:
-    """Listen on all addresses (`::`), falling back to IPv4 where IPv6 is disabled."""
-    last: QMPCommandError | None = None
-    for host in ("::", "0.0.0.0"):
-        try:
-            await mon.execute(command, make_args(host))  # type: ignore[operator]
-            return host
-        except QMPCommandError as err:
-            last = err
-            if "Address already in use" in err.desc:
-                break
-    assert last is not None
-    raise KatamaranError(f"{what}: {last.desc}")

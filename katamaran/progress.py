@@ -16,30 +16,46 @@ class Progress:
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
+        try:
+            self.tty = stream.isatty()
+        except (OSError, ValueError):
+            self.tty = False
         self.started = time.monotonic()
         self._open = False
+        self.broken = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def step(self, message: str) -> None:
         self._close_line()
-        print(f"katamaran: {message}", file=self.stream, flush=True)
+        self._write(f"katamaran: {message}\n")
 
     def warn(self, message: str) -> None:
         self._close_line()
-        print(f"katamaran: WARNING: {message}", file=self.stream, flush=True)
+        self._write(f"katamaran: WARNING: {message}\n")
 
     def update(self, message: str) -> None:
         """A progress figure: repainted on a terminal, a plain line in a log."""
         if self.tty:
-            print(f"\rkatamaran: {message}\033[K", end="", file=self.stream, flush=True)
+            self._write(f"\rkatamaran: {message}\033[K")
             self._open = True
         else:
-            print(f"katamaran: {message}", file=self.stream, flush=True)
+            self._write(f"katamaran: {message}\n")
 
     def _close_line(self) -> None:
         if self._open:
-            print(file=self.stream)
             self._open = False
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        """Never raise: a dropped ssh session (EPIPE/EIO on stderr) must not stop a
+        migration half-way, least of all its cleanup.  Once the stream has failed,
+        nothing more is written to it."""
+        if self.broken:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.broken = True

@@ -3,6 +3,8 @@
 One `EventListener` is registered before the connection is made, so every event QEMU
 sends — including one that arrives while a command is in flight — lands in `history`.
 Waiters scan the history from a mark, so an event that came "too early" is still seen.
+`asyncio.wait_for` raises `asyncio.TimeoutError`, which is the builtin `TimeoutError` only
+from Python 3.11: the core also runs on 3.10 (Ubuntu 22.04 nodes), so that is what we catch.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Monitor:
             self.peer_pid = pid or None
             sock.setblocking(False)
             await asyncio.wait_for(self._client.connect(sock), self.timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             sock.close()
             await self._client.disconnect()
             raise KatamaranError(
@@ -102,7 +104,7 @@ class Monitor:
             return await asyncio.wait_for(
                 self._client.execute(command, arguments), timeout=self.timeout
             )
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise QMPTimeout(
                 f"timed out waiting for QMP response to {command} after {self.timeout:g}s"
             ) from None
@@ -144,7 +146,7 @@ class Monitor:
                 return None
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
 
     async def wait_event(

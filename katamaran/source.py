@@ -19,11 +19,17 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
    write the guest completed.
 4. migrate-continue: only now can the destination receive the final device state and
    resume. If anything fails before this point, migrate_cancel resumes the source.
+
+The point of no return (see Phase): from migrate-continue on the source is never resumed
+by katamaran and nothing is cancelled; with `return-path` QEMU reports `completed` only
+once the destination has loaded the state.  A failure there leaves the VM where QEMU
+left it and exits 3 (OutcomeUncertain): the operator decides which side runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import socket
 from dataclasses import dataclass
 
@@ -31,20 +37,57 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import migration, tapqueue
 from .config import Config, host_port
-from .errors import KatamaranError
+from .errors import KatamaranError, OutcomeUncertain, QMPCommandError
+from .lock import VMLock
 from .network import NetworkUnavailable, SourceTunnel, netlink
 from .progress import Progress, mib
 from .qmp import Event, Monitor, migration_status, named
 from .tapqueue import TapQueues, TapQueueUnavailable
+from .tls import TLSCreds
 
 JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
-# QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
-THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
+NBD_FD = "katamaran-nbd"
+MIGRATE_FD = "katamaran-migrate"
+THROTTLE_PARAMS = migration.THROTTLE_PARAMS
 # bytes/s while the VM drains its tap (see _ease_migration): about one page per
 # 100 ms rate-limit window, after which QEMU's migration thread sleeps out the window.
 DRAIN_MAX_BANDWIDTH = 4096
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
+
+
+class Phase(enum.Enum):
+    """Where the source is; the value is how error lines name it.
+
+    Before COMMITTED any failure or signal cancels and the source VM runs again;
+    from COMMITTED on (migrate-continue sent) nothing is cancelled or resumed.
+    """
+
+    PREPARE = "while preparing"
+    MIRROR = "during the disk mirror"
+    RAM = "during RAM copy"
+    SWITCHOVER = "at the switchover (VM paused, mirror draining)"
+    COMMITTED = "after migrate-continue"
+    COMPLETED = "after the migration completed"
+    HOLD = "during the tunnel hold"
+
+    @property
+    def committed(self) -> bool:
+        return self in (Phase.COMMITTED, Phase.COMPLETED, Phase.HOLD)
+
+
+# Run states a STOP may leave; only QEMU's own migration pause is the switchover.
+SWITCHOVER_STATES = ("finish-migrate", "postmigrate")
+STOP_CAUSES = {
+    "io-error": "an I/O error",
+    "paused": "a client's `stop` (an operator?)",
+    "guest-panicked": "a guest kernel panic",
+    "internal-error": "an internal error",
+    "shutdown": "a guest shutdown",
+    "watchdog": "the watchdog",
+    "debug": "a debugger",
+    "suspended": "a guest suspend",
+}
 
 
 @dataclass
@@ -79,10 +122,20 @@ def connect_to(cfg: Config, port: int, what: str, timeout: float) -> socket.sock
 
 
 class SourceMigration:
-    def __init__(self, cfg: Config, mon: Monitor, progress: Progress) -> None:
+    def __init__(
+        self, cfg: Config, mon: Monitor, progress: Progress, lock: VMLock | None = None
+    ) -> None:
         self.cfg = cfg
         self.mon = mon
         self.progress = progress
+        self.lock = lock  # held by the caller: what this run finds was left by a dead run
+        self.phase = Phase.PREPARE
+        self.saved: dict | None = None  # capabilities/parameters before this run
+        self.pending_fds: set[str] = set()  # passed with getfd, not yet consumed by QEMU
+        self.stopped_by: str | None = None  # a run state that paused the VM, not us
+        self.deadline = 0.0
+        self.hold_cut = asyncio.Event()
+        self.nbd_sock: socket.socket | None = None
         self.job = f"{JOB_PREFIX}-{cfg.drive_id}"
         self.tunnel: SourceTunnel | None = None
         self.mirror_started = False
@@ -97,59 +150,152 @@ class SourceMigration:
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
         self.saved_params: dict[str, int] = {}  # migration parameters eased for the drain
+        self.tls: TLSCreds | None = None
 
     async def run(self) -> Summary:
         try:
-            await self._check_state()
-            await self._prepare_tunnel()
-            self._watch_taps()
-            await migration.set_capabilities(self.mon)
-            await migration.set_parameters(self.mon, self.cfg)
-            await self._take_switchover_decision()
-            if not self.cfg.shared_storage:
-                await self._mirror()
-            summary = await self._migrate()
-            await self._drop_nbd_node()
-            self.progress.step(summary.line())
-            if self.tunnel and self.tunnel.ready:
-                self.progress.step(
-                    f"holding tunnel {self.tunnel.ifname} for {self.cfg.tunnel_hold:g} s "
-                    "(CNI convergence)"
-                )
-                await asyncio.sleep(self.cfg.tunnel_hold)
-            return summary
+            try:
+                return await self._run()
+            except KatamaranError as err:
+                if self.phase is Phase.COMMITTED and not isinstance(err, OutcomeUncertain):
+                    err = await self._uncertain(str(err))
+                err.args = (f"{self.phase.value}: {err}",)
+                raise err from None
         finally:
             await self._cleanup()
 
+    async def _run(self) -> Summary:
+        await self._check_state()
+        await self._save_settings()
+        await self._prepare_tunnel()
+        self._watch_taps()
+        await migration.set_capabilities(self.mon)
+        await migration.set_parameters(self.mon, self.cfg)
+        if self.cfg.tls:
+            self.tls = TLSCreds(self.mon, self.cfg)
+            await self.tls.add()
+        await self._take_switchover_decision()
+        if not self.cfg.shared_storage:
+            self.phase = Phase.MIRROR
+            await self._mirror()
+        self.phase = Phase.RAM
+        summary = await self._migrate()
+        try:
+            await self._drop_nbd_node()
+        except KatamaranError as err:  # the VM has moved: a leftover node is no failure
+            self.progress.warn(f"removing {NBD_NODE}: {err}")
+        self.progress.step(summary.line())
+        if self.tunnel and self.tunnel.ready:
+            self.phase = Phase.HOLD
+            self.progress.step(
+                f"holding tunnel {self.tunnel.ifname} for {self.cfg.tunnel_hold:g} s "
+                "(CNI convergence)"
+            )
+            try:
+                await asyncio.wait_for(self.hold_cut.wait(), self.cfg.tunnel_hold)
+            except asyncio.TimeoutError:  # the builtin only from 3.11
+                pass
+        return summary
+
+    def on_signal(self, name: str) -> bool:
+        """Whether a SIGINT/SIGTERM/SIGHUP may cancel the run now (cli's handler asks).
+
+        Before the point of no return, yes: cleanup cancels and the source runs.  After
+        it, cancelling could only leave the VM nowhere or twice: keep waiting for the
+        outcome (bounded by -migration-timeout / -qmp-timeout).  In the tunnel hold the
+        migration is done: the hold is cut short and the run ends normally.
+        """
+        if not self.phase.committed:
+            return True
+        if self.phase is Phase.HOLD:
+            self.progress.warn(f"{name}: tunnel hold cut short; the migration has completed")
+            self.hold_cut.set()
+        else:
+            self.progress.warn(
+                f"{name} {self.phase.value}: not cancelling (the destination may already "
+                "run the VM); waiting for the outcome"
+            )
+        return False
+
     async def _check_state(self) -> None:
+        """Refuse a VM that is no source; recover what a killed katamaran left.
+
+        The caller holds the per-VM lock, so a migration, block job or NBD node found
+        here belongs to no running katamaran.  Not committed yet: cancelled (the VM runs
+        again); committed or completed: refused, the operator decides.
+        """
         status = await migration.vm_status(self.mon)
         if status == "inmigrate":
             raise KatamaranError(
                 f"QEMU at {self.mon.path} is waiting for an incoming migration: "
                 "it is a destination, not a source"
             )
-        if status == "postmigrate":
-            raise KatamaranError(f"QEMU at {self.mon.path} has already migrated away")
-        self.was_running = status == "running"
         state = (await self.mon.execute("query-migrate")).get("status")
+        earlier = self.lock.load_state() if self.lock else None
+        if status == "postmigrate" or state == "completed":
+            note = ""
+            if earlier and await migration.restore(self.mon, earlier):
+                note = " (restored the migration settings a killed katamaran had changed)"
+            if self.lock:
+                self.lock.clear_state()
+            raise KatamaranError(f"QEMU at {self.mon.path} has already migrated away{note}")
+        if state in ("device", "postcopy-active"):
+            raise OutcomeUncertain(
+                f"QEMU at {self.mon.path} is finishing a migration an earlier katamaran "
+                f"committed ({state}, VM {status}); not touching it: check the destination"
+            )
+        recovered: list[str] = []
         if state in migration.ACTIVE_STATES:
-            self.progress.warn(f"cancelling a migration left {state} by an earlier run")
             mark = self.mon.mark()
             await self.mon.execute("migrate_cancel")
-            await self._wait_migration_end(mark, 30)
+            await self._wait_migration_end(mark, self.mon.timeout)
+            recovered.append(f"cancelled its migration ({state})")
         for job in await self.mon.execute("query-block-jobs"):
             if job["device"] == self.job:
-                self.progress.warn(f"cancelling block job {self.job} left by an earlier run")
                 await self._cancel_job(force=True)
+                recovered.append(f"cancelled block job {self.job}")
         nodes = await self.mon.execute("query-named-block-nodes", {"flat": True})
         if any(node.get("node-name") == NBD_NODE for node in nodes):
             await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
+            recovered.append(f"removed node {NBD_NODE}")
+        for name in (NBD_FD, MIGRATE_FD):
+            await self._closefd(name)
+        if earlier:
+            changed = await migration.restore(self.mon, earlier)
+            if changed:
+                recovered.append(f"restored {', '.join(changed)}")
+        status = await migration.vm_status(self.mon)
+        if earlier and earlier.get("was_running") and status in ("paused", "finish-migrate"):
+            await self.mon.execute("cont")
+            status = await migration.vm_status(self.mon)
+        if recovered:
+            self.progress.warn(
+                f"recovered what an earlier katamaran left on this VM: {'; '.join(recovered)}"
+                f" (VM {status})"
+            )
+        if self.lock:
+            self.lock.clear_state()
+        self.was_running = status == "running"
         drives = {b["device"] for b in await self.mon.execute("query-block")}
         if not self.cfg.shared_storage and self.cfg.drive_id not in drives:
             raise KatamaranError(
                 f"drive-mirror failed: no drive {self.cfg.drive_id!r} in this VM "
                 f"(drives: {', '.join(sorted(d for d in drives if d)) or 'none'})"
             )
+
+    async def _save_settings(self) -> None:
+        """Every capability/parameter this run may change, saved before the first change
+        (also next to the lock, so a run after a SIGKILL can put them back)."""
+        self.saved = await migration.snapshot(self.mon)
+        if self.lock:
+            self.lock.save_state({**self.saved, "was_running": self.was_running})
+
+    async def _closefd(self, name: str) -> None:
+        try:
+            await self.mon.execute("closefd", {"fdname": name})
+        except QMPCommandError:
+            pass  # consumed by the command it was passed for, or never passed
+        self.pending_fds.discard(name)
 
     async def _prepare_tunnel(self) -> None:
         assert self.cfg.dest_ip is not None and self.cfg.vm_ip is not None
@@ -224,20 +370,23 @@ class SourceMigration:
 
     async def _mirror(self) -> None:
         sock = connect_to(self.cfg, self.cfg.nbd_port, "drive-mirror failed", self.mon.timeout)
-        try:
-            await self.mon.send_socket("katamaran-nbd", sock)
-        finally:
-            sock.close()  # QEMU holds its own copy now
+        self.pending_fds.add(NBD_FD)
+        # Kept (QEMU has its own copy): shutting it down is the one way to end NBD
+        # requests stuck on a hung destination, which QEMU would otherwise wait out.
+        self.nbd_sock = sock
+        await self.mon.send_socket(NBD_FD, sock)
         try:
             await self.mon.execute(
                 "blockdev-add",
                 {
                     "driver": "nbd",
                     "node-name": NBD_NODE,
-                    "server": {"type": "fd", "str": "katamaran-nbd"},
+                    "server": {"type": "fd", "str": NBD_FD},
                     "export": self.cfg.drive_id,
+                    **(self.tls.nbd_client_options() if self.tls else {}),
                 },
             )
+            self.pending_fds.discard(NBD_FD)
             self.nbd_added = True
             mark = self.mon.mark()
             await self.mon.execute(
@@ -290,38 +439,46 @@ class SourceMigration:
         sock = connect_to(
             self.cfg, self.cfg.migration_port, "QEMU reported migration failed", self.mon.timeout
         )
+        self.pending_fds.add(MIGRATE_FD)
         try:
-            await self.mon.send_socket("katamaran-migrate", sock)
+            await self.mon.send_socket(MIGRATE_FD, sock)
         finally:
             sock.close()
         mark = self.mon.mark()
-        await self.mon.execute("migrate", {"uri": "fd:katamaran-migrate"})
-        self.migration_started = True
+        self.migration_started = True  # from here cleanup asks QEMU, even if `migrate` failed
+        await self.mon.execute("migrate", {"uri": f"fd:{MIGRATE_FD}"})
+        self.pending_fds.discard(MIGRATE_FD)
         self.progress.step(
             f"migrating RAM to {host_port(self.cfg.dest_ip, self.cfg.migration_port)}"
         )
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.migration_timeout
+        self.deadline = loop.time() + self.cfg.migration_timeout
         next_show = loop.time() + 1.0
         interesting = named(("STOP", "MIGRATION", "BLOCK_JOB_ERROR"))
         while True:
-            wait = min(POLL_S, deadline - loop.time())
+            wait = min(POLL_S, self.deadline - loop.time())
             found = await self.mon.next_event(interesting, mark, wait)
             if found:
                 mark, event = found
                 if await self._on_event(event):
                     break
                 continue
-            if loop.time() >= deadline:
+            if loop.time() >= self.deadline:
+                if self.phase is Phase.COMMITTED:
+                    raise await self._uncertain("no outcome within the migration timeout")
                 raise KatamaranError(
                     f"migration did not complete within {self.cfg.migration_timeout:g}s "
                     "(dirty page churn? raise -migration-timeout)"
                 )
+            if self.phase is Phase.COMMITTED:
+                # QEMU sends the last RAM and the device state holding its big lock, so
+                # QMP commands may wait for a slow destination; events still come.
+                continue
             info = await self.mon.execute("query-migrate")
             if loop.time() >= next_show:
                 self._show_ram(info)
                 next_show = loop.time() + 1.0
-            if not self.switchover_started and self._converged(info):
+            if not self.switchover_started and await self._converged(info):
                 await self._switchover(info)
         info = await self.mon.execute("query-migrate")
         ram = info.get("ram", {})
@@ -338,6 +495,7 @@ class SourceMigration:
         name, data = event["event"], event.get("data", {})
         if name == "STOP":
             self.paused_at = asyncio.get_running_loop().time()
+            await self._check_stop()
             self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
             if self.tunnel and self.tunnel.ready:
                 await netlink(self.tunnel.switch)
@@ -355,10 +513,12 @@ class SourceMigration:
             return False
         status = data.get("status")
         if status == "pre-switchover":
+            self.phase = Phase.SWITCHOVER
             await self._finish_mirror()
-            await self.mon.execute("migrate-continue", {"state": "pre-switchover"})
+            await self._commit()
         elif status == "completed":
             self.completed = True
+            self.phase = Phase.COMPLETED
             if self.paused_at is not None:
                 elapsed = asyncio.get_running_loop().time() - self.paused_at
                 self.paused_ms = round(elapsed * 1000)
@@ -366,8 +526,73 @@ class SourceMigration:
         elif status in ("failed", "cancelled"):
             info = await self.mon.execute("query-migrate")
             reason = info.get("error-desc", status)
+            if self.phase is Phase.COMMITTED:
+                raise await self._uncertain(f"QEMU reported migration failed: {reason}")
             raise KatamaranError(f"QEMU reported migration failed: {reason}")
         return False
+
+    async def _check_stop(self) -> None:
+        """A STOP is the switchover only if QEMU's migration paused the VM.
+
+        QEMU drains every disk while it pauses the VM, holding its main loop: a mirror
+        write stuck on a hung destination holds QEMU (and the paused VM) as long as TCP
+        does.  If QEMU does not answer within -switchover-timeout, katamaran cuts its
+        NBD connection: the stuck writes fail, QEMU fails the migration, the source runs.
+        """
+        try:
+            status = await asyncio.wait_for(
+                migration.vm_status(self.mon), self.cfg.switchover_timeout
+            )
+        except asyncio.TimeoutError:  # the builtin only from 3.11
+            self.phase = Phase.SWITCHOVER
+            self._cut_nbd()
+            raise KatamaranError(
+                f"QEMU did not answer within {self.cfg.switchover_timeout:g}s of pausing the "
+                "VM (-switchover-timeout): its last disk writes to the destination are stuck; "
+                "NBD connection cut so that the migration fails and the source runs again"
+            ) from None
+        if status in SWITCHOVER_STATES:
+            self.phase = Phase.SWITCHOVER
+            return
+        self.stopped_by = status
+        cause = STOP_CAUSES.get(status, "something else")
+        raise KatamaranError(f"VM paused by {cause} ({status}), not by the migration")
+
+    async def _commit(self) -> None:
+        """The point of no return: from here the source VM is never resumed by katamaran.
+
+        The phase changes before the command is sent: if its answer is lost (timeout,
+        signal), QEMU may have acted on it, and resuming then could run the VM twice.
+        """
+        self.phase = Phase.COMMITTED
+        loop = asyncio.get_running_loop()
+        # The outcome gets at least one -qmp-timeout, whatever was left of the budget.
+        self.deadline = max(self.deadline, loop.time() + self.mon.timeout)
+        self.progress.step("migrate-continue: point of no return (the source will not resume)")
+        await self.mon.execute("migrate-continue", {"state": "pre-switchover"})
+
+    async def _uncertain(self, reason: str) -> OutcomeUncertain:
+        """After the commit, say where the VM is as far as the source can tell; exit 3."""
+        try:
+            status = await migration.vm_status(self.mon)
+            state = (await self.mon.execute("query-migrate")).get("status")
+        except KatamaranError:
+            return OutcomeUncertain(
+                f"{reason}; the source QEMU no longer answers: the VM may be running on "
+                "the destination: check it before restarting anything"
+            )
+        if status == "running":
+            where = (
+                "QEMU resumed the VM on the source itself after the failure (migration "
+                f"{state}): make sure the destination is not running it"
+            )
+        else:
+            where = (
+                f"the VM is paused on the source ({status}, migration {state}) and may be "
+                "running on the destination: left as is; check the destination, then "
+                "`cont` exactly one side"
+            )
+        return OutcomeUncertain(f"{reason}; {where}")
 
     async def _finish_mirror(self) -> None:
         """Drain the READY mirror while the VM is paused (see module docstring)."""
@@ -377,11 +602,14 @@ class SourceMigration:
         await self.mon.execute("block-job-cancel", {"device": self.job})
         ended = named(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), device=self.job)
         try:
-            event = await self.mon.wait_event(ended, self.cfg.storage_sync_timeout, mark)
+            # The VM is paused: this wait is downtime, so it has its own short bound.
+            event = await self.mon.wait_event(ended, self.cfg.switchover_timeout, mark)
         except TimeoutError:
+            self._cut_nbd()  # so the stuck drain ends now and the cancel can resume the VM
             raise KatamaranError(
-                f"storage sync for job {self.job} did not complete within "
-                f"{self.cfg.storage_sync_timeout:g}s at switchover"
+                f"the paused mirror drain of job {self.job} did not finish within "
+                f"{self.cfg.switchover_timeout:g}s (-switchover-timeout); cancelling the "
+                "migration so the source runs again"
             ) from None
         self.mirror_started = False
         if event["event"] != "BLOCK_JOB_COMPLETED" or event["data"].get("error"):
@@ -390,8 +618,9 @@ class SourceMigration:
             )
         self.storage_bytes = max(self.storage_bytes, event["data"].get("offset", 0))
 
-    def _converged(self, info: dict) -> bool:
-        """True right after a dirty sync (not the first pass) that left no more RAM than
+    async def _converged(self, info: dict) -> bool:
+        """True right after a dirty sync (not the first pass) that left no more RAM, plus
+        what the mirror has not copied yet (drained while the VM is paused), than
         -downtime-limit allows at the bandwidth QEMU measured: QEMU's own test, which
         katamaran now applies itself so it can switch traffic before the VM pauses."""
         ram = info.get("ram") or {}
@@ -402,7 +631,19 @@ class SourceMigration:
         if sync < 2 or sync == last:
             return False
         bytes_per_ms = ram.get("mbps", 0.0) * 1e6 / 8 / 1000
-        return bytes_per_ms > 0 and ram["remaining"] <= bytes_per_ms * self.cfg.downtime_limit_ms
+        budget = bytes_per_ms * self.cfg.downtime_limit_ms
+        if bytes_per_ms <= 0 or ram["remaining"] > budget:
+            return False  # no need to ask about the mirror
+        return ram["remaining"] + await self._mirror_unsynced() <= budget
+
+    async def _mirror_unsynced(self) -> int:
+        """Bytes the READY mirror still has to copy (len - offset), 0 without a mirror."""
+        if not self.mirror_started:
+            return 0
+        for job in await self.mon.execute("query-block-jobs"):
+            if job["device"] == self.job:
+                return max(0, job["len"] - job["offset"])
+        return 0
 
     async def _switchover(self, info: dict) -> None:
         """Tunnel first, let the running VM empty its tap queue, then pause it."""
@@ -501,8 +742,18 @@ class SourceMigration:
 
     async def _cancel_job(self, force: bool) -> None:
         mark = self.mon.mark()
-        await self.mon.execute("block-job-cancel", {"device": self.job, "force": force})
+        try:
+            await self.mon.execute("block-job-cancel", {"device": self.job, "force": force})
+        except QMPCommandError as err:
+            if "not found" in err.desc:
+                return  # ended by itself (an error on the target): nothing to cancel
+            raise
         ended = named(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), device=self.job)
+        try:
+            await self.mon.wait_event(ended, self.cfg.switchover_timeout, mark)
+            return
+        except TimeoutError:
+            self._cut_nbd()  # requests stuck on a hung destination would hold the cancel
         try:
             await self.mon.wait_event(ended, self.mon.timeout, mark)
         except TimeoutError:
@@ -513,34 +764,73 @@ class SourceMigration:
             await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
             self.nbd_added = False
 
-    async def _restore_params(self) -> None:
-        if self.saved_params:
-            await self.mon.execute("migrate-set-parameters", self.saved_params)
-            self.saved_params = {}
+    async def _restore_settings(self) -> None:
+        """Put back every capability/parameter this run changed (every exit path)."""
+        self.saved_params = {}  # part of self.saved
+        if self.saved is None:
+            return
+        await migration.restore(self.mon, self.saved)
+        self.saved = None
+        if self.lock:
+            self.lock.clear_state()
+
+    def _cut_nbd(self) -> None:
+        if self.nbd_sock is not None:
+            try:
+                self.nbd_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already disconnected
+
+    async def _close_pending_fds(self) -> None:
+        for name in sorted(self.pending_fds):
+            await self._closefd(name)
 
     async def _cleanup(self) -> None:
-        """Undo everything not needed any more; every step tolerates a dead QEMU."""
+        """Undo everything not needed any more; every step tolerates a dead QEMU, and a
+        step that fails (any exception) never keeps the others from running."""
         self._release_taps()
-        steps = [self._restore_params]
+        steps: list[tuple[str, object]] = []
         if self.migration_started and not self.completed:
-            steps.append(self._abort_migration)
+            if self.phase.committed:
+                steps.append(("migration", self._leave_committed))
+            else:
+                steps.append(("cancelling the migration", self._abort_migration))
         if self.mirror_started:
-            steps.append(lambda: self._cancel_job(force=True))
+            steps.append((f"cancelling {self.job}", lambda: self._cancel_job(force=True)))
         if self.nbd_added:
-            steps.append(self._drop_nbd_node)
-        for step in steps:
+            steps.append((f"removing {NBD_NODE}", self._drop_nbd_node))
+        if self.pending_fds:
+            steps.append(("closing passed fds", self._close_pending_fds))
+        steps.append(("restoring migration settings", self._restore_settings))
+        if self.tls:
+            steps.append(("removing the TLS credentials", self.tls.remove))
+        if self.nbd_sock is not None:
+            self.nbd_sock.close()
+            self.nbd_sock = None
+        for what, step in steps:
             try:
-                await step()
-            except (KatamaranError, OSError) as err:
-                self.progress.warn(f"cleanup: {err}")
+                await step()  # type: ignore[operator]
+            except Exception as err:  # noqa: BLE001 - the next steps must run regardless
+                self.progress.warn(f"cleanup: {what}: {err}")
         if self.tunnel:
             try:
                 await netlink(self.tunnel.remove)
-            except (NetlinkError, OSError) as err:
+            except Exception as err:  # noqa: BLE001
                 self.progress.warn(f"cleanup: removing tunnel {self.tunnel.ifname}: {err}")
-            await netlink(self.tunnel.close)
+            try:
+                await netlink(self.tunnel.close)
+            except Exception as err:  # noqa: BLE001
+                self.progress.warn(f"cleanup: closing netlink: {err}")
+
+    async def _leave_committed(self) -> None:
+        """After migrate-continue: no cancel, no `cont`; the tunnel goes back only if the
+        source runs the VM again (QEMU resumes it itself when the migration fails)."""
+        if self.tunnel and await migration.vm_status(self.mon) == "running":
+            await netlink(self.tunnel.unswitch)
 
     async def _abort_migration(self) -> None:
+        """Before the point of no return: cancel; the VM runs again unless something other
+        than the migration paused it (an operator's `stop`, an I/O error)."""
         if self.tunnel:
             await netlink(self.tunnel.unswitch)  # traffic back to the source VM's own route first
         state = (await self.mon.execute("query-migrate")).get("status")
@@ -548,6 +838,11 @@ class SourceMigration:
             mark = self.mon.mark()
             await self.mon.execute("migrate_cancel")
             await self._wait_migration_end(mark, self.mon.timeout)
-        if self.was_running and await migration.vm_status(self.mon) != "running":
+        status = await migration.vm_status(self.mon)
+        if self.stopped_by:
+            self.progress.step(f"migration aborted; source VM left {status} as it was paused")
+            return
+        if self.was_running and status != "running":
             await self.mon.execute("cont")
-        self.progress.step("migration aborted; source VM left running")
+            status = await migration.vm_status(self.mon)
+        self.progress.step(f"migration aborted; source VM {status}")

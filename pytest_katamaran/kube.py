@@ -18,6 +18,7 @@ import re
 import shlex
 import tarfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -703,6 +704,19 @@ def split_rc_marker(output: str) -> tuple[str, int | None]:
     return output, None
 
 
+def _package_files(packages: Sequence[str]) -> Iterable[tuple[Path, str]]:
+    """(file, archive name) of each package's source files, without caches."""
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise KubeError(f"cannot bundle {name}: not an importable package here")
+        src = Path(list(spec.submodule_search_locations)[0])
+        arc = name.replace(".", "/")
+        for path in sorted(src.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                yield path, f"{arc}/{path.relative_to(src).as_posix()}"
+
+
 def build_bundle(out: Path, packages: Sequence[str] = BUNDLE_PACKAGES) -> Path:
     """A tar.gz of katamaran and its pure-Python dependencies, to unpack on a node.
 
@@ -711,19 +725,45 @@ def build_bundle(out: Path, packages: Sequence[str] = BUNDLE_PACKAGES) -> Path:
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:gz") as tar:
-        for name in packages:
-            spec = importlib.util.find_spec(name)
-            if spec is None or not spec.submodule_search_locations:
-                raise KubeError(f"cannot bundle {name}: not an importable package here")
-            src = Path(list(spec.submodule_search_locations)[0])
-            arc = name.replace(".", "/")
-            tar.add(
-                src,
-                arcname=arc,
-                filter=lambda ti: (
-                    None if "__pycache__" in ti.name or ti.name.endswith(".pyc") else ti
-                ),
-            )
+        for path, arcname in _package_files(packages):
+            tar.add(path, arcname=arcname)
+    return out
+
+
+# What runs a zipapp: its dependencies come from inside it, never from the node's packages.
+_ZIPAPP_MAIN = """\
+import runpy
+
+runpy.run_module("katamaran", run_name="__main__", alter_sys=True)
+"""
+
+
+def build_zipapp(out: Path, packages: Sequence[str] = BUNDLE_PACKAGES) -> Path:
+    """``katamaran.pyz``: one executable file, the guide's "copy the binary" step.
+
+    Why: nodes that do not see this machine's root (the guide's Ubuntu VMs, real clusters)
+    have a python3 (Ubuntu 22.04: 3.10, enough for the core) but not our packages, maybe
+    no PyPI. ``scp katamaran.pyz node:katamaran && sudo ./katamaran -mode ...`` then works
+    with qemu.qmp and pyroute2 (pure Python) vendored inside the archive.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("__main__.py", _ZIPAPP_MAIN)
+        dirs: set[str] = set()
+        for path, arcname in _package_files(packages):
+            # directory entries: zipimport finds a namespace package (qemu/) only by them
+            parts = arcname.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                name = "/".join(parts[:i]) + "/"
+                if name not in dirs:
+                    dirs.add(name)
+                    zf.writestr(zipfile.ZipInfo(name), b"")
+            zf.write(path, arcname)
+    data = tmp.read_bytes()
+    tmp.write_bytes(b"#!/usr/bin/env python3\n" + data)  # zip readers allow a prefix
+    tmp.chmod(0o755)
+    tmp.replace(out)
     return out
 
 

@@ -78,6 +78,9 @@ class Rig:
     disk_mib: int = 64
     fill_mib: int = 8  # data written before boot, so an idle migration has blocks to copy
     kata_pod: bool = False  # source QEMU in a pod netns behind Kata's tcfilter redirect
+    # A second QMP monitor on each QEMU: katamaran uses it (Sandbox.qmp_path), so a
+    # test can watch and poke QEMU on the primary one (spec.qmp_path) during a run.
+    extra_monitor: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
 
@@ -129,6 +132,7 @@ class Rig:
             append=append,
             run_dir=self.tmp / "a",
             disk=self.src_disk,
+            extra_monitor=self.extra_monitor,
         )
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC

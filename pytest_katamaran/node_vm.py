@@ -44,7 +44,7 @@ from pytest_katamaran.nodeimage import (
     create_overlay,
     image_from_dict,
     is_current,
-    overlay_backing,
+    overlay_fits,
 )
 
 Progress = Callable[[str], None]
@@ -71,6 +71,11 @@ SETUP_HINT = "Run ./testenv/setup.sh first."
 # Ubuntu nodes (KVM laptop) get what Kata needs.
 RESOURCES = {"debian": (2, 1536), "ubuntu": (2, 4096)}
 BOOT_TIMEOUTS = {"debian": 180.0, "ubuntu": 900.0}
+
+
+def nic_macs(role: str) -> dict[str, str]:
+    """A node's NIC MACs by purpose: the seed's network-config matches NICs by them."""
+    return {"nat": NAT_MACS[role], "private": PRIVATE_MACS[role]}
 
 
 def _stderr_progress(msg: str) -> None:
@@ -407,6 +412,11 @@ class Testenv:
         """What setup built (image paths, accel): read by ``start``."""
         return self.state / "nodes.json"
 
+    @property
+    def zipapp(self) -> Path:
+        """``katamaran.pyz``: what the guide's step 4 copies to nodes that lack the host root."""
+        return self.root / "katamaran.pyz"
+
     def disk(self, role: str) -> Path:
         """Node's COW overlay."""
         return self.state / f"node-{role}.qcow2"
@@ -509,6 +519,7 @@ def cmd_check_deps(kind: str) -> int:
 
 def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
     """The guide's section 1: image, COW overlays, SSH keypair, seeds; then next steps."""
+    from pytest_katamaran.kube import build_zipapp
     from pytest_katamaran.seed import write_seed
     from pytest_katamaran.ssh import generate_keypair
 
@@ -531,7 +542,7 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
     say("==> COW overlays")
     for role in ROLES:
         disk = env.disk(role)
-        if disk.exists() and overlay_backing(disk) == str(image.disk_base):
+        if disk.exists() and overlay_fits(disk, image):
             say(f"    {_display(disk)} kept (backing {image.disk_base.name})")
         else:
             create_overlay(image, disk)
@@ -548,8 +559,12 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
             hostname=f"node-{role}",
             authorized_keys=[pubkey],
             private_ip=f"{PRIVATE_IPS[role]}/{PRIVATE_PREFIX}",
+            nic_macs=nic_macs(role),
         )
         say(f"    {_display(env.seed(role))}")
+    say("==> katamaran for the nodes (one file; qemu.qmp and pyroute2 inside)")
+    build_zipapp(env.zipapp)
+    say(f"    {_display(env.zipapp)} (python3 >= 3.10 on the node)")
     manifest = {"image": image.to_dict(), "accel": accel}
     env.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     key = _display(env.key)
@@ -559,7 +574,10 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
         "  ./testenv/start-node-b.sh    # Terminal 2: Node B (destination), after A listens\n"
         "Then SSH in (password 'ubuntu' if the key fails):\n"
         f"  ssh -o StrictHostKeyChecking=no -i {key} -p 2222 ubuntu@localhost\n"
-        f"  ssh -o StrictHostKeyChecking=no -i {key} -p 2223 ubuntu@localhost"
+        f"  ssh -o StrictHostKeyChecking=no -i {key} -p 2223 ubuntu@localhost\n"
+        "Copy katamaran to a node that does not see this machine's files (Ubuntu image):\n"
+        f"  scp -o StrictHostKeyChecking=no -i {key} -P 2222 {_display(env.zipapp)} "
+        "ubuntu@localhost:~/katamaran   # then: sudo ./katamaran -mode ..."
     )
     return 0
 

@@ -63,6 +63,8 @@ UBUNTU_IMAGE_URL = (
     "https://cloud-images.ubuntu.com/releases/22.04/release/ubuntu-22.04-server-cloudimg-amd64.img"
 )
 UBUNTU_URL_ENV = "KATAMARAN_UBUNTU_IMAGE_URL"
+# The Ubuntu nodes' root overlay (virtual, sparse): room for Kata, containerd, k3s, images.
+UBUNTU_OVERLAY_GIB = 20
 IMAGE_KINDS = ("debian", "ubuntu")
 # Bump when the node image recipe changes in a way the hashed inputs do not show.
 RECIPE_VERSION = 3
@@ -109,6 +111,11 @@ class DebianImage:
         """Format of :attr:`disk_base` (``qemu-img create -F``)."""
         return "raw"
 
+    @property
+    def overlay_gib(self) -> int | None:
+        """Virtual size of a node's overlay: the scratch disk's own (None)."""
+        return None
+
     def files(self) -> list[Path]:
         """Files that must exist to boot (checked by the start scripts)."""
         return [self.kernel, self.initrd, self.modules_dir, self.scratch_base]
@@ -141,6 +148,16 @@ class UbuntuImage:
     def disk_base_format(self) -> str:
         """Format of :attr:`disk_base` (the cloud image is qcow2)."""
         return "qcow2"
+
+    @property
+    def overlay_gib(self) -> int | None:
+        """Virtual size of a node's root overlay (cloud-init's growpart fills it at boot).
+
+        Why: the cloud image's 2.2 GiB root has about 600 MiB free, less than Kata's static
+        release, containerd, k3s and the pod images need. qcow2 is sparse: only what the
+        node writes takes space on the host.
+        """
+        return UBUNTU_OVERLAY_GIB
 
     def files(self) -> list[Path]:
         """Files that must exist to boot."""
@@ -363,12 +380,14 @@ def create_overlay(image: NodeImage, out: Path) -> Path:
     out.unlink(missing_ok=True)
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk_base)]
     argv += ["-F", image.disk_base_format, str(out)]
+    if image.overlay_gib:
+        argv.append(f"{image.overlay_gib}G")
     _run(argv, fix="apt-get install qemu-utils")
     return out
 
 
-def overlay_backing(path: Path) -> str | None:
-    """The backing file recorded in a qcow2 overlay (None if unreadable)."""
+def overlay_fits(path: Path, image: NodeImage) -> bool:
+    """A qcow2 overlay on the image's disk base, at least the size the image asks for."""
     try:
         out = subprocess.run(
             ["qemu-img", "info", "-U", "--output=json", str(path)],
@@ -376,6 +395,9 @@ def overlay_backing(path: Path) -> str | None:
             text=True,
             check=True,
         ).stdout
-        return json.loads(out).get("backing-filename")
+        info = json.loads(out)
     except (OSError, subprocess.CalledProcessError, ValueError):
-        return None
+        return False
+    if info.get("backing-filename") != str(image.disk_base):
+        return False
+    return not image.overlay_gib or info.get("virtual-size", 0) >= image.overlay_gib << 30

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 DEFAULT_INTERVAL = 0.01
 # iputils refuses intervals below this for unprivileged users (older releases: 0.2 s).
@@ -474,7 +474,7 @@ class PingMonitor:
         name = getattr(node, "name", "node")
         return cls(node.ssh, target, interval, name=f"ping {target} from {name}")
 
-    def start(self, ready_timeout: float = 10.0) -> Self:
+    def start(self, ready_timeout: float = 10.0) -> PingMonitor:
         """Start ping and wait for its header line so a bad setup fails here, not at stop."""
         if self.handle is not None:
             raise RuntimeError(f"{self.name}: already started")

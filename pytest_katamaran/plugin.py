@@ -524,7 +524,7 @@ def results(
 ) -> Generator[dict[str, Any], None, None]:
     """A dict the test fills; written to ``<results-dir>/<nodeid>.json`` with the outcome."""
     data: dict[str, Any] = {}
-    started = _dt.datetime.now(_dt.UTC)
+    started = _dt.datetime.now(_dt.timezone.utc)
     yield data
     reports = request.node.stash.get(_REPORTS_KEY, {})
     call = reports.get("call")
@@ -538,7 +538,7 @@ def results(
         "outcome": _outcome(reports),
         "duration_s": round(call.duration, 3) if call is not None else None,
         "started_at": started.isoformat(),
-        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "failure": failure,
         "katamaran": {
             "nodes": katamaran_config.nodes,

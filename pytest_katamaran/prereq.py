@@ -30,7 +30,7 @@ KATA_SHIM = "containerd-shim-kata-v2"
 KATA_SHIM_OPT = "/opt/kata/bin/containerd-shim-kata-v2"
 # What the flows download: images (nginx:alpine, python, kata-deploy), k3s, kata-deploy YAML.
 INTERNET_HOSTS = ("docker.io", "quay.io", "get.k3s.io", "github.com")
-MIN_NODE_PYTHON = (3, 11)
+MIN_NODE_PYTHON = (3, 10)
 
 Probe = Callable[[], str | None]
 
@@ -146,19 +146,19 @@ PYTHON_NODE_CHECK = (
 
 
 def python_node_reason(node: str, check_output: str) -> str | None:
-    """katamaran needs python3 >= 3.11 on the node it runs on."""
+    """katamaran needs python3 >= 3.10 on the node it runs on."""
     for word in check_output.split():
         if word.startswith("python="):
             value = word.split("=", 1)[1]
             if value == "none":
-                return f"python3 not found on {node} (katamaran needs python3 >= 3.11 there)"
+                return f"python3 not found on {node} (katamaran needs python3 >= 3.10 there)"
             try:
                 version = tuple(int(p) for p in value.split("."))
             except ValueError:
                 break
             if version >= MIN_NODE_PYTHON:
                 return None
-            return f"python3 on {node} is {value}; katamaran needs python3 >= 3.11 there"
+            return f"python3 on {node} is {value}; katamaran needs python3 >= 3.10 there"
     return f"cannot tell python3's version on {node} (output: {check_output.strip()[:80]!r})"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,8 @@ DEFAULT_USER = "ubuntu"
 DEFAULT_PASSWORD = "ubuntu"
 NETWORK_TEMPLATE = Path(__file__).resolve().parents[1] / "testenv" / "network-config.yaml"
 PRIVATE_IP_PLACEHOLDER = "@PRIVATE_IP@"
+MAC_PLACEHOLDERS = {"nat": "@NAT_MAC@", "private": "@PRIVATE_MAC@"}
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # Kata's static release (QEMU, kernel, guest image, shim) as the guide's nodes install it.
 KATA_VERSION = "3.2.0"
 KATA_URL = (
@@ -123,17 +126,28 @@ def render_meta_data(instance_id: str, hostname: str) -> str:
     return f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
 
 
-def render_network_config(private_ip: str, template: Path = NETWORK_TEMPLATE) -> str:
-    """testenv/network-config.yaml with the node's private address (ADDR/LEN) filled in."""
+def render_network_config(
+    private_ip: str, nic_macs: dict[str, str], template: Path = NETWORK_TEMPLATE
+) -> str:
+    """testenv/network-config.yaml with the node's private address (ADDR/LEN) and its NICs'
+    MACs (``{"nat": ..., "private": ...}``) filled in: NICs are matched by MAC, not name."""
     if "/" not in private_ip:
         raise ValueError(f"private_ip must be ADDR/LEN, got {private_ip!r}")
+    if set(nic_macs) != set(MAC_PLACEHOLDERS) or not all(
+        _MAC.match(mac) for mac in nic_macs.values()
+    ):
+        raise ValueError(f"nic_macs must map nat and private to lower-case MACs, got {nic_macs}")
     try:
         text = template.read_text()
     except OSError as e:
         raise FileNotFoundError(f"network-config template {template} not readable: {e}") from e
-    if PRIVATE_IP_PLACEHOLDER not in text:
-        raise ValueError(f"{template} has no {PRIVATE_IP_PLACEHOLDER} placeholder")
-    return text.replace(PRIVATE_IP_PLACEHOLDER, private_ip)
+    for placeholder in (PRIVATE_IP_PLACEHOLDER, *MAC_PLACEHOLDERS.values()):
+        if placeholder not in text:
+            raise ValueError(f"{template} has no {placeholder} placeholder")
+    text = text.replace(PRIVATE_IP_PLACEHOLDER, private_ip)
+    for nic, placeholder in MAC_PLACEHOLDERS.items():
+        text = text.replace(placeholder, nic_macs[nic])
+    return text
 
 
 def write_iso(out: Path, files: dict[str, str], label: str = SEED_LABEL) -> Path:
@@ -178,12 +192,13 @@ def write_seed(
     hostname: str,
     authorized_keys: list[str],
     private_ip: str,
+    nic_macs: dict[str, str],
     instance_id: str | None = None,
 ) -> Path:
     """The node's NoCloud seed ISO: user-data, meta-data and network-config."""
     files = {
         "user-data": render_user_data(user_data(hostname, authorized_keys)),
         "meta-data": render_meta_data(instance_id or f"katamaran-{hostname}", hostname),
-        "network-config": render_network_config(private_ip),
+        "network-config": render_network_config(private_ip, nic_macs),
     }
     return write_iso(out, files)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything, then run one real live migration on this machine (see README).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$KATAMARAN_REPO"
 bash testenv/install-deps.sh
-exec python3 -m pytest_katamaran.demo "$@"
+katamaran_python
+exec "$KATAMARAN_PY" -m pytest_katamaran.demo "$@"

@@ -5,7 +5,7 @@
 #   ./testenv/k3s-e2e.sh status     # cluster, pods, QEMU processes
 #   ./testenv/k3s-e2e.sh teardown   # uninstall k3s (the VMs stay running)
 # Needs ./testenv/start-node-a.sh and start-node-b.sh running. Thin front-end over
-# `python3 -m pytest_katamaran.k3s setup|status|teardown`.
+# `python -m pytest_katamaran.k3s setup|status|teardown`.
 set -euo pipefail
 
 usage() {
@@ -29,9 +29,9 @@ case "$1" in
         ;;
 esac
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # The key (kata_test_rsa) lives next to this script unless the caller points elsewhere.
-export KATAMARAN_TESTENV_DIR="${KATAMARAN_TESTENV_DIR:-$here}"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec python3 -m pytest_katamaran.k3s "$1"
+export KATAMARAN_TESTENV_DIR="${KATAMARAN_TESTENV_DIR:-$KATAMARAN_REPO/testenv}"
+export PYTHONPATH="$KATAMARAN_REPO${PYTHONPATH:+:$PYTHONPATH}"
+katamaran_python
+exec "$KATAMARAN_PY" -m pytest_katamaran.k3s "$1"

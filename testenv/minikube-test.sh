@@ -3,7 +3,7 @@
 # VM's QMP socket in a one-node minikube (kvm2, containerd, kata-deploy).
 #   ./testenv/minikube-test.sh          # deletes the cluster afterwards
 #   ./testenv/minikube-test.sh --keep   # keeps it for debugging (KATAMARAN_KEEP_CLUSTER=1)
-# Thin front-end over `python3 -m pytest tests/e2e/test_minikube.py -v`; it skips with the
+# Thin front-end over `python -m pytest tests/e2e/test_minikube.py -v`; it skips with the
 # exact missing prerequisite (nested KVM, minikube, kubectl, KATAMARAN_INTERNET=1).
 set -euo pipefail
 
@@ -27,11 +27,11 @@ for arg in "$@"; do
     esac
 done
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
-cd "$repo"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$KATAMARAN_REPO"
+export PYTHONPATH="$KATAMARAN_REPO${PYTHONPATH:+:$PYTHONPATH}"
 if [[ $keep -eq 1 ]]; then
     export KATAMARAN_KEEP_CLUSTER=1
 fi
-exec python3 -m pytest tests/e2e/test_minikube.py -v -rs
+katamaran_python
+exec "$KATAMARAN_PY" -m pytest tests/e2e/test_minikube.py -v -rs

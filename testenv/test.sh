@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Smoke tests (TESTING.md, "Running Smoke Tests"): ./testenv/test.sh [pytest args...]
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-exec python3 -m pytest tests/smoke "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$KATAMARAN_REPO"
+katamaran_python
+exec "$KATAMARAN_PY" -m pytest tests/smoke "$@"

@@ -28,6 +28,7 @@ from pytest_katamaran.node_vm import (
     NodeProcess,
     NodeSpec,
     free_port,
+    nic_macs,
     wait_listening,
 )
 from pytest_katamaran.nodeimage import NodeImage, build_image, create_overlay
@@ -172,6 +173,7 @@ class QemuNodes:
                 hostname=f"node-{role}",
                 authorized_keys=[pubkey],
                 private_ip=f"{PRIVATE_IPS[role]}/{PRIVATE_PREFIX}",
+                nic_macs=nic_macs(role),
                 instance_id=f"katamaran-node-{role}-{os.getpid()}",
             )
         self.progress(

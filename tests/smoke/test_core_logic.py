@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
 
 from katamaran.cli import parse_args
 from katamaran.config import host_port
-from katamaran.errors import UsageError
+from katamaran.errors import KatamaranError, QMPTimeout, UsageError
 from katamaran.network import (
     TABLE_BASE,
     TABLE_MASK,
@@ -61,6 +62,37 @@ def test_events_that_arrived_before_the_wait_are_not_lost():
         return [event["event"], after[1]["data"]["status"], str(missing)]
 
     assert asyncio.run(scenario()) == ["STOP", "completed", "None"]
+
+
+class _SilentQEMU:
+    """A QMP client whose commands never get an answer (a hung QEMU)."""
+
+    async def execute(self, command, arguments=None):
+        await asyncio.Event().wait()
+
+
+def test_a_command_qemu_never_answers_is_a_qmp_timeout():
+    """Before 3.11 asyncio.wait_for raises asyncio.TimeoutError, not the builtin TimeoutError."""
+
+    async def scenario() -> None:
+        mon = Monitor(Path("/nonexistent.sock"), 0.05)
+        mon._client = _SilentQEMU()
+        with pytest.raises(QMPTimeout, match=r"^timed out waiting for QMP response to stop after"):
+            await mon.execute("stop")
+
+    asyncio.run(scenario())
+
+
+def test_a_socket_that_never_greets_fails_connect_with_the_path(tmp_path):
+    """A real unix socket that accepts and stays silent (another client holds the monitor)."""
+    path = tmp_path / "qmp.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        mon = Monitor(path, 0.2)
+        with pytest.raises(KatamaranError, match=r"no greeting within 0\.2s") as err:
+            asyncio.run(mon.connect())
+    assert str(err.value).startswith(f"Failed to connect to QMP socket {path}: ")
 
 
 def test_tunnel_name_fits_ifnamsiz_and_is_stable():

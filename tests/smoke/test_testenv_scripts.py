@@ -11,6 +11,8 @@ import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -152,6 +154,7 @@ def test_seed_iso_holds_the_guide_user(tmp_path):
         hostname="node-b",
         authorized_keys=["ssh-rsa AAAA test"],
         private_ip="10.0.0.2/24",
+        nic_macs=node_vm.nic_macs("b"),
     )
     iso = pycdlib.PyCdlib()
     iso.open(str(iso_path))
@@ -171,7 +174,31 @@ def test_seed_iso_holds_the_guide_user(tmp_path):
     assert user["ssh_authorized_keys"] == ["ssh-rsa AAAA test"]
     assert {"name": "ubuntu", "password": "ubuntu", "type": "text"} in data["chpasswd"]["users"]
     assert "local-hostname: node-b" in files["meta-data"]
-    assert '"10.0.0.2/24"' in files["network-config"] and "enp0s4" in files["network-config"]
+    net = files["network-config"]
+    assert '"10.0.0.2/24"' in net and "@" not in net
+    # matched by the MAC the QEMU command line gives each NIC, renamed to the guide's names
+    private = net[net.index("  private:") :]
+    assert 'macaddress: "52:54:00:12:35:0b"' in private and "set-name: enp0s4" in private
+    nat = net[net.index("  nat:") : net.index("  private:")]
+    assert 'macaddress: "52:54:00:12:34:0b"' in nat and "set-name: enp0s3" in nat
+    keys = [line.strip() for line in net.splitlines() if not line.lstrip().startswith("#")]
+    assert "enp0s3:" not in keys and "ens3:" not in keys, "NICs must not be matched by name"
+
+
+def test_network_config_macs_are_the_ones_on_the_qemu_command_line(tmp_path):
+    for role in ("a", "b"):
+        argv = " ".join(node_argv(_spec(tmp_path, role)))
+        for mac in node_vm.nic_macs(role).values():
+            assert f"mac={mac}," in argv
+
+
+@pytest.mark.parametrize(
+    "macs",
+    [{"nat": "52:54:00:12:34:0a"}, {"nat": "52:54:00:12:34:0a", "private": "52-54-00-12-35-0a"}],
+)
+def test_network_config_rejects_bad_macs(macs):
+    with pytest.raises(ValueError, match="^nic_macs must map nat and private"):
+        seed.render_network_config("10.0.0.1/24", macs)
 
 
 def _load_node_cloudinit():
@@ -207,3 +234,132 @@ def test_missing_host_packages_are_named(monkeypatch):
 
     monkeypatch.setattr(node_vm.shutil, "which", which)
     assert "qemu-utils" in node_vm.missing_packages("debian")
+
+
+# --------------------------------------------------------------------------- the .venv
+
+# Every entry point a user or CI runs; each must run the python testenv/lib.sh picks.
+FRONT_ENDS = [p for p in SCRIPTS if p.name not in ("lib.sh", "install-deps.sh")]
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, REPO / ".ci" / "run"], ids=lambda p: p.name)
+def test_no_script_runs_the_system_python(script):
+    """Stock Debian 12 / Ubuntu 24.04 refuse pip into /usr/bin/python3 (PEP 668): .venv only."""
+    text = script.read_text()
+    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    offenders = [line for line in code if re.search(r"(^|[\s;(`])python3?\s+-[mc]\b", line)]
+    assert not offenders, f"{script.name} runs python3 from PATH: {offenders}"
+    assert not [line for line in code if "pip install" in line and "venv_py" not in line]
+
+
+@pytest.mark.parametrize("script", FRONT_ENDS, ids=lambda p: p.name)
+def test_front_ends_source_lib_sh(script):
+    text = script.read_text()
+    assert 'source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"' in text
+    assert "katamaran_python" in text and '"$KATAMARAN_PY"' in text
+
+
+def _copy_checkout(tmp_path: Path) -> Path:
+    """testenv/ alone in a fresh directory: a clone where install-deps.sh has not run."""
+    work = tmp_path / "clone"
+    (work / "testenv").mkdir(parents=True)
+    for script in SCRIPTS:
+        (work / "testenv" / script.name).write_bytes(script.read_bytes())
+    return work
+
+
+def _run_script(work: Path, script: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KATAMARAN_PYTHON"}
+    env.update(env_extra)
+    return subprocess.run(
+        ["bash", str(work / "testenv" / script)],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("script", ["test.sh", "run-tests.sh", "start-node-a.sh", "setup.sh"])
+def test_without_venv_the_scripts_name_install_deps(tmp_path, script):
+    work = _copy_checkout(tmp_path)
+    r = _run_script(work, script, {})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"{work}/.venv/bin/python not found. Run ./testenv/install-deps.sh (as root) first."
+    )
+
+
+def test_scripts_run_the_venv_python_without_activation(tmp_path):
+    work = _copy_checkout(tmp_path)
+    venv_bin = work / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    fake = venv_bin / "python"
+    fake.write_text('#!/bin/sh\necho "venv python: $*"\n')
+    fake.chmod(0o755)
+    r = _run_script(work, "test.sh", {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "venv python: -m pytest tests/smoke\n"
+    r = _run_script(work, "test.sh", {"KATAMARAN_PYTHON": "/bin/echo"})
+    assert r.stdout == "-m pytest tests/smoke\n", "KATAMARAN_PYTHON must win over .venv"
+
+
+def test_ci_builds_the_venv_on_the_system_python():
+    text = (REPO / ".ci" / "run").read_text()
+    assert "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in text
+    assert "unset KATAMARAN_PYTHON KATAMARAN_BASE_PYTHON" in text
+    assert 'if [[ "$base" != /usr ]]' in text
+
+
+def test_install_deps_builds_the_venv_from_the_distribution_python():
+    lib = (REPO / "testenv" / "lib.sh").read_text()
+    assert 'KATAMARAN_BASE_PYTHON="${KATAMARAN_BASE_PYTHON:-/usr/bin/python3}"' in lib
+    text = (REPO / "testenv" / "install-deps.sh").read_text()
+    assert '"$KATAMARAN_BASE_PYTHON" -m venv "$KATAMARAN_VENV"' in text
+    assert "\"$venv_py\" -m pip install -q -e '.[test]'" in text
+    assert "python3-venv" in text
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def _virtual_size(path: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return json.loads(out)["virtual-size"]
+
+
+def test_ubuntu_overlay_is_grown_to_fit_kata_containerd_and_k3s(tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    base = tmp_path / "jammy.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    image = UbuntuImage(base=base)
+    disk = nodeimage.create_overlay(image, tmp_path / "node-a.qcow2")
+    assert _virtual_size(disk) == nodeimage.UBUNTU_OVERLAY_GIB << 30
+    assert nodeimage.overlay_fits(disk, image)
+    small = tmp_path / "old-node-a.qcow2"  # an overlay from before: too small, made anew
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(small)],
+        check=True,
+    )
+    assert not nodeimage.overlay_fits(small, image)
+
+
+def test_debian_overlay_keeps_the_scratch_size(tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    scratch = tmp_path / "scratch.raw"
+    scratch.write_bytes(b"")
+    os.truncate(scratch, 8 << 20)
+    image = _spec(tmp_path, "a").image
+    image = DebianImage(**{**image.__dict__, "scratch_base": scratch})
+    disk = nodeimage.create_overlay(image, tmp_path / "node-a.qcow2")
+    assert _virtual_size(disk) == 8 << 20 and nodeimage.overlay_fits(disk, image)

@@ -1,0 +1,146 @@
+"""Pure logic of the source's safety pieces: the per-VM lock, Progress on a broken
+stream, phases, the new flag.  The behaviour against real QEMU is in
+tests/integration/test_faults.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from katamaran import cli
+from katamaran.errors import KatamaranError, OutcomeUncertain, UsageError
+from katamaran.lock import VMLock
+from katamaran.progress import Progress
+from katamaran.source import Phase
+
+
+def test_second_lock_on_the_same_socket_is_refused_with_the_holder_pid(tmp_path):
+    sock = tmp_path / "qmp.sock"
+    with VMLock(sock, [tmp_path / "locks"]):
+        with pytest.raises(KatamaranError) as refused:
+            VMLock(sock, [tmp_path / "locks"]).acquire()
+    assert str(refused.value) == (
+        f"another katamaran (pid {os.getpid()}) is already migrating the VM at {sock}"
+    )
+    with VMLock(sock, [tmp_path / "locks"]):  # released: free again
+        pass
+
+
+def test_lock_is_per_resolved_path_and_held_across_processes(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    dirs = [tmp_path / "locks"]
+    with VMLock(tmp_path / "link" / "qmp.sock", dirs):
+        probe = (
+            "import sys; from pathlib import Path; from katamaran.lock import VMLock\n"
+            "try:\n"
+            f"    VMLock(Path({str(tmp_path / 'real' / 'qmp.sock')!r}), [Path({str(dirs[0])!r})])"
+            ".acquire()\n"
+            "except Exception as err:\n"
+            "    print(err); sys.exit(1)\n"
+        )
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert other.returncode == 1, other.stdout + other.stderr
+        assert f"(pid {os.getpid()})" in other.stdout
+        assert VMLock(tmp_path / "other.sock", dirs).acquire() is None  # another VM: fine
+
+
+def test_lock_falls_back_when_the_first_directory_is_unusable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    lock = VMLock(tmp_path / "qmp.sock", [blocker / "sub", tmp_path / "fallback"])
+    with lock:
+        assert lock.path is not None and lock.path.parent == tmp_path / "fallback"
+
+
+def test_saved_settings_survive_until_cleared(tmp_path):
+    lock = VMLock(tmp_path / "qmp.sock", [tmp_path])
+    with lock:
+        assert lock.load_state() is None
+        lock.save_state({"parameters": {"downtime-limit": 300}, "was_running": True})
+        assert VMLock(tmp_path / "qmp.sock", [tmp_path]).key == lock.key
+        assert lock.load_state() == {"parameters": {"downtime-limit": 300}, "was_running": True}
+        lock.clear_state()
+        assert lock.load_state() is None
+
+
+class _Dropped(io.StringIO):
+    """stderr of a dropped ssh session: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_progress_never_raises_on_a_broken_stream():
+    progress = Progress(_Dropped())
+    progress.step("a step")
+    progress.warn("a warning")
+    progress.update("12%")
+    assert progress.broken
+
+
+def test_progress_still_writes_to_a_working_stream():
+    out = io.StringIO()
+    Progress(out).warn("x")
+    assert out.getvalue() == "katamaran: WARNING: x\n"
+
+
+def test_phases_after_migrate_continue_are_committed():
+    committed = {phase for phase in Phase if phase.committed}
+    assert committed == {Phase.COMMITTED, Phase.COMPLETED, Phase.HOLD}
+    assert Phase.RAM.value == "during RAM copy"
+
+
+def test_exit_codes():
+    assert OutcomeUncertain("x").exit_code == 3
+    assert {signal.name for signal in cli.SIGNALS} == {"SIGINT", "SIGTERM", "SIGHUP"}
+
+
+def test_switchover_timeout_flag():
+    base = ["-mode", "source", "-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5"]
+    assert cli.parse_args(base).switchover_timeout == 5.0
+    assert cli.parse_args([*base, "-switchover-timeout", "1.5"]).switchover_timeout == 1.5
+    with pytest.raises(UsageError, match="-switchover-timeout"):
+        cli.parse_args([*base, "-switchover-timeout", "-1"])
+    with pytest.raises(UsageError, match="must be positive"):
+        cli.parse_args([*base, "-switchover-timeout", "0"])
+
+
+class _Jobs:
+    """Answers query-block-jobs only: the one QMP call the switchover test makes."""
+
+    timeout = 1.0
+
+    def __init__(self, unsynced: int) -> None:
+        self.unsynced = unsynced
+
+    async def execute(self, command: str, args: object = None) -> list[dict]:
+        assert command == "query-block-jobs"
+        job = "katamaran-mirror-drive-virtio-disk0"
+        return [{"device": job, "len": 1 << 30, "offset": (1 << 30) - self.unsynced}]
+
+
+def _converged(unsynced: int, remaining: int) -> bool:
+    import asyncio
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    src = SourceMigration(Config(mode="source"), _Jobs(unsynced), Progress(io.StringIO()))
+    src.mirror_started = True
+    src.last_sync = 2
+    # 800 Mbit/s = 100 000 bytes/ms; the default 50 ms budget is 5 000 000 bytes.
+    info = {"status": "active", "ram": {"dirty-sync-count": 3, "mbps": 800.0}}
+    info["ram"]["remaining"] = remaining
+    return asyncio.run(src._converged(info))
+
+
+def test_switchover_test_counts_the_mirror_bytes_left():
+    assert _converged(unsynced=0, remaining=4_000_000)
+    assert not _converged(unsynced=2_000_000, remaining=4_000_000)
+    assert _converged(unsynced=1_000_000, remaining=4_000_000)
+    assert not _converged(unsynced=0, remaining=6_000_000)
