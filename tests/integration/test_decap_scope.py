@@ -42,7 +42,7 @@ def facts(tmp_path_factory):
         pytest.skip(f"no Debian node image: {err}")
     try:
         run = lab.node_a.ssh.run(  # check=True: a failing scenario raises with its stderr
-            f"cd {REPO} && sudo env PYTHONPATH={REPO} python3 {SCENARIO}", timeout=240
+            f"cd {REPO} && sudo env PYTHONPATH={REPO} python3 {SCENARIO}", timeout=480
         )
     finally:
         lab.stop()
