@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -47,11 +48,15 @@ class DestMigration:
         self.incoming: MigrationListener | None = None
         self.qemu_listens = ""  # QEMU's own -incoming tcp: address, when it has one
         self.tls: TLSCreds | None = None
+        # capabilities/parameters before this run changed them: put back at cleanup, so
+        # the VM's next migration (by any tool) does not inherit pause-before-switchover
+        self.saved: dict[str, dict[str, Any]] | None = None
 
     async def run(self) -> None:
         try:
             await self._check_state()
             await self._prepare_network()
+            self.saved = await migration.snapshot(self.mon)
             await migration.set_capabilities(self.mon)
             if self.cfg.tls:
                 self.tls = TLSCreds(self.mon, self.cfg)
@@ -393,18 +398,23 @@ class DestMigration:
             pass  # already gone
 
     async def _cleanup(self) -> None:
+        """Every step runs even when an earlier one failed (a dead QEMU, a netlink error)."""
         if self.incoming:
             self.incoming.close()
-        try:
-            await self._stop_nbd()
-        except KatamaranError as err:
-            self.progress.warn(f"cleanup: {err}")
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [("NBD", self._stop_nbd)]
+        if self.saved is not None:
+            saved = self.saved
+            steps.append(
+                ("restoring migration settings", lambda: migration.restore(self.mon, saved))
+            )
         if self.tls:
+            steps.append(("removing the TLS credentials", self.tls.remove))
+        steps.append(("network", self._remove_network))
+        for what, step in steps:
             try:
-                await self.tls.remove()
-            except KatamaranError as err:
-                self.progress.warn(f"cleanup: {err}")
-        await self._remove_network()
+                await step()
+            except Exception as err:  # noqa: BLE001 - the next steps must run regardless
+                self.progress.warn(f"cleanup: {what}: {err}")
 
     async def _remove_network(self) -> None:
         """Rules first (nothing new enters the hold), then drain the plug, then the rest."""

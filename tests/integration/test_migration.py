@@ -32,6 +32,12 @@ def dest_status(rig) -> str:
         pytest.xfail(f"destination guest kernel panicked after migration: {panic}")
 
 
+def migration_settings(box) -> tuple[dict, dict]:
+    caps = {c["capability"]: c["state"] for c in qmp(box.qmp_path, "query-migrate-capabilities")}
+    params = qmp(box.qmp_path, "query-migrate-parameters")
+    return caps, {k: params.get(k) for k in ("downtime-limit", "max-bandwidth", "tls-creds")}
+
+
 def assert_nothing_left(rig, dest: bool = True) -> None:
     """No block job, NBD export or helper node left (dest: once its katamaran has exited)."""
     assert qmp(rig.src.qmp_path, "query-block-jobs") == []
@@ -47,11 +53,14 @@ def assert_nothing_left(rig, dest: bool = True) -> None:
 def test_nbd_migration_carries_the_disk(rig_factory, dest_ip):
     rig = rig_factory()
     rig.up()
+    before = [migration_settings(box) for box in (rig.src, rig.dst)]
     dest = rig.start_dest()
     source = rig.start_source(dest_ip)
     assert_migrated(rig, rig.finish(source), rig.finish(dest))
     assert "downtime" in rig.log("source.log") and "storage" in rig.log("source.log")
     assert_nothing_left(rig)
+    # both sides put back every capability and parameter they changed
+    assert [migration_settings(box) for box in (rig.src, rig.dst)] == before
     rig.src.stop()
     rig.dst.stop()
     compare = subprocess.run(
