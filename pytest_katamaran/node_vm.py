@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_katamaran.logtail import tail
 from pytest_katamaran.nodeimage import (
     IMAGE_KINDS,
     SCRATCH_LABEL,
@@ -207,16 +208,6 @@ def node_argv(spec: NodeSpec) -> list[str]:
 
 class NodeBootError(RuntimeError):
     """A node did not come up; the message carries the QEMU argv and the log tails."""
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    """Last lines of a (possibly missing) log file."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no output)"
-    out = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()][-lines:]
-    return "\n".join(out) or "(empty)"
 
 
 class NodeProcess:

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_katamaran.logtail import tail
+
 DEFAULT_STATE_DIR = Path("/run/katamaran-e2e")
 DEFAULT_RUN_DIR = Path("/run/vc/vm")
 DEFAULT_POD_IP = "10.244.1.5"
@@ -162,14 +164,6 @@ def kill_pid(pid: int, needle: str, grace: float = 10.0) -> str:
     while pid_matches(pid, needle) and time.monotonic() < deadline:
         time.sleep(0.1)
     return "killed"
-
-
-def tail(path: Path, lines: int = 80) -> str:
-    try:
-        data = path.read_bytes()[-65536:]
-    except OSError as exc:
-        return f"<{path}: {exc.strerror}>"
-    return "\n".join(data.decode(errors="replace").replace("\r", "").splitlines()[-lines:])
 
 
 def qmp_call(
