@@ -387,3 +387,31 @@ def test_public_api(pytester: pytest.Pytester):
     out = pytester.runpytest("--fixtures").stdout.str()
     for name in ("kata_pod", "migrate", "ping", "katamaran_pods", "guest_image"):
         assert re.search(rf"^{name}( \[session scope\])? -- .*fixtures\.py", out, re.M), name
+
+
+def test_test_failing_after_a_migration_gets_its_evidence(pytester, fake_agent):
+    """A zero-drop failure after an ok migration: the report carries the migration's
+    logs, live consoles/counters and the ping placed against katamaran's events."""
+    pytester.makepyfile(
+        """
+        def test_move(kata_pod, migrate, ping, node_a, node_b):
+            pod = kata_pod(node_a, ip="127.0.0.1")
+            pinger = ping(node_a, pod, interval=0.05, source="")
+            pinger.wait_replies(3, timeout=20)
+            assert migrate(pod, to=node_b).ok
+            assert False, "a check after the move fails"
+        """
+    )
+    result = pytester.runpytest("--nodes=qemu", "--converge-delay=0")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*katamaran migration 1: node-a -> node-b*",
+            "migration node-a -> node-b: ok",
+            "--- ping ---",
+            "*--- katamaran source (node-a) ---*",
+            "*migration completed in 1.2 s*",
+            "*--- dest VM console on node-b ---*",
+            "*--- drop counters on node-b ---*",
+        ]
+    )
