@@ -282,7 +282,8 @@ def ping(
     host.  The interval is ``--ping-interval``; towards a ``KataPod`` under TCG without
     ``--ping-interval`` it is ``--nested-tcg-ping-interval``.  ``.wait_replies(n)``,
     ``.finish()`` / ``.stop()`` give the stats for ``assert_zero_drop``.  Every monitor
-    still running is stopped at teardown.
+    still running is stopped at teardown; in a test using ``results`` its raw output is
+    kept as ``<results-dir>/<test>.ping<N>.txt``.
     """
     monitors: list[PingMonitor] = []
     request.node.stash[PINGS_KEY] = monitors
@@ -313,6 +314,12 @@ def ping(
                 monitor.stop()
         except Exception as exc:
             problems.append(f"{monitor.name}: {exc}")
+    if "results" in request.fixturenames:  # the raw evidence, next to the results JSON
+        out_dir = katamaran_config.results_dir
+        for i, monitor in enumerate(monitors, 1):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            raw = out_dir / f"{_sanitize(request.node.nodeid)}.ping{i}.txt"
+            raw.write_text(monitor.output())
     if problems:
         warnings.warn(
             pytest.PytestWarning("katamaran: could not stop ping: " + "; ".join(problems)),
