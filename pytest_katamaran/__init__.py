@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from pytest_katamaran.errors import (
         HarnessError,
         KataUnavailable,
-        MigrationFailed,
         NodeStepFailed,
         PodError,
+        RuntimeNotImplemented,
     )
     from pytest_katamaran.migration import MigrationResult
     from pytest_katamaran.ping import PingMonitor, PingStats, assert_zero_drop
@@ -41,7 +41,7 @@ _EXPORTS = {
     "NodeStepFailed": "pytest_katamaran.errors",
     "KataUnavailable": "pytest_katamaran.errors",
     "PodError": "pytest_katamaran.errors",
-    "MigrationFailed": "pytest_katamaran.errors",
+    "RuntimeNotImplemented": "pytest_katamaran.errors",
 }
 
 __all__ = [
@@ -49,12 +49,12 @@ __all__ = [
     "HarnessError",
     "KataPod",
     "KataUnavailable",
-    "MigrationFailed",
     "MigrationResult",
     "NodeStepFailed",
     "PingMonitor",
     "PingStats",
     "PodError",
+    "RuntimeNotImplemented",
     "WriteCheck",
     "assert_zero_drop",
     "verify_writes",

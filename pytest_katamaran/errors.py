@@ -8,10 +8,13 @@ The tree (as qemu.qmp draws its own)::
      |                           node's serial log tail
      +-- KataUnavailable         --kata=runtime asked for, the node has no Kata runtime;
      |                           carries the node and the binaries looked for
-     +-- PodError                a Kata pod could not be started, found or checked; carries
-     |                           the node and what was attempted
-     +-- MigrationFailed         `migrate()` gave up before a result existed; carries the
-                                 partial MigrationResult (logs, rcs) when there is one
+     +-- RuntimeNotImplemented   the node has Kata, but pods through containerd are not
+     |                           built yet; carries the node and the binaries found
+     +-- PodError                a Kata pod could not be started, found or moved; carries
+                                 the node
+
+A failed migration is not an exception: ``migrate()`` returns a MigrationResult whose
+``ok`` is False and whose ``problems``/``explain()`` say why.
 
 Why a separate root from ``katamaran.errors.KatamaranError``: those are the migration
 core's errors (what a user of the CLI sees); these are the harness's (what a test author
@@ -76,17 +79,22 @@ class KataUnavailable(HarnessError):
         )
 
 
+class RuntimeNotImplemented(HarnessError):
+    """The node has Kata (``found``), but starting pods through containerd is not built."""
+
+    def __init__(self, node: str, found: list[str]) -> None:
+        self.node = node
+        self.found = found
+        super().__init__(
+            f"{node} has {', '.join(found)}: real Kata pods through containerd are not "
+            "implemented by this harness yet (nothing here to prove them on); "
+            "--kata=sandbox runs the Kata-shaped sandbox instead"
+        )
+
+
 class PodError(HarnessError):
     """A pod could not be started, found or checked (``node`` says where)."""
 
     def __init__(self, node: str, message: str) -> None:
         self.node = node
         super().__init__(f"{node}: {message}")
-
-
-class MigrationFailed(HarnessError):
-    """``migrate()`` could not finish the flow; ``result`` holds what was gathered."""
-
-    def __init__(self, message: str, result: Any = None) -> None:
-        self.result = result
-        super().__init__(message)

@@ -28,7 +28,7 @@ import pytest
 from pytest_katamaran import backend as _backend
 from pytest_katamaran.accel import Accel, AccelUnavailable, choose_accel
 from pytest_katamaran.config import KatamaranConfig
-from pytest_katamaran.errors import KataUnavailable
+from pytest_katamaran.errors import KataUnavailable, RuntimeNotImplemented
 from pytest_katamaran.migration import MigrationResult, Migrator
 from pytest_katamaran.ping import PingMonitor, PingStats
 from pytest_katamaran.pluginstate import (
@@ -47,7 +47,7 @@ from pytest_katamaran.pluginstate import (
     serial_tails,
     stop_backend,
 )
-from pytest_katamaran.pod import KataPod, PodLab, RuntimeNotImplemented
+from pytest_katamaran.pod import KataPod, PodLab
 
 __all__ = [
     "accelerator",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.diskcheck import DiskReport, verify_writes
-from pytest_katamaran.errors import HarnessError, KataUnavailable, PodError
+from pytest_katamaran.errors import KataUnavailable, PodError, RuntimeNotImplemented
 from pytest_katamaran.nodectl import NodeSide
 from pytest_katamaran.qemu_cmd import DEFAULT_DRIVE_ID
 from pytest_katamaran.shared_storage import NbdExport
@@ -41,10 +41,6 @@ DISK_SIZE = "64M"
 # Nested TCG (~17x slower than TCG): generous, but every wait is bounded.
 BOOT_TIMEOUT = 900.0
 POD_OPTIONS = ("ip", "memory", "disk_size", "writer", "writer_rate", "tcfilter", "boot_timeout")
-
-
-class RuntimeNotImplemented(HarnessError):
-    """The node has Kata, but starting a pod through containerd is not built yet."""
 
 
 @dataclass
@@ -137,7 +133,7 @@ class KataPod:
         if self.export is not None:
             for side in {id(p.side): p.side for p in (self, self.previous) if p}.values():
                 side.call("nbd-detach")
-            report: DiskReport | dict[str, Any] = verify_writes(self.export.path, acked)
+            report: DiskReport = verify_writes(self.export.path, acked)
             ok, text = report.ok, str(report)
         else:
             out = self.side.call(
@@ -206,11 +202,7 @@ class PodLab:
             if self.kata == "runtime":
                 raise KataUnavailable(node.name, KATA_BINARIES)
             return "sandbox"
-        raise RuntimeNotImplemented(
-            f"{node.name} has {', '.join(found)}: real Kata pods through containerd are not "
-            "implemented by this harness yet (nothing here to prove them on); "
-            "--kata=sandbox runs the Kata-shaped sandbox instead"
-        )
+        raise RuntimeNotImplemented(node.name, found)
 
     def start(self, node: Any, shared_storage: bool = False, **options: Any) -> KataPod:
         """Start a pod on ``node``; see :data:`POD_OPTIONS` for ``options``."""
