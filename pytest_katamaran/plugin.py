@@ -35,10 +35,7 @@ from pytest_katamaran.pluginstate import (
     START_TAILS_KEY,
     serial_tails,
 )
-from pytest_katamaran.pluginstate import TermAsInterrupt as _TermAsInterrupt
 from pytest_katamaran.workload import WORKLOAD_QEMU_CHOICES
-
-__all__ = ["SKIP_REASON", "KatamaranConfig", "_TermAsInterrupt"]
 
 # --------------------------------------------------------------------------- hooks
 

@@ -150,7 +150,7 @@ def test_sigterm_interrupts_this_process_but_kills_a_forked_child():
     import os
     import signal
 
-    from pytest_katamaran.plugin import _TermAsInterrupt
+    from pytest_katamaran.pluginstate import TermAsInterrupt as _TermAsInterrupt
 
     with _TermAsInterrupt():
         pid = os.fork()
