@@ -71,7 +71,6 @@ __all__ = [
 @pytest.fixture(scope="session")
 def katamaran_config(pytestconfig: pytest.Config) -> KatamaranConfig:
     """The resolved katamaran options (command line over ini), one frozen object.
-
     ``.tuning`` holds the migration flow's numbers (``--tunnel-hold``, ``--dest-hold``,
     ``--converge-delay``, ``--writer-rate``, ``--tap-drain``, ``--max-pause``,
     ``--nested-tcg-ping-interval``; ini ``katamaran_<name>``).
@@ -99,7 +98,6 @@ def nodes(
     accelerator: Accel,
 ) -> Generator[Any, None, None]:
     """Boot the two lab nodes for the session (``--nodes=qemu``); always stopped.
-
     Skipped without ``--nodes``.  Kept running after a failure only with
     ``--keep-nodes-on-failure`` (and never after Ctrl-C/SIGTERM); their serial log tails
     are attached to every failing test that used them.
@@ -134,8 +132,7 @@ def nodes(
 
 @pytest.fixture(scope="session")
 def node_a(nodes: Any) -> Any:
-    """Node A, the migration source (private IP 10.0.0.1).
-
+    """Node A, the migration source (private IP 10.0.0.1):
     ``.name``, ``.private_ip``, ``.serial_log``, ``.ssh`` (``run/sudo/start/put/get``).
     """
     return nodes.node_a
@@ -150,7 +147,6 @@ def node_b(nodes: Any) -> Any:
 @pytest.fixture(scope="session")
 def guest_image() -> Any:
     """The pod's guest: Debian's cloud kernel + a busybox initramfs with the disk writer.
-
     Built on this host once (cached by recipe hash); the nodes see it through the host
     root.  Override it to run your own guest (``.kernel``, ``.initrd``).
     """
@@ -164,7 +160,6 @@ def guest_image() -> Any:
 @pytest.fixture(scope="session")
 def workload_qemu(katamaran_config: KatamaranConfig) -> Any:
     """The QEMU the pods run on both nodes (``--workload-qemu=backports|system``).
-
     ``backports`` (default): Debian backports' QEMU, unpacked into the cache, because
     Debian 12's 7.2 corrupts a TCG guest's RAM during live migration; falls back to the
     system QEMU with a warning when the archive cannot be reached.
@@ -212,7 +207,6 @@ def katamaran_pods(
 @pytest.fixture
 def kata_pod(katamaran_pods: PodLab) -> Callable[..., KataPod]:
     """Factory: ``kata_pod(node, shared_storage=False, **options)`` starts a Kata pod.
-
     Returns a ``KataPod`` once its guest is up: ``.ip`` (10.244.1.5 unless ``ip=``),
     ``.node``, ``.qmp_socket``, ``.tap``, ``.drive_id``, ``.disk``; ``.console()``,
     ``.acked_writes()``, ``.verify_writes()`` (stops it, checks every acknowledged disk
@@ -220,7 +214,6 @@ def kata_pod(katamaran_pods: PodLab) -> Callable[..., KataPod]:
     this host that both nodes map as /dev/nbd0.  Options: ``ip``, ``memory`` (MiB),
     ``disk_size``, ``writer`` (default True), ``writer_rate``, ``tcfilter``,
     ``boot_timeout``.  One pod per node per test.
-
     ``--kata=sandbox`` runs the Kata-shaped sandbox (pod netns, Calico veth, Kata's
     tcfilter, QEMU laid out as Kata's); ``--kata=runtime`` a real Kata container through
     containerd, skipped naming ``kata-runtime``/``containerd-shim-kata-v2`` when the node
@@ -244,14 +237,12 @@ def migrate(
     accelerator: Accel,
 ) -> Generator[Callable[..., MigrationResult], None, None]:
     """Factory: ``migrate(pod, to=node, dest_flags=None, **katamaran_flags)`` moves a pod.
-
     Runs the guide's flow: the destination QEMU on ``to`` from the pod's own command line
     with ``-incoming defer``, ``katamaran -mode dest`` there, ``-mode source`` on the
     pod's node (``-shared-storage`` when the pod's disk is shared), then the CNI
     convergence step while the tunnel holds.  Keyword flags go to the source's command
     line (``tap_drain_timeout=10`` -> ``-tap-drain-timeout 10``), ``dest_flags`` to the
     destination's; holds and delays come from ``katamaran_config.tuning``.
-
     Returns a ``MigrationResult``: ``.ok``, ``.problems``, ``.total_s``,
     ``.downtime_ms``, ``.source_rc``, ``.dest_rc``, ``.source_log``, ``.dest_log``,
     ``.pod`` (the pod on ``to``), ``.hold_end``; ``assert result.ok, result.explain()``.
@@ -273,7 +264,6 @@ def ping(
     request: pytest.FixtureRequest, katamaran_config: KatamaranConfig
 ) -> Generator[Callable[..., PingMonitor], None, None]:
     """Factory: ``ping(node, target, interval=None, source=None)`` starts a background ping.
-
     ``target`` is an IP or a ``KataPod``.  From a node, ping leaves from the node's
     cluster address (``-I node.private_ip``), as a client elsewhere in the cluster would:
     left to itself, node A's kernel would pick the pod link's 169.254.1.1 (or the NAT
