@@ -47,6 +47,7 @@ from pytest_katamaran.nodeimage import (
     is_current,
     overlay_backing,
 )
+from pytest_katamaran.procnet import is_listening
 
 Progress = Callable[[str], None]
 
@@ -323,17 +324,6 @@ def port_busy(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def is_listening(port: int) -> bool:
-    """A LISTEN socket on 127.0.0.1/0.0.0.0:port, read from /proc (never connect to
-    QEMU's socket netdev: it would take our probe for the peer)."""
-    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
-    try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(f[1] in wanted and f[3] == "0A" for f in (ln.split() for ln in lines))
 
 
 def wait_listening(port: int, timeout: float, proc: NodeProcess | None = None) -> None:

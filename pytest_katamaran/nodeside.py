@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.logtail import tail
+from pytest_katamaran.procnet import listening
 
 DEFAULT_STATE_DIR = Path("/run/katamaran-e2e")
 DEFAULT_RUN_DIR = Path("/run/vc/vm")
@@ -202,16 +203,10 @@ def qmp_call(
 
 def listeners(ports: Sequence[int], netns: str | None) -> list[str]:
     """TCP sockets in LISTEN state on `ports` (from /proc/net/tcp{,6} of the netns)."""
-    wanted = {f"{p:04X}" for p in ports}
     found = []
     for name in ("tcp", "tcp6"):
         text = run(["cat", f"/proc/net/{name}"], netns, check=False)
-        for line in text.splitlines()[1:]:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":
-                port = fields[1].rsplit(":", 1)[1]
-                if port in wanted:
-                    found.append(f"{name} port {int(port, 16)}")
+        found += [f"{name} port {port}" for _, port in listening(text) if port in ports]
     return found
 
 
