@@ -387,6 +387,9 @@ def results(
             "node_image": katamaran_config.node_image,
             "accel": katamaran_config.accel,
             "ping_interval": katamaran_config.ping_interval,
+            "kata": katamaran_config.kata,
+            "workload_qemu": katamaran_config.workload_qemu,
+            "tuning": dataclasses.asdict(katamaran_config.tuning),
         },
         "results": data,
     }
