@@ -415,3 +415,33 @@ def test_test_failing_after_a_migration_gets_its_evidence(pytester, fake_agent):
             "*--- drop counters on node-b ---*",
         ]
     )
+
+
+@pytest.mark.parametrize("mode", ["auto", "runtime"])
+def test_node_with_kata_is_detected_and_skipped_as_not_implemented(
+    pytester, fake_agent, monkeypatch, mode
+):
+    """A node with containerd-shim-kata-v2 on PATH: runtime is chosen, and since pods
+    through containerd are not built, the skip says so (and how to get the sandbox)."""
+    bindir = pytester.mkdir("kata-bin")
+    shim = bindir / "containerd-shim-kata-v2"
+    shim.write_text("#!/bin/sh\nexit 0\n")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    pytester.makepyfile(START_POD)
+    result = pytester.runpytest_subprocess("--nodes=qemu", f"--kata={mode}", "-rs", timeout=120)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*node-a has containerd-shim-kata-v2: real Kata pods through containerd are not*"]
+    )
+    assert not _steps(fake_agent)
+
+
+def test_kata_sandbox_mode_does_not_probe_the_node(pytester, fake_agent, monkeypatch):
+    bindir = pytester.mkdir("kata-bin")
+    (bindir / "kata-runtime").write_text("#!/bin/sh\n")
+    (bindir / "kata-runtime").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    pytester.makepyfile(START_POD)
+    result = pytester.runpytest_subprocess("--nodes=qemu", "--kata=sandbox", timeout=120)
+    result.assert_outcomes(passed=1)
