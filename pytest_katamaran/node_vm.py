@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_katamaran.logtail import tail
 from pytest_katamaran.nodeimage import (
     IMAGE_KINDS,
     SCRATCH_LABEL,
@@ -46,6 +47,7 @@ from pytest_katamaran.nodeimage import (
     is_current,
     overlay_fits,
 )
+from pytest_katamaran.procnet import is_listening
 
 Progress = Callable[[str], None]
 
@@ -214,16 +216,6 @@ class NodeBootError(RuntimeError):
     """A node did not come up; the message carries the QEMU argv and the log tails."""
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    """Last lines of a (possibly missing) log file."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no output)"
-    out = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()][-lines:]
-    return "\n".join(out) or "(empty)"
-
-
 class NodeProcess:
     """One node's QEMU process: launch, wait for the READY marker, kill by PID."""
 
@@ -337,17 +329,6 @@ def port_busy(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def is_listening(port: int) -> bool:
-    """A LISTEN socket on 127.0.0.1/0.0.0.0:port, read from /proc (never connect to
-    QEMU's socket netdev: it would take our probe for the peer)."""
-    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
-    try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(f[1] in wanted and f[3] == "0A" for f in (ln.split() for ln in lines))
 
 
 def wait_listening(port: int, timeout: float, proc: NodeProcess | None = None) -> None:

@@ -37,6 +37,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_katamaran.logtail import tail
+from pytest_katamaran.procnet import listening
+
 DEFAULT_STATE_DIR = Path("/run/katamaran-e2e")
 DEFAULT_RUN_DIR = Path("/run/vc/vm")
 DEFAULT_POD_IP = "10.244.1.5"
@@ -164,14 +167,6 @@ def kill_pid(pid: int, needle: str, grace: float = 10.0) -> str:
     return "killed"
 
 
-def tail(path: Path, lines: int = 80) -> str:
-    try:
-        data = path.read_bytes()[-65536:]
-    except OSError as exc:
-        return f"<{path}: {exc.strerror}>"
-    return "\n".join(data.decode(errors="replace").replace("\r", "").splitlines()[-lines:])
-
-
 def qmp_call(
     path: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 10
 ) -> Any:
@@ -208,16 +203,10 @@ def qmp_call(
 
 def listeners(ports: Sequence[int], netns: str | None) -> list[str]:
     """TCP sockets in LISTEN state on `ports` (from /proc/net/tcp{,6} of the netns)."""
-    wanted = {f"{p:04X}" for p in ports}
     found = []
     for name in ("tcp", "tcp6"):
         text = run(["cat", f"/proc/net/{name}"], netns, check=False)
-        for line in text.splitlines()[1:]:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":
-                port = fields[1].rsplit(":", 1)[1]
-                if port in wanted:
-                    found.append(f"{name} port {int(port, 16)}")
+        found += [f"{name} port {port}" for _, port in listening(text) if port in ports]
     return found
 
 

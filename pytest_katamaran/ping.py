@@ -529,6 +529,36 @@ class PingMonitor:
                 return False
             time.sleep(0.2)
 
+    def wait_replies(self, count: int, timeout: float = 60.0) -> PingStats:
+        """Wait until ``count`` replies came back (the target answers before a move)."""
+        deadline = time.monotonic() + timeout
+        snap = self.snapshot()
+        while snap.received < count and time.monotonic() < deadline and self.running:
+            time.sleep(0.5)
+            snap = self.snapshot()
+        if snap.received < count:
+            raise AssertionError(
+                f"{self.name}: {snap.received} of {count} replies within {timeout:.0f}s "
+                f"before anything moved: {snap.describe()}"
+            )
+        return snap
+
+    def finish(self, catch_up_s: float = 60.0, settle_s: float = 1.0) -> PingStats:
+        """Ping ``settle_s`` more, let a slow guest answer its backlog, then stop.
+
+        A nested guest answers late after a move (cold TCG caches); stopping at once
+        would count merely queued replies as lost.  Idempotent: a finished ping
+        returns its stats as they were.
+        """
+        if self.stats is not None:
+            return self.stats
+        time.sleep(settle_s)
+        caught_up = self.wait_caught_up(catch_up_s)
+        stats = self.stop()
+        if not caught_up:
+            stats.notes.append(f"replies still behind sends after {catch_up_s:g}s")
+        return stats
+
     def stop(self, timeout: float = 10.0) -> PingStats:
         """SIGINT ping so it prints its summary, then parse everything.  Idempotent."""
         with self._lock:

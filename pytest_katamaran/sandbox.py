@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hostlab import netns_preexec, open_netns
+from .logtail import tail
 from .qemu_cmd import (
     CONSOLE_LOG,
     DEFAULT_RUN_DIR,
@@ -43,14 +44,6 @@ def _is_socket(path: Path) -> bool:
         return stat.S_ISSOCK(path.stat().st_mode)
     except OSError:
         return False
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"<{path}: {exc.strerror}>"
-    return data[-limit:].decode(errors="replace")
 
 
 class Sandbox:
@@ -167,8 +160,8 @@ class Sandbox:
         spec = self._need_spec()
         return (
             f"\n--- QEMU argv ---\n{shlex.join(self.argv)}"
-            f"\n--- QEMU stderr ---\n{_tail(spec.sandbox_dir / QEMU_STDERR, 2000)}"
-            f"\n--- serial log tail ({spec.console_log}) ---\n{_tail(spec.console_log)}"
+            f"\n--- QEMU stderr ---\n{tail(spec.sandbox_dir / QEMU_STDERR, 30)}"
+            f"\n--- serial log tail ({spec.console_log}) ---\n{tail(spec.console_log, 60)}"
         )
 
     def _wait_for(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -223,8 +216,8 @@ class Sandbox:
                 pass
         if self._created_dir and self.spec is not None:
             sdir = self.spec.sandbox_dir
-            self.console_tail = _tail(sdir / CONSOLE_LOG)
-            self.stderr_tail = _tail(sdir / QEMU_STDERR, 2000)
+            self.console_tail = tail(sdir / CONSOLE_LOG, 60)
+            self.stderr_tail = tail(sdir / QEMU_STDERR, 30)
             shutil.rmtree(sdir, ignore_errors=True)
             self._created_dir = False
 

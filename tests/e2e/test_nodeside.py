@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_lab import parse_summary, stamped
 
 from pytest_katamaran.hostlab import HostLab, netns_exists
+from pytest_katamaran.nodectl import parse_summary, stamped
 
 pytestmark = pytest.mark.qemu
 

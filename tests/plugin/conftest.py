@@ -85,6 +85,122 @@ backend_mod.get_backend = fake_get_backend
 """
 
 
+# A fake node agent on top of the fake backend: `nodeside` steps are answered with the
+# JSON the real agent prints (and recorded in events.log); `katamaran` runs as a local
+# shell script printing katamaran's stamped lines; any other command runs on this host.
+# guest_image/workload_qemu are overridden so no guest is built.  What it proves: the
+# fixtures' wiring (which steps, which flags, cleanup on every path), not the flow itself
+# (tests/e2e does that on real nodes).
+FAKE_AGENT_CONFTEST = """
+import json, os, shlex, subprocess, time
+from types import SimpleNamespace
+
+import pytest
+from pytest_katamaran.ping import LocalProcess
+from pytest_katamaran.ssh import Result
+
+
+@pytest.fixture(scope="session")
+def guest_image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guest")
+    return SimpleNamespace(kernel=d / "vmlinuz", initrd=d / "initrd.gz")
+
+
+@pytest.fixture(scope="session")
+def workload_qemu():
+    return SimpleNamespace(version="fake", nodeside_args=lambda: ["--qemu-binary", "qemu"])
+
+
+def answer(node, step, args):
+    fail = os.environ.get("FAKE_FAIL_STEP")
+    if fail == step:
+        return {"ok": False, "error": f"fake {step} failure"}
+    which = args[args.index("--which") + 1] if "--which" in args else None
+    if step == "workload-start":
+        return {"ok": True, "qmp": "/run/vc/vm/kmre2e/qmp.sock", "boot_time_s": 1.5,
+                "spec": {"drive_id": "drive-virtio-disk0", "disk": args[args.index("--disk") + 1]},
+                "argv": ["qemu", "-drive", "file=" + args[args.index("--disk") + 1]]}
+    if step == "dest-start":
+        disk = args[args.index("--disk") + 1]
+        return {"ok": True, "qmp": "/run/vc/vm/kmre2e/qmp-dest.sock", "status": "inmigrate",
+                "argv": ["qemu", "-drive", "file=" + disk, "-incoming", "defer"]}
+    if step == "converge":
+        return {"ok": True, "at": time.time()}
+    if step == "status":
+        return {"ok": True, "source": {"qmp_status": "postmigrate"},
+                "dest": {"qmp_status": "running"}}
+    if step == "vm-stop":
+        return {"ok": True, "last_ack": 20 if which == "dest" else 10}
+    if step == "console":
+        return {"ok": True, "last_ack": 7, "tail": f"{which} console of {node}"}
+    if step == "diskcheck":
+        return {"ok": True, "report": "disk check OK: fake"}
+    if step == "nbd-attach":
+        return {"ok": True, "device": "/dev/nbd0"}
+    return {"ok": True}
+
+
+def agent_sudo(self, cmd, timeout=None, check=True):
+    argv = shlex.split(cmd)
+    if "pytest_katamaran.nodeside" not in argv:
+        done = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=timeout)
+        return Result(done.returncode, done.stdout, done.stderr, cmd)
+    rest = argv[argv.index("--state-dir") + 2:]
+    event(f"{self.node_name}: nodeside {' '.join(rest)}")
+    data = answer(self.node_name, rest[0], rest[1:])
+    return Result(0 if data["ok"] else 1, json.dumps(data) + "\\n", "fake stderr", cmd)
+
+
+SCRIPTS = {
+    "dest": ["destination ready", "@sleep 1", "migration received in 1.0 s", "VM resumed",
+             "plug released 12 packets"],
+    "source": ["switchover (tunnel)", "VM paused",
+               "migration completed in 1.2 s (downtime 30 ms, RAM 10.0 MiB, storage 64.0 MiB)",
+               "holding tunnel 30 s"],
+}
+
+
+def agent_start(self, cmd, *, sudo=False):
+    argv = shlex.split(cmd)
+    if "pytest_katamaran.nodeside" not in argv:
+        return FakeSSH._local_start(self, cmd, sudo=sudo)
+    flags = argv[argv.index("--") + 1:]
+    event(f"{self.node_name}: katamaran {' '.join(flags)}")
+    mode = flags[flags.index("-mode") + 1]
+    lines = []
+    for line in SCRIPTS[mode]:
+        if line.startswith("@"):
+            lines.append(line[1:])
+        else:
+            lines.append(f'echo "[$(date +%s.%N)] {line}" >&2')
+    if os.environ.get("FAKE_KATAMARAN_FAIL") == mode:
+        lines.append('echo "ERROR: fake katamaran failure" >&2; exit 1')
+    return LocalProcess(["sh", "-c", "; ".join(lines)])
+
+
+FakeSSH._local_start = FakeSSH.start
+FakeSSH.sudo = agent_sudo
+FakeSSH.run = agent_sudo
+FakeSSH.start = agent_start
+_orig_init = FakeNode.__init__
+
+
+def _node_init(self, name, ip, port, log):
+    _orig_init(self, name, ip, port, log)
+    self.ssh.node_name = name
+
+
+FakeNode.__init__ = _node_init
+"""
+
+
+@pytest.fixture
+def fake_agent(pytester: pytest.Pytester) -> Path:
+    """The fake backend plus the fake node agent; returns the events log path."""
+    pytester.makeconftest(FAKE_BACKEND_CONFTEST + FAKE_AGENT_CONFTEST)
+    return pytester.path / "events.log"
+
+
 @pytest.fixture
 def fake_backend(pytester: pytest.Pytester) -> Path:
     """Install the fake backend in the pytester dir; returns the events log path."""

@@ -125,7 +125,9 @@ def test_bad_image_in_ini_is_a_usage_error(pytester: pytest.Pytester):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*unknown node image 'centos'; choose from: debian, ubuntu"])
+    result.stderr.fnmatch_lines(
+        ["*unknown node image 'centos' (ini katamaran_node_image); choose from: debian, ubuntu"]
+    )
 
 
 def test_pyproject_settings_are_read(pytester: pytest.Pytester):
@@ -148,7 +150,7 @@ def test_sigterm_interrupts_this_process_but_kills_a_forked_child():
     import os
     import signal
 
-    from pytest_katamaran.plugin import _TermAsInterrupt
+    from pytest_katamaran.pluginstate import TermAsInterrupt as _TermAsInterrupt
 
     with _TermAsInterrupt():
         pid = os.fork()

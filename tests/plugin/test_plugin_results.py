@@ -116,6 +116,8 @@ def test_ping_fixture_wiring(pytester: pytest.Pytester):
         (pytester.path / "results" / "test_pings.py_test_ping_zero_drop.json").read_text()
     )
     assert data["results"]["ping"]["lost"] == [] and data["results"]["ping"]["sent"] > 5
+    raw = pytester.path / "results" / "test_pings.py_test_ping_zero_drop.ping1.txt"
+    assert "bytes from 127.0.0.1" in raw.read_text()
 
 
 def test_ping_that_cannot_start_fails_clearly(pytester: pytest.Pytester):
