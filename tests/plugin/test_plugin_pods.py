@@ -199,7 +199,7 @@ def test_migrate_runs_the_guide_flow_with_configured_holds(pytester, fake_agent)
     source = re.search(r"^node-a: katamaran (.*)$", events, re.M).group(1)
     assert dest.startswith("-mode dest -qmp /run/vc/vm/kmre2e/qmp-dest.sock -tap tap0_kata ")
     # dest hold = tunnel hold + 5; plug limit = 60 s of 98-byte pings at 50 ms, twice
-    assert "-vm-ip 127.0.0.1 -tunnel-hold 17 -plug-limit 1048576" in dest
+    assert "-vm-ip 127.0.0.1 -source-ip 10.0.0.1 -tunnel-hold 12 -plug-limit 1048576" in dest
     assert "-shared-storage" not in dest + source
     assert source == (
         "-mode source -qmp /run/vc/vm/kmre2e/qmp.sock -dest-ip 10.0.0.2 -vm-ip 127.0.0.1 "
