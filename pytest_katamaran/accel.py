@@ -136,9 +136,9 @@ def kvm_kernel_argv(
 
 def node_kernel_image() -> Path:
     """The nodes' Debian kernel (cached by the node image build; else fetched, with progress)."""
-    from pytest_katamaran.nodeimage import fetchnode_kernel_image
+    from pytest_katamaran.nodeimage import fetch_node_kernel
 
-    kernel = fetchnode_kernel_image()
+    kernel = fetch_node_kernel()
     return kernel.vmlinux or kernel.vmlinuz  # what node_vm boots (nodeimage.build)
 
 
@@ -156,7 +156,7 @@ def probe_kvm(
     ``Kernel panic`` on ttyS0 within about a second; that text must appear before
     ``timeout``. (A SeaBIOS-only check adds nothing: the kernel boot runs SeaBIOS.)
 
-    The kernel is the one the node image build caches (``nodeimage.fetchnode_kernel_image``);
+    The kernel is the one the node image build caches (``nodeimage.fetch_node_kernel``);
     QEMU is always killed by its PID. Cached: one probe per process/session.
     """
     return _probe_kvm(float(timeout), qemu, cpu)
@@ -174,7 +174,7 @@ def _probe_kvm(timeout: float, qemu: str, cpu: str) -> tuple[bool, str]:
     os.close(fd)
     try:
         kernel = node_kernel_image()
-    except Exception as exc:  # noqa: BLE001 - any failure to get the kernel means "unproven"
+    except (RuntimeError, OSError) as exc:  # NodeImageError: no apt metadata, no download
         return False, f"KVM unproven: no Debian node kernel to boot ({exc})"
     with tempfile.TemporaryDirectory(prefix="katamaran-kvm-probe-") as tmp:
         console = Path(tmp) / "serial.log"

@@ -314,5 +314,5 @@ def test_probe_verdict_agrees_with_a_node_style_kernel_boot(tmp_path):
     if not ok:
         assert reason.startswith("the Debian kernel did not boot under KVM (-cpu host, -smp 2): ")
         assert choose_accel().note == f"katamaran: KVM unusable ({reason}); using TCG"
-        with pytest.raises(AccelUnavailable, match="KVM unusable: the Debian kernel did not"):
+        with pytest.raises(AccelUnavailable, match="KVM is unusable: the Debian kernel did not"):
             choose_accel("kvm")
