@@ -1,7 +1,9 @@
 """Decide between KVM and TCG by really running a vCPU, because /dev/kvm existing proves nothing.
 
 On the lab machines /dev/kvm opens, yet QEMU either aborts at vCPU setup
-(``failed to set MSR 0x10a``, an assertion in kvm.c) or spins without progress.
+(``failed to set MSR 0x10a``, an assertion in kvm.c), spins without progress, or runs
+SeaBIOS fine and then stops the Linux kernel with a KVM internal error. So the probe
+boots the nodes' own kernel the way the nodes do.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 QEMU = "qemu-system-x86_64"
 KVM_CPU = "host"  # what a KVM node would use; the MSR failure only shows with it
 TCG_CPU = "max"
+KVM_SMP = 2  # what a node runs (node_vm.RESOURCES); a lone vCPU can pass where two fail
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
-# SeaBIOS prints these to the debug console once POST is complete (no disk attached).
-_POST_DONE = (b"Booting from ", b"No bootable device")
+PROBE_TIMEOUT = 20.0  # the Debian kernel panics for want of a root fs in ~1 s under KVM
+# The node kernel's serial console, with no initrd and no root: proof that Linux ran.
+KERNEL_RAN = (b"Run /init", b"VFS: Unable to mount root fs", b"Kernel panic")
 
 
 class AccelUnavailable(RuntimeError):
@@ -60,24 +64,106 @@ def _tail(data: bytes, limit: int = 400) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-@functools.cache
-def probe_kvm(timeout: float = 10.0, *, qemu: str = QEMU, cpu: str = KVM_CPU) -> tuple[bool, str]:
-    """Boot SeaBIOS under KVM and watch it finish POST; returns (usable, reason).
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL one QEMU by its PID (never by name) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
-    Why this design: the failure modes seen here are (1) QEMU aborting while
-    setting up the vCPU and (2) a vCPU that runs but makes no progress.  "Still
-    running after N seconds" cannot tell (2) from success, so the probe needs a
-    positive sign that guest code executed: SeaBIOS writes its log to the
-    ``isa-debugcon`` port 0x402, and with no disk attached POST ends by printing
-    ``Booting from ...`` / ``No bootable device``.  That needs the vCPU to run
-    real and protected mode code, take interrupts and do port and MMIO I/O.
 
-    Verdict: usable only if that text appears before ``timeout`` and QEMU wrote
-    no ``error`` on stderr; an early exit is reported with its stderr tail, a
-    timeout as a hung vCPU.  The QEMU process is always killed by its PID.
-    ``-cpu host`` is used because it is what a KVM node runs (and it is the
-    model that trips the MSR failure).  Cached: one probe per process/session.
+def watch_boot(
+    argv: list[str], console: Path, markers: tuple[bytes, ...], timeout: float, what: str
+) -> tuple[bool, str]:
+    """Run argv until console shows one of markers; (ok, reason). The process is killed.
+
+    Not ok on: ``error`` on stderr, an exit before a marker, or timeout (a vCPU that
+    spins, or dies in KVM with a register dump, never prints). The stderr tail is
+    always part of a failing reason: that is where QEMU puts its KVM error and dump.
     """
+    stderr_path = console.with_name(console.name + ".stderr")
+    start = time.monotonic()
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        while True:
+            elapsed = time.monotonic() - start
+            rc = proc.poll()
+            stderr = stderr_path.read_bytes()
+            log = console.read_bytes() if console.exists() else b""
+            if any(marker in log for marker in markers):
+                return True, f"{what} in {elapsed:.1f}s"
+            if b"error" in stderr.lower() or rc is not None:
+                how = "QEMU error" if rc is None else f"QEMU exited (rc={rc})"
+                return False, f"{how} after {elapsed:.1f}s: {_tail(stderr) or 'no stderr'}"
+            if elapsed > timeout:
+                seen = "no console output" if not log.strip() else f"console: {_tail(log)}"
+                tail = _tail(stderr)
+                return False, f"not within {timeout:.0f}s ({seen})" + (f": {tail}" if tail else "")
+            time.sleep(0.05)
+    finally:
+        _kill(proc)
+
+
+def kvm_kernel_argv(
+    qemu: str, kernel: Path, console: Path, cpu: str = KVM_CPU, smp: int = KVM_SMP
+) -> list[str]:
+    """A node-style boot of kernel under KVM with no initrd: it must end in a root-fs panic."""
+    return [
+        qemu,
+        "-M", "pc",
+        "-accel", "kvm",
+        "-cpu", cpu,
+        "-smp", str(smp),
+        "-m", "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-serial", f"file:{console}",
+        "-kernel", str(kernel),
+        "-append", "console=ttyS0,115200 panic=-1",
+    ]  # fmt: skip
+
+
+def node_kernel_image() -> Path:
+    """The nodes' Debian kernel (cached by the node image build; else fetched, with progress)."""
+    from pytest_katamaran.nodeimage import fetch_node_kernel
+
+    kernel = fetch_node_kernel()
+    return kernel.vmlinux or kernel.vmlinuz  # what node_vm boots (nodeimage.build)
+
+
+def probe_kvm(
+    timeout: float = PROBE_TIMEOUT, *, qemu: str = QEMU, cpu: str = KVM_CPU
+) -> tuple[bool, str]:
+    """Boot the nodes' Debian kernel under KVM as the nodes do; returns (usable, reason).
+
+    Why this design: /dev/kvm opening proves nothing here. QEMU has (1) aborted
+    while setting up the vCPU, (2) run a vCPU that makes no progress, and (3) run
+    SeaBIOS to the end of POST under KVM, yet stopped with a KVM internal error
+    (register dump) as soon as the Linux kernel ran, with two vCPUs. Only the
+    thing the nodes do proves it: the same kernel, ``-M pc``, ``-cpu``, ``-smp 2``.
+    With no initrd the kernel prints its way to ``VFS: Unable to mount root fs`` /
+    ``Kernel panic`` on ttyS0 within about a second; that text must appear before
+    ``timeout``. (A SeaBIOS-only check adds nothing: the kernel boot runs SeaBIOS.)
+
+    The kernel is the one the node image build caches (``nodeimage.fetch_node_kernel``);
+    QEMU is always killed by its PID. Cached: one probe per process/session.
+    """
+    return _probe_kvm(float(timeout), qemu, cpu)
+
+
+@functools.cache  # keyed on normalized arguments: probe_kvm() and probe_kvm(20.0) share it
+def _probe_kvm(timeout: float, qemu: str, cpu: str) -> tuple[bool, str]:
     binary = shutil.which(qemu)
     if binary is None:
         return False, f"{qemu} not found on PATH"
@@ -86,63 +172,22 @@ def probe_kvm(timeout: float = 10.0, *, qemu: str = QEMU, cpu: str = KVM_CPU) ->
     except OSError as exc:
         return False, f"/dev/kvm: {exc.strerror or exc}"
     os.close(fd)
-
+    try:
+        kernel = node_kernel_image()
+    except (RuntimeError, OSError) as exc:  # NodeImageError: no apt metadata, no download
+        return False, f"KVM unproven: no Debian node kernel to boot ({exc})"
     with tempfile.TemporaryDirectory(prefix="katamaran-kvm-probe-") as tmp:
-        debug_log = Path(tmp) / "seabios.log"
-        stderr_path = Path(tmp) / "stderr"
-        argv = [
-            binary,
-            "-accel", "kvm",
-            "-cpu", cpu,
-            "-M", "pc",
-            "-m", "32",
-            "-nodefaults",
-            "-no-user-config",
-            "-display", "none",
-            "-no-reboot",
-            "-chardev", f"file,id=dbg,path={debug_log}",
-            "-device", "isa-debugcon,iobase=0x402,chardev=dbg",
-        ]  # fmt: skip
-        start = time.monotonic()
-        with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,
-            )
-        try:
-            while True:
-                elapsed = time.monotonic() - start
-                rc = proc.poll()
-                stderr = stderr_path.read_bytes()
-                log = debug_log.read_bytes() if debug_log.exists() else b""
-                if b"error" in stderr.lower():
-                    return False, f"QEMU error with -cpu {cpu}: {_tail(stderr)}"
-                if any(marker in log for marker in _POST_DONE):
-                    return True, f"SeaBIOS POST completed under KVM (-cpu {cpu}) in {elapsed:.1f}s"
-                if rc is not None:
-                    return False, (
-                        f"QEMU exited (rc={rc}) after {elapsed:.1f}s with -cpu {cpu}: "
-                        f"{_tail(stderr) or 'no stderr'}"
-                    )
-                if elapsed > timeout:
-                    progress = "no firmware output" if not log else "firmware never finished POST"
-                    return False, (
-                        f"vCPU made no progress in {timeout:.0f}s ({progress}) with -cpu {cpu}"
-                    )
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
+        console = Path(tmp) / "serial.log"
+        argv = kvm_kernel_argv(binary, kernel, console, cpu)
+        ok, how = watch_boot(
+            argv, console, KERNEL_RAN, timeout, f"Debian kernel booted under KVM (-cpu {cpu})"
+        )
+    if ok:
+        return True, how
+    return False, f"the Debian kernel did not boot under KVM (-cpu {cpu}, -smp {KVM_SMP}): {how}"
 
 
-def choose_accel(requested: str = "auto", *, timeout: float = 10.0) -> Accel:
+def choose_accel(requested: str = "auto", *, timeout: float = PROBE_TIMEOUT) -> Accel:
     """Resolve ``--accel``: auto prefers KVM when the probe proves it works, else TCG.
 
     An explicit ``kvm`` that does not work raises :class:`AccelUnavailable`

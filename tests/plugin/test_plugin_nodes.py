@@ -6,9 +6,22 @@ the plugin's wiring, the VM path is covered by the integration tests.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 
-from pytest_katamaran.accel import probe_kvm
+from pytest_katamaran.accel import (
+    KERNEL_RAN,
+    PROBE_TIMEOUT,
+    AccelUnavailable,
+    choose_accel,
+    node_kernel_image,
+    probe_kvm,
+    watch_boot,
+)
 from pytest_katamaran.backend import BACKENDS, UnknownBackend, get_backend
 from pytest_katamaran.plugin import SKIP_REASON
 
@@ -207,3 +220,99 @@ def test_get_backend_unknown_name():
         UnknownBackend, match="unknown katamaran node backend 'vbox'; available: qemu"
     ):
         get_backend("vbox", None)
+
+
+# --------------------------------------------------------------------------- the KVM probe
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _watch(tmp_path, script: str, timeout: float = 5.0) -> tuple[bool, str, int]:
+    """watch_boot on a real shell standing in for QEMU; also returns the shell's PID."""
+    console = tmp_path / "serial.log"
+    pid_file = tmp_path / "pid"
+    argv = ["sh", "-c", f"echo $$ > {pid_file}; {script}"]
+    ok, reason = watch_boot(argv, console, KERNEL_RAN, timeout, "booted")
+    return ok, reason, int(pid_file.read_text())
+
+
+def test_watch_boot_marker_is_success_and_process_is_killed(tmp_path):
+    console = tmp_path / "serial.log"
+    ok, reason, pid = _watch(
+        tmp_path,
+        f"echo 'Kernel panic - not syncing: VFS: Unable to mount root fs' > {console}; "
+        "exec sleep 60",
+    )
+    assert ok and reason.startswith("booted in ")
+    assert _gone(pid)
+
+
+def test_watch_boot_silent_vcpu_times_out_naming_stderr(tmp_path):
+    ok, reason, pid = _watch(tmp_path, "echo 'RAX=0000 RBX=0000' >&2; exec sleep 60", 1.0)
+    assert not ok
+    assert reason == "not within 1s (no console output): RAX=0000 RBX=0000"
+    assert _gone(pid)
+
+
+def test_watch_boot_console_without_marker_times_out(tmp_path):
+    console = tmp_path / "serial.log"
+    ok, reason, _ = _watch(tmp_path, f"echo 'SeaBIOS' > {console}; exec sleep 60", 1.0)
+    assert (ok, reason) == (False, "not within 1s (console: SeaBIOS)")
+
+
+def test_watch_boot_early_exit_and_error_are_failures(tmp_path):
+    ok, reason, _ = _watch(tmp_path, "echo 'failed to set MSR 0x10a' >&2; exit 134")
+    assert not ok and reason.startswith("QEMU exited (rc=134) after ")
+    assert reason.endswith(": failed to set MSR 0x10a")
+    ok, reason, pid = _watch(tmp_path, "echo 'KVM internal error. Suberror: 1' >&2; exec sleep 60")
+    assert not ok and reason.startswith("QEMU error after ")
+    assert reason.endswith("KVM internal error. Suberror: 1")
+    assert _gone(pid)
+
+
+def test_probe_verdict_agrees_with_a_node_style_kernel_boot(tmp_path):
+    """Real: the probe's verdict matches booting the nodes' kernel under KVM by hand.
+
+    The hand boot is written out here (not kvm_kernel_argv) with the nodes' -M/-cpu/-smp,
+    so a probe that passes where the nodes would fail (SeaBIOS-only, one vCPU) fails this.
+    """
+    ok, reason = probe_kvm()
+    if reason.startswith(("qemu-system-x86_64 not found", "/dev/kvm:", "KVM unproven")):
+        assert not ok
+        pytest.skip(f"no KVM boot possible here: {reason}")
+    kernel = node_kernel_image()
+    console = tmp_path / "serial.log"
+    argv = [
+        "qemu-system-x86_64", "-M", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "2",
+        "-m", "256", "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", f"file:{console}", "-kernel", str(kernel),
+        "-append", "console=ttyS0 panic=-1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    booted = False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if console.exists() and b"Linux version" in console.read_bytes():
+                booted = True
+                break
+            time.sleep(0.1)
+        booted = booted or (console.exists() and b"Linux version" in console.read_bytes())
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert ok == booted, f"probe said {ok} ({reason}) but a node-style KVM boot printed: {booted}"
+    if not ok:
+        assert reason.startswith("the Debian kernel did not boot under KVM (-cpu host, -smp 2): ")
+        assert choose_accel().note == f"katamaran: KVM unusable ({reason}); using TCG"
+        with pytest.raises(AccelUnavailable, match="KVM is unusable: the Debian kernel did not"):
+            choose_accel("kvm")
