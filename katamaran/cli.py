@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -331,8 +332,31 @@ async def _run_interruptible(cfg: Config, progress: Progress) -> None:
         raise
 
 
+def _release_dead_streams() -> None:
+    """Flush stdout/stderr now; one whose reader is gone (a dropped ssh session) is
+    pointed at /dev/null.  Python flushes both again when it exits, and a failing flush
+    there turns the exit code into 120 (seen in the fault suite instead of 130)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, stream.fileno())
+                os.close(null)
+            except (OSError, ValueError):
+                pass  # closed: Python will not flush it again
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    finally:
+        _release_dead_streams()
+
+
+def _main(argv: list[str]) -> int:
     progress = Progress()
     try:
         cfg = parse_args(argv)

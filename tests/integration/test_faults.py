@@ -406,7 +406,9 @@ def test_dropped_session_broken_stderr_and_sighup_still_cleans_up(rig_factory):
     rig, before = held_destination(rig_factory)
     argv = [sys.executable, "-m", "katamaran", "-mode", "source", "-qmp", str(rig.src.qmp_path)]
     argv += ["-shared-storage", "-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5"]
-    proc = rig.lab.popen("a", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # buffered streams, as under ssh (PYTHONUNBUFFERED would hide the exit-time flush)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = rig.lab.popen("a", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     rig.procs.append(proc)
     try:
         assert proc.stdout is not None

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,31 @@ def test_switchover_test_counts_the_mirror_bytes_left():
     assert not _converged(unsynced=2_000_000, remaining=4_000_000)
     assert _converged(unsynced=1_000_000, remaining=4_000_000)
     assert not _converged(unsynced=0, remaining=6_000_000)
+
+
+def test_a_dropped_session_does_not_change_the_exit_code(tmp_path):
+    """A real pipe whose reader is gone (a dropped ssh session) behind stdout and stderr:
+    the error line a failed write leaves in stderr's buffer is flushed again when Python
+    exits, and a failing flush there would turn the exit code (here 1: no QMP socket)
+    into 120.  Buffered streams, as under ssh: PYTHONUNBUFFERED would hide it."""
+    child = (
+        "import sys\n"
+        "from katamaran import cli\n"
+        "sys.stdin.readline()\n"  # wait until the parent has closed its end
+        "sys.exit(cli.main(['-mode', 'dest', '-qmp', sys.argv[1]]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(tmp_path / "no-such-qmp.sock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        },
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    proc.stdout.close()
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    assert proc.wait(30) == 1
