@@ -348,6 +348,16 @@ def _release_dead_streams() -> None:
                 pass  # closed: Python will not flush it again
 
 
+def _say(text: str) -> None:
+    """Write to stderr, never raise: `katamaran -mode bogus 2>&1 | true` must still exit 2
+    (stderr is line-buffered, so a reader that is gone fails this very write)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # _release_dead_streams points it at /dev/null on the way out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -362,8 +372,7 @@ def _main(argv: list[str]) -> int:
         cfg = parse_args(argv)
         asyncio.run(_run_interruptible(cfg, progress))
     except UsageError as err:
-        print(f"katamaran: {err}", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
+        _say(f"katamaran: {err}\n{USAGE}\n")
         return err.exit_code
     except KatamaranError as err:
         progress.step(f"error: {err}")

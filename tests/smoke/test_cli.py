@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -402,6 +403,32 @@ def test_console_script_no_args_prints_usage():
         pytest.skip("no 'katamaran' console script (see test_console_script_installed)")
     r = subprocess.run([exe], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert_usage_error(r, "Usage")
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
+def test_usage_error_with_its_reader_gone_still_exits_2(repo_root, tmp_path, buffered):
+    """`katamaran -mode bogus 2>&1 | true`: the write of the error fails (EPIPE) and must
+    not turn exit 2 into a BrokenPipeError (exit 1).  The pipe's read end is closed
+    before the child starts, so every write fails, deterministically."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "PYTHONSTARTUP")}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(repo_root)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "katamaran", "-mode", "bogus"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=write_end,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert r.returncode == USAGE_EXIT
 
 
 # --- QMP socket path that is not a usable socket ------------------------------------------
