@@ -120,6 +120,13 @@ class NetworkUnavailable(Exception):
     """The kernel lacks a piece (ipip, sch_plug...): the caller warns and goes on."""
 
 
+def mirred_redirect(ifindex: int) -> dict[str, object]:
+    """The tc action `mirred egress redirect dev <ifindex>` as pyroute2 takes it: every
+    packet the filter matches leaves through that device (the hold's veth into the tap
+    here; Kata's tcfilter between eth0 and the tap in the lab's pod network)."""
+    return {"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": ifindex}
+
+
 def _modprobe(module: str) -> None:
     """Load a module if we can; a kernel without it is reported by the caller."""
     if not Path("/sys/module", module).exists():
@@ -617,12 +624,7 @@ class DestDecap:
                 "matchall",
                 index=peer,
                 parent=0xFFFF0000,
-                action={
-                    "kind": "mirred",
-                    "direction": "egress",
-                    "action": "redirect",
-                    "ifindex": tap_index,
-                },
+                action=mirred_redirect(tap_index),
             )
         except NetlinkError as err:
             raise NetworkUnavailable(

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from katamaran.network import mirred_redirect
+
 from .hostlab import ipr, netns_exists, write_sysctl
 
 CALICO_MAC = "ee:ee:ee:ee:ee:ee"
@@ -111,12 +113,7 @@ def add_tc_redirect(netns_name: str | None, src: str, dst: str) -> None:
                 prio=FILTER_PRIO,
                 target=0,
                 keys=["0x0/0x0+0"],
-                action={
-                    "kind": "mirred",
-                    "direction": "egress",
-                    "action": "redirect",
-                    "ifindex": dst_idx,
-                },
+                action=mirred_redirect(dst_idx),
             )
         except NetlinkError as exc:
             if exc.code in _MISSING_FEATURE:

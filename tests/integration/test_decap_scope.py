@@ -10,8 +10,6 @@ for the tap), and katamaran.network's own classes in the order source.py/dest.py
 from __future__ import annotations
 
 import json
-import shutil
-import types
 from pathlib import Path
 
 import pytest
@@ -23,19 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def facts(tmp_path_factory):
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+def facts(node_lab_config):
     from pytest_katamaran.backend.qemu import QemuNodes
     from pytest_katamaran.nodeimage import NodeImageError
 
-    config = types.SimpleNamespace(
-        node_image="debian",
-        accel="tcg",
-        keep_on_failure=False,
-        results_dir=tmp_path_factory.mktemp("results"),
-    )
-    lab = QemuNodes(config, roles=("a",))
+    lab = QemuNodes(node_lab_config, roles=("a",))
     try:
         lab.start()
     except NodeImageError as err:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -36,16 +35,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
-    config = types.SimpleNamespace(
-        node_image="debian",
-        accel="tcg",
-        keep_on_failure=False,
-        results_dir=tmp_path_factory.mktemp("results"),
-    )
-    nodes = QemuNodes(config)
+def lab(node_lab_config):
+    nodes = QemuNodes(node_lab_config)
     nodes.start()
     yield nodes
     nodes.stop()
