@@ -465,3 +465,86 @@ def wait_for_port(rig: Rig, node: str, port: int, timeout: float = 20) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"nothing listens on port {port} in node {node}")
+
+
+# A relay in front of the destination's NBD server that stops forwarding the source's
+# data after argv[4] bytes (the handshake and the first mirror writes pass), so the
+# mirror is held before READY for as long as the test wants.  When the destination's
+# side closes (its QEMU died) the relay exits: the source's connection closes too.
+HELD_RELAY = """
+import os, socket, sys, threading
+host, port, target, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+listen = socket.create_server((host, port))
+client, _ = listen.accept()
+server = socket.create_connection((host, target))
+def up():
+    passed = 0
+    while passed < limit and (data := client.recv(min(65536, limit - passed))):
+        server.sendall(data)
+        passed += len(data)
+    print("HELD", passed, flush=True)
+threading.Thread(target=up, daemon=True).start()
+try:
+    while data := server.recv(65536):
+        client.sendall(data)
+except OSError:
+    pass
+print("DESTINATION CLOSED", flush=True)
+os._exit(0)
+"""
+
+
+def dest_port_closed(rig: Rig, *ports: int) -> None:
+    """Nothing listens on the destination node's ports any more."""
+    for port in ports:
+        found = rig.lab.run("b", ["ss", "-Htln", f"sport = :{port}"], capture_output=True)
+        assert not found.stdout.strip(), found.stdout.decode()
+
+
+def test_destination_qemu_killed_mid_mirror(rig_factory):
+    """The destination's NBD connection closes while the mirror copies (its QEMU killed
+    by PID): the mirror fails, the source cancels and runs, nothing is left on it."""
+    rig = rig_factory(extra_monitor=True)
+    rig.up()
+    before = settings(rig.src)
+    dest = rig.start_dest("-nbd-port", "10810")
+    out = rig.tmp / "relay.out"
+    with out.open("w") as relay_out:
+        relay = rig.lab.popen(
+            "b",
+            [sys.executable, "-c", HELD_RELAY, "10.0.0.2", "10809", "10810", str(1 << 20)],
+            stdout=relay_out,
+        )
+    rig.procs.append(relay)
+    wait_for_port(rig, "b", 10809)
+    source = rig.start_source()
+    wait_for_text(out, "HELD", 60, relay)
+    wait_for_text(rig.tmp / "source.log", "over NBD", 30, source)
+    jobs = watch(rig.src, "query-block-jobs")
+    assert [job["ready"] for job in jobs] == [False], jobs  # held mid-copy
+    kill(rig.dst, signal.SIGKILL)
+    wait_for_text(out, "DESTINATION CLOSED", 30, relay)
+    assert rig.finish(source, 60) == 1, rig.log("source.log")
+    one_error(rig, "source.log", "during the disk mirror: drive-mirror failed: I/O error")
+    assert "migrating RAM" not in rig.log("source.log")  # never got past the mirror
+    assert status(rig.src) == "running"
+    assert_source_clean(rig, before)
+    assert rig.finish(dest, 60) == 1, rig.log("dest.log")
+    one_error(rig, "dest.log")
+    dest_port_closed(rig, 10810, 4444)
+
+
+def test_source_qemu_killed_in_ram_phase(rig_factory):
+    """The source's QMP connection drops mid-RAM (its QEMU killed): one line, exit 1; the
+    destination katamaran sees its incoming migration fail and cleans up by itself."""
+    rig, _, source = ram_phase(rig_factory)
+    dest = rig.procs[0]
+    kill(rig.src, signal.SIGKILL)
+    assert rig.finish(source, 60) == 1, rig.log("source.log")
+    one_error(rig, "source.log", "during RAM copy")
+    resume_dest(rig)  # its peer has vanished: the incoming stream ends
+    assert rig.finish(dest, 60) == 1, rig.log("dest.log")
+    one_error(rig, "dest.log")
+    wait_exit(rig.dst)
+    assert not rig.src.alive() and status(rig.dst) is None  # no copy runs: nothing to run
+    dest_port_closed(rig, 4444)
