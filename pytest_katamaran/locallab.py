@@ -83,10 +83,11 @@ class Rig:
     extra_monitor: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
+    disk_dir: Path | None = None  # where the source disk lives (a test's own small fs)
 
     @property
     def src_disk(self) -> Path:
-        return self.tmp / "src.qcow2"
+        return (self.disk_dir or self.tmp) / "src.qcow2"
 
     @property
     def dst_disk(self) -> Path:

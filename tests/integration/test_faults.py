@@ -16,12 +16,14 @@ cases (a SIGSTOPped NBD server would hold the mirror, which is not what they tes
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
 from contextlib import suppress
+from pathlib import Path
 
 import pytest
 
@@ -548,3 +550,68 @@ def test_source_qemu_killed_in_ram_phase(rig_factory):
     wait_exit(rig.dst)
     assert not rig.src.alive() and status(rig.dst) is None  # no copy runs: nothing to run
     dest_port_closed(rig, 4444)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of the test's own for the source disk, so that it can be filled up."""
+    path = tmp_path / "fs"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)  # lazy: QEMU may hold files
+
+
+def fill(path: Path) -> None:
+    """Take every free byte of the filesystem at `path` (a write then fails ENOSPC)."""
+    fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        chunk = b"\x01" * 65536
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
+                if len(chunk) == 512:
+                    return
+                chunk = chunk[: len(chunk) // 2]
+    finally:
+        os.close(fd)
+
+
+def test_io_error_stop_in_ram_phase_is_no_switchover(rig_factory, small_fs):
+    """The guest's disk write fails (its backing is full) during the RAM copy: QEMU stops
+    the VM with `io-error` (-drive's default werror=enospc).  That STOP is not the
+    switchover: katamaran cancels, leaves the VM paused as the error left it, and the
+    VM runs again once the space is back."""
+    # 1 GiB sparse disk: the writer keeps allocating new clusters for minutes
+    rig = rig_factory(shared=True, writer=True, extra_monitor=True, disk_dir=small_fs)
+    rig.disk_mib = 1024
+    rig.up()
+    before = settings(rig.src)
+    rig.start_dest()
+    kill(rig.dst, signal.SIGSTOP)
+    try:
+        source = rig.start_source("10.0.0.2")
+        wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
+        wait_migration(rig.src, "active")
+        fill(small_fs)
+        assert rig.finish(source, 60) == 1, rig.log("source.log")
+    finally:
+        resume_dest(rig)
+    one_error(rig, "source.log", "during RAM copy: VM paused by an I/O error (io-error)")
+    log = rig.log("source.log")
+    assert "switchover" not in log and "point of no return" not in log, log
+    assert status(rig.src) == "io-error"  # left as the error left it
+    wait_exit(rig.dst)
+    assert assert_at_most_one_running(rig) == []
+    assert_source_clean(rig, before)
+    (small_fs / "filler").unlink()
+    watch(rig.src, "cont")
+    assert status(rig.src) == "running"
