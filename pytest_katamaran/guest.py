@@ -467,6 +467,21 @@ def _cpio(stage: Path, names: Sequence[str]) -> bytes:
     return proc.stdout
 
 
+def with_hook(image: GuestImage, name: str, script: str, out: Path) -> GuestImage:
+    """The same guest plus one init hook, ``/etc/katamaran.d/<name>.sh`` (sourced by
+    /init before READY): a second cpio appended to the initrd, which the kernel unpacks
+    over the first.  For one test's workload (say, a memory dirtier) without a rebuild
+    or a new cache entry."""
+    with tempfile.TemporaryDirectory(prefix="katamaran-hook-") as tmp:
+        stage = Path(tmp)
+        (stage / "etc" / "katamaran.d").mkdir(parents=True)
+        (stage / "etc" / "katamaran.d" / f"{name}.sh").write_text(script)
+        names = ["etc", "etc/katamaran.d", f"etc/katamaran.d/{name}.sh"]
+        extra = gzip.compress(_cpio(stage, names), mtime=0)
+    out.write_bytes(image.initrd.read_bytes() + extra)
+    return GuestImage(kernel=image.kernel, initrd=out, version=image.version)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from katamaran.migration import ACTIVE_STATES
+from pytest_katamaran.guest import with_hook
 from pytest_katamaran.locallab import Rig, qmp, wait_for_text
 from pytest_katamaran.sandbox import Sandbox
 
@@ -615,3 +616,52 @@ def test_io_error_stop_in_ram_phase_is_no_switchover(rig_factory, small_fs):
     (small_fs / "filler").unlink()
     watch(rig.src, "cont")
     assert status(rig.src) == "running"
+
+
+# Guest hook: 16 MiB of random data in a tmpfs, copied over and over (nonzero pages,
+# rewritten faster than the capped link below can send them).
+DIRTIER = """
+mkdir -p /dirty && mount -t tmpfs -o size=40m tmpfs /dirty
+dd if=/dev/urandom of=/dirty/a bs=1M count=16 2>/dev/null
+(while :; do cp /dirty/a /dirty/b; done) &
+log "dirtier: 16 MiB rewritten per copy, pid $!"
+"""
+
+
+def test_non_converging_guest_is_cancelled_before_the_commit(rig_factory, guest):
+    """A guest dirtying memory faster than the link (shaped to 100 Mbit/s) can send it:
+    QEMU keeps iterating; at -migration-timeout katamaran cancels, before the commit,
+    the source runs on and its settings are back."""
+    rig = rig_factory(shared=True, extra_monitor=True)
+    rig.guest = with_hook(guest, "dirtier", DIRTIER, rig.tmp / "dirtier-initrd.gz")
+    rig.up()
+    assert "dirtier: 16 MiB" in rig.src.console_log.read_text(errors="replace")
+    link = rig.lab.a.ifname
+    shape = ["tc", "qdisc", "add", "dev", link, "root", "handle", "1:", "htb", "default", "1"]
+    rig.lab.run("a", shape, check=True)
+    rate = ["tc", "class", "add", "dev", link, "parent", "1:", "classid", "1:1"]
+    rig.lab.run("a", [*rate, "htb", "rate", "100mbit"], check=True)
+    before = settings(rig.src)
+    rig.start_dest()
+    # 1 ms downtime at 12.5 MB/s: QEMU switches over only below ~3 pages left
+    source = rig.start_source("10.0.0.2", "-migration-timeout", "15", "-downtime-limit", "1")
+    wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
+    deadline = time.monotonic() + 60
+    passes = 0
+    while passes < 3 and source.poll() is None and time.monotonic() < deadline:
+        info = watch(rig.src, "query-migrate")
+        passes = (info.get("ram") or {}).get("dirty-sync-count", 0)
+        time.sleep(0.2)
+    assert passes >= 3, f"{passes} dirty syncs seen\n{rig.log('source.log')}"
+    assert rig.finish(source, 90) == 1, rig.log("source.log")
+    one_error(
+        rig,
+        "source.log",
+        "during RAM copy: migration did not complete within 15s",
+        "raise -migration-timeout",
+    )
+    assert "point of no return" not in rig.log("source.log")
+    assert status(rig.src) == "running"
+    wait_exit(rig.dst)
+    assert assert_at_most_one_running(rig) == ["source"]
+    assert_source_clean(rig, before)
