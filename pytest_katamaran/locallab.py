@@ -84,6 +84,11 @@ class Rig:
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
     disk_dir: Path | None = None  # where the source disk lives (a test's own small fs)
+    # A second VM in another rig's lab (two migrations between the same two nodes):
+    # give it that rig's `lab`, own_lab=False and its own tap, VM IP and tmp dir.
+    own_lab: bool = True
+    tap: str = "tap0_kata"
+    vm_ip: str = VM_IP
 
     @property
     def src_disk(self) -> Path:
@@ -94,7 +99,8 @@ class Rig:
         return self.src_disk if self.shared else self.tmp / "dst.qcow2"
 
     def up(self, incoming: str = "defer") -> None:
-        self.lab.up()
+        if self.own_lab:
+            self.lab.up()
         if self.kata_pod:
             self.pod = PodNet("kmr-pod-" + self.lab.a.netns[-6:], VM_IP, self.lab.a.netns)
             self.pod.setup()
@@ -102,8 +108,8 @@ class Rig:
         else:
             for node in self.lab.nodes:
                 with ipr(node.netns) as ip:
-                    ip.link("add", ifname="tap0_kata", kind="tuntap", mode="tap")
-                    ip.link("set", index=ip.link_lookup(ifname="tap0_kata")[0], state="up")
+                    ip.link("add", ifname=self.tap, kind="tuntap", mode="tap")
+                    ip.link("set", index=ip.link_lookup(ifname=self.tap)[0], state="up")
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
         subprocess.run([*create, self.src_disk, f"{self.disk_mib}M"], check=True)
         # Data the guest did not write, so an idle migration still has blocks to copy.
@@ -125,7 +131,7 @@ class Rig:
         if self.pod:
             append = kernel_cmdline(ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer)
         else:
-            append = kernel_cmdline(ip=f"{VM_IP}/24", writer=writer)
+            append = kernel_cmdline(ip=f"{self.vm_ip}/24", writer=writer)
         spec = SandboxSpec(
             sandbox_id="kmrtest",
             kernel=self.guest.kernel,
@@ -134,6 +140,7 @@ class Rig:
             run_dir=self.tmp / "a",
             disk=self.src_disk,
             extra_monitor=self.extra_monitor,
+            tap=self.tap,
         )
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
@@ -172,7 +179,7 @@ class Rig:
         return proc
 
     def start_dest(self, *extra: str) -> subprocess.Popen:
-        args = ["-mode", "dest", "-qmp", str(self.dst.qmp_path), "-tap", "tap0_kata"]
+        args = ["-mode", "dest", "-qmp", str(self.dst.qmp_path), "-tap", self.tap]
         if self.shared:
             args.append("-shared-storage")
         proc = self.katamaran("b", *args, "-tunnel-hold", "0.2", *extra, log="dest.log")
@@ -181,7 +188,7 @@ class Rig:
 
     def start_source(self, dest_ip: str = "10.0.0.2", *extra: str) -> subprocess.Popen:
         args = ["-mode", "source", "-qmp", str(self.src.qmp_path)]
-        args += ["-dest-ip", dest_ip, "-vm-ip", VM_IP, "-tunnel-hold", "0.2"]
+        args += ["-dest-ip", dest_ip, "-vm-ip", self.vm_ip, "-tunnel-hold", "0.2"]
         if self.shared:
             args.append("-shared-storage")
         return self.katamaran("a", *args, *extra, log="source.log")
@@ -226,6 +233,7 @@ class Rig:
         for part in (self.pod, self.dest_tap):
             if part is not None:
                 part.teardown()
-        self.lab.teardown()
+        if self.own_lab:
+            self.lab.teardown()
         for disk in {self.src_disk, self.dst_disk}:
             disk.unlink(missing_ok=True)  # GiB-sized: don't leave them to pytest's tmp dirs

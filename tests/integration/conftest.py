@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +13,13 @@ from pytest_katamaran.locallab import Rig
 def rig_factory(guest, tmp_path):
     rigs: list[Rig] = []
 
-    def make(**kwargs) -> Rig:
-        rig = Rig(guest, tmp_path, **kwargs)
+    def make(tmp: Path | None = None, **kwargs) -> Rig:
+        rig = Rig(guest, tmp or tmp_path, **kwargs)
         rigs.append(rig)
         return rig
 
     yield make
-    for rig in rigs:
+    for rig in reversed(rigs):  # a rig in another's lab goes before that lab
         rig.down()
 
 

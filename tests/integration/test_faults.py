@@ -665,3 +665,46 @@ def test_non_converging_guest_is_cancelled_before_the_commit(rig_factory, guest)
     wait_exit(rig.dst)
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+
+
+def test_two_vms_migrate_at_once_to_one_destination_node(rig_factory, tmp_path):
+    """Two VMs from node a to node b at the same time, each pair of katamarans on its own
+    -nbd-port/-migration-port: both complete, nothing collides (lock, listeners, NBD
+    exports, settings).  The host kernel has no ipip here: the shared tunnel's
+    bookkeeping is proven in test_decap_scope.py (Debian kernel)."""
+    first = rig_factory(tmp=tmp_path / "vm1", extra_monitor=True)
+    second = rig_factory(
+        tmp=tmp_path / "vm2",
+        extra_monitor=True,
+        lab=first.lab,
+        own_lab=False,
+        tap="tap1_kata",
+        vm_ip="10.244.1.6",
+    )
+    rigs = (first, second)
+    ports = (("10809", "4444"), ("10811", "4445"))
+    before = []
+    for rig in rigs:
+        rig.tmp.mkdir()
+        rig.up()
+        before.append(settings(rig.src))
+    dests = [
+        rig.start_dest("-nbd-port", nbd, "-migration-port", mig)
+        for rig, (nbd, mig) in zip(rigs, ports, strict=True)
+    ]
+    sources = [
+        rig.start_source("10.0.0.2", "-nbd-port", nbd, "-migration-port", mig)
+        for rig, (nbd, mig) in zip(rigs, ports, strict=True)
+    ]
+    for rig, source in zip(rigs, sources, strict=True):
+        # both are under way before either has finished
+        wait_for_text(rig.tmp / "source.log", "over NBD", 60, source)
+    assert all(proc.poll() is None for proc in sources)
+    for rig, source, dest, saved in zip(rigs, sources, dests, before, strict=True):
+        assert rig.finish(source) == 0, rig.log("source.log")
+        assert rig.finish(dest) == 0, rig.log("dest.log")
+        assert error_lines(rig, "source.log") == error_lines(rig, "dest.log") == []
+        assert "completed" in rig.log("source.log")
+        assert status(rig.dst) == "running" and status(rig.src) == "postmigrate"
+        assert_source_clean(rig, saved)
+    dest_port_closed(first, 10809, 4444, 10811, 4445)
