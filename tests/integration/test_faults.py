@@ -143,9 +143,9 @@ def assert_at_most_one_running(rig: Rig) -> list[str]:
     return running
 
 
-def held_destination(rig_factory) -> tuple[Rig, tuple[dict, dict, int]]:
+def held_destination(rig_factory, **rig_args: object) -> tuple[Rig, tuple[dict, dict, int]]:
     """A lab whose destination is ready and then SIGSTOPped: no migration can progress."""
-    rig = rig_factory(shared=True, extra_monitor=True)
+    rig = rig_factory(shared=True, extra_monitor=True, **rig_args)
     rig.up()
     before = settings(rig.src)
     rig.start_dest()
@@ -153,9 +153,11 @@ def held_destination(rig_factory) -> tuple[Rig, tuple[dict, dict, int]]:
     return rig, before
 
 
-def ram_phase(rig_factory, *extra: str) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen]:
+def ram_phase(
+    rig_factory, *extra: str, **rig_args: object
+) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen]:
     """A source katamaran held in the RAM phase: the destination QEMU is SIGSTOPped."""
-    rig, before = held_destination(rig_factory)
+    rig, before = held_destination(rig_factory, **rig_args)
     source = rig.start_source("10.0.0.2", *extra)
     wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
     wait_migration(rig.src, "active")  # and it stays there: the destination cannot read
@@ -592,16 +594,8 @@ def test_io_error_stop_in_ram_phase_is_no_switchover(rig_factory, small_fs):
     switchover: katamaran cancels, leaves the VM paused as the error left it, and the
     VM runs again once the space is back."""
     # 1 GiB sparse disk: the writer keeps allocating new clusters for minutes
-    rig = rig_factory(shared=True, writer=True, extra_monitor=True, disk_dir=small_fs)
-    rig.disk_mib = 1024
-    rig.up()
-    before = settings(rig.src)
-    rig.start_dest()
-    kill(rig.dst, signal.SIGSTOP)
+    rig, before, source = ram_phase(rig_factory, writer=True, disk_dir=small_fs, disk_mib=1024)
     try:
-        source = rig.start_source("10.0.0.2")
-        wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
-        wait_migration(rig.src, "active")
         fill(small_fs)
         assert rig.finish(source, 60) == 1, rig.log("source.log")
     finally:
@@ -644,7 +638,7 @@ def test_non_converging_guest_is_cancelled_before_the_commit(rig_factory, guest)
     before = settings(rig.src)
     rig.start_dest()
     # 1 ms downtime at 12.5 MB/s: QEMU switches over only below ~3 pages left
-    source = rig.start_source("10.0.0.2", "-migration-timeout", "15", "-downtime-limit", "1")
+    source = rig.start_source("10.0.0.2", "-migration-timeout", "25", "-downtime-limit", "1")
     wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
     deadline = time.monotonic() + 60
     passes = 0
@@ -657,7 +651,7 @@ def test_non_converging_guest_is_cancelled_before_the_commit(rig_factory, guest)
     one_error(
         rig,
         "source.log",
-        "during RAM copy: migration did not complete within 15s",
+        "during RAM copy: migration did not complete within 25s",
         "raise -migration-timeout",
     )
     assert "point of no return" not in rig.log("source.log")
