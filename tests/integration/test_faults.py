@@ -604,8 +604,11 @@ def test_io_error_stop_in_ram_phase_is_no_switchover(rig_factory, small_fs):
     log = rig.log("source.log")
     assert "switchover" not in log and "point of no return" not in log, log
     assert status(rig.src) == "io-error"  # left as the error left it
+    assert rig.finish(rig.procs[0], 60) == 1, rig.log("dest.log")  # the destination's run
+    one_error(rig, "dest.log")
     wait_exit(rig.dst)
     assert assert_at_most_one_running(rig) == []
+    dest_port_closed(rig, 4444)
     assert_source_clean(rig, before)
     (small_fs / "filler").unlink()
     watch(rig.src, "cont")
@@ -636,7 +639,7 @@ def test_non_converging_guest_is_cancelled_before_the_commit(rig_factory, guest)
     rate = ["tc", "class", "add", "dev", link, "parent", "1:", "classid", "1:1"]
     rig.lab.run("a", [*rate, "htb", "rate", "100mbit"], check=True)
     before = settings(rig.src)
-    rig.start_dest()
+    dest = rig.start_dest()
     # 1 ms downtime at 12.5 MB/s: QEMU switches over only below ~3 pages left
     source = rig.start_source("10.0.0.2", "-migration-timeout", "25", "-downtime-limit", "1")
     wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
@@ -656,9 +659,12 @@ def test_non_converging_guest_is_cancelled_before_the_commit(rig_factory, guest)
     )
     assert "point of no return" not in rig.log("source.log")
     assert status(rig.src) == "running"
+    assert rig.finish(dest, 60) == 1, rig.log("dest.log")
+    one_error(rig, "dest.log")
     wait_exit(rig.dst)
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+    dest_port_closed(rig, 4444)
 
 
 def test_two_vms_migrate_at_once_to_one_destination_node(rig_factory, tmp_path):
