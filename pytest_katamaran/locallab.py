@@ -83,6 +83,12 @@ class Rig:
     extra_monitor: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
+    memory_mib: int = 128
+    writer_rate: int | None = None  # the disk writer's writes/s (None: as fast as it can)
+    dirty_mib_s: int = 0  # guest rewrites this many MiB of its RAM (tmpfs) every second
+    # Every katamaran output line with the wall-clock time it was read (the benchmark
+    # places its fixed costs by them): log name -> [(time.time(), line)].
+    stamps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
 
     @property
     def src_disk(self) -> Path:
@@ -121,10 +127,13 @@ class Rig:
         if not self.shared:
             subprocess.run([*create, self.dst_disk, f"{self.disk_mib}M"], check=True)
         writer = "/dev/vda" if self.writer else None
+        load = {"rate": self.writer_rate, "dirty": self.dirty_mib_s}
         if self.pod:
-            append = kernel_cmdline(ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer)
+            append = kernel_cmdline(
+                ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer, **load
+            )
         else:
-            append = kernel_cmdline(ip=f"{VM_IP}/24", writer=writer)
+            append = kernel_cmdline(ip=f"{VM_IP}/24", writer=writer, **load)
         spec = SandboxSpec(
             sandbox_id="kmrtest",
             kernel=self.guest.kernel,
@@ -133,6 +142,7 @@ class Rig:
             run_dir=self.tmp / "a",
             disk=self.src_disk,
             extra_monitor=self.extra_monitor,
+            memory_mib=self.memory_mib,
         )
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
@@ -153,6 +163,7 @@ class Rig:
         )
         self.procs.append(proc)
         path = self.tmp / log
+        stamps = self.stamps.setdefault(log, [])
         prefix = f"[{log.removesuffix('.log')}] "
 
         def copy() -> None:
@@ -160,6 +171,7 @@ class Rig:
                 assert proc.stdout is not None
                 for raw in proc.stdout:
                     line = raw.decode(errors="replace")
+                    stamps.append((time.time(), line))
                     out.write(line)
                     out.flush()
                     if self.echo:
