@@ -31,7 +31,8 @@ class GuestPanicked(AssertionError):
     """The guest kernel panicked (QEMU then exits 0 because of -no-reboot).
 
     Seen after migrations under TCG in about 1 run in 20, with katamaran and with the
-    bare QMP sequence alike (tests/bench), so it is reported as its own failure kind.
+    bare QMP sequence alike (pytest_katamaran.bench), so it is reported as its own
+    failure kind.
     """
 
 

@@ -155,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.plot_only:
             (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
             say(f"bench: wrote {args.out / name}")
-        from pytest_katamaran.bench.plot import draw
-
+        try:
+            from pytest_katamaran.bench.plot import draw
+        except ImportError as err:  # matplotlib is in the `test` extra
+            raise BenchError(f"no pictures: {err} (pip install matplotlib)") from None
         for path in draw(results, args.out):
             say(f"bench: wrote {path}")
     except BenchError as err:

@@ -8,7 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.bench.stats import caption
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+from pytest_katamaran.bench.stats import caption  # noqa: E402
 
 FLOW_STYLE = {"bare": ("tab:blue", "o"), "katamaran": ("tab:orange", "s")}
 
@@ -32,8 +38,6 @@ def _series(
 
 
 def _axes_sweep(ax: Any, results: dict[str, Any], sweep: str, axis: str, metric: str) -> None:
-    from matplotlib.ticker import NullLocator
-
     ticks: set[float] = set()
     for flow, (color, marker) in FLOW_STYLE.items():
         xs, ys, err = _series(results, sweep, axis, flow, metric)
@@ -58,11 +62,6 @@ def _axes_sweep(ax: Any, results: dict[str, Any], sweep: str, axis: str, metric:
 
 def draw(results: dict[str, Any], out: Path) -> list[Path]:
     """total vs disk, total vs RAM, downtime per size: PNG and SVG each; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     foot = caption(results["meta"])
     written: list[Path] = []
     pictures = [
