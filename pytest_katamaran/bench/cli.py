@@ -78,7 +78,9 @@ def describe(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def run_grid(args: argparse.Namespace, say: Any) -> dict[str, Any]:
+def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
+    """Every point, every round, both flows; `save(results)` after each point, so an
+    interrupted or overlong run still leaves what it measured (meta.complete false)."""
     from pytest_katamaran.certs import lab_certs
     from pytest_katamaran.guest import build_guest
 
@@ -93,6 +95,7 @@ def run_grid(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         if not args.quick
         else "--quick: one point",
         "base": grid.BASE.as_dict(),
+        "complete": False,
         "workloads": {
             "disk-writer": f"{grid.WRITER_RATE} O_DIRECT|O_DSYNC 4 KiB writes/s",
             "dirty-ram": f"{grid.DIRTY_MIB_S} MiB of guest RAM rewritten per second",
@@ -128,10 +131,12 @@ def run_grid(args: argparse.Namespace, say: Any) -> dict[str, Any]:
                     "ratios": stats.ratios(summary),
                 }
             )
+            meta["duration_s"] = round(time.monotonic() - started, 1)
+            save(results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["complete"] = True
     return results
 
 
@@ -149,12 +154,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise BenchError(f"cannot read {args.plot_only}: {err}") from None
         else:
             check_prerequisites()
-            results = run_grid(args, say)
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = "bench-quick.json" if args.quick else "bench.json"
-        if not args.plot_only:
-            (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
+            name = "bench-quick.json" if args.quick else "bench.json"
+
+            def save(results: dict[str, Any]) -> None:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
+
+            results = run_grid(args, say, save)
+            save(results)
             say(f"bench: wrote {args.out / name}")
+        args.out.mkdir(parents=True, exist_ok=True)
         try:
             from pytest_katamaran.bench.plot import draw
         except ImportError as err:  # matplotlib is in the `test` extra

@@ -9,6 +9,7 @@ from typing import Any
 from pytest_katamaran.bench.flows import FLOWS, FlowFailed
 from pytest_katamaran.bench.grid import DIRTY_MIB_S, WRITER_RATE, Point
 from pytest_katamaran.bench.observer import Observer, phases
+from pytest_katamaran.bench.stats import derive
 from pytest_katamaran.guest import GuestImage
 from pytest_katamaran.locallab import Rig
 
@@ -48,9 +49,7 @@ def measure(
         state = rig.status(rig.dst)
         if state != "running":
             raise FlowFailed(f"destination VM is {state!r} after the migration, not running")
-        row.update(phases(seen))
-        if row.get("migration_s") is not None:
-            row["fixed_s"] = round(row["total_s"] - row["migration_s"], 4)
+        row = derive({**row, **phases(seen)})
         for key in ("total_s", "dest_prep_s", "startup_s"):
             if row.get(key) is not None:
                 row[key] = round(row[key], 4)

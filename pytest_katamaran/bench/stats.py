@@ -22,7 +22,19 @@ METRICS = (
     "startup_s",
     "dest_prep_s",
     "tunnel_hold_s",
+    "tail_s",
 )
+
+
+def derive(row: dict[str, Any]) -> dict[str, Any]:
+    """Figures computed from a row's marks: fixed_s (total minus the migration) and
+    tail_s (destination VM running -> flow finished: processes exiting, cleanup)."""
+    out = dict(row)
+    if out.get("fixed_s") is None and None not in (out.get("total_s"), out.get("migration_s")):
+        out["fixed_s"] = round(out["total_s"] - out["migration_s"], 4)
+    if out.get("tail_s") is None and None not in (out.get("end"), out.get("resume_at")):
+        out["tail_s"] = round(out["end"] - out["resume_at"], 4)
+    return out
 
 
 def spread(values: list[float | None]) -> dict[str, float] | None:
@@ -42,7 +54,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
     """flow -> metric -> spread, over the rounds that succeeded (failed ones are counted)."""
     out: dict[str, dict[str, Any]] = {}
     for flow, rows in runs.items():
-        good = [r for r in rows if not r.get("error")]
+        good = [derive(r) for r in rows if not r.get("error")]
         out[flow] = {m: spread([r.get(m) for r in good]) for m in METRICS}
         out[flow]["failed"] = len(rows) - len(good)
     return out

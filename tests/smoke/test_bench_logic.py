@@ -107,6 +107,15 @@ def test_summary_medians_spread_failures_and_ratios():
     assert r["stop_resume_ms"] is None
 
 
+def test_derived_fixed_cost_and_tail():
+    row = {"total_s": 3.0, "migration_s": 1.0, "start": 10.0, "end": 13.0, "resume_at": 11.5}
+    got = stats.derive(row)
+    assert got["fixed_s"] == 2.0 and got["tail_s"] == 1.5
+    assert stats.derive({"total_s": 1.0}).get("fixed_s") is None  # no migration figure: unknown
+    summary = stats.summarize({"katamaran": [row]})
+    assert summary["katamaran"]["tail_s"]["median"] == 1.5
+
+
 def small_results() -> dict:
     runs = {
         "bare": [{"total_s": 1.0, "migration_s": 0.9, "downtime_ms": 10, "stop_resume_ms": 12}],
