@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -140,8 +141,16 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     return results
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP (and SIGINT, even when a background shell ignored it) unwind like
+    Ctrl-C: every rig's `finally` stops its QEMUs and removes its namespaces."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"bench: {err}")
         return 2
     except KeyboardInterrupt:
-        say("bench: interrupted; nothing written")
+        say("bench: interrupted; the points finished so far are in the results JSON")
         return 130
     failed = sum(s["failed"] for p in results["points"] for s in p["summary"].values())
     if failed:
