@@ -141,9 +141,20 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     return results
 
 
+_MAIN_PID = os.getpid()
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     """SIGTERM/SIGHUP (and SIGINT, even when a background shell ignored it) unwind like
-    Ctrl-C: every rig's `finally` stops its QEMUs and removes its namespaces."""
+    Ctrl-C: every rig's `finally` stops its QEMUs and removes its namespaces.
+
+    Only in this process: pyroute2 forks helpers (into network namespaces) that inherit
+    this handler and must die of the signal as before, not run our unwinding.
+    """
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
