@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"no pictures: {err} (pip install matplotlib)") from None
         for path in draw(results, args.out):
             say(f"bench: wrote {path}")
+        table = args.out / ("bench-quick.md" if args.quick else "bench.md")
+        table.write_text(stats.markdown(results))
+        say(f"bench: wrote {table} (the README's tables)")
     except BenchError as err:
         say(f"bench: {err}")
         return 2

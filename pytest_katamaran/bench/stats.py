@@ -112,3 +112,57 @@ def caption(meta: dict[str, Any]) -> str:
         f"load {m['loadavg'][0]:g} at start; {meta['date']}; "
         f"median of {meta['rounds']} round(s), bars: min-max"
     )
+
+
+def _cell(fig: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    if not fig:
+        return "–"
+    med, lo, hi = (fig[k] * scale for k in ("median", "min", "max"))
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def _ratio(k: dict[str, float] | None, b: dict[str, float] | None) -> str:
+    return f"{k['median'] / b['median']:.2f}×" if k and b and b["median"] else "–"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's tables: median (min–max) per point, bare vs katamaran."""
+    rows_time = [
+        "| point | bare total s | katamaran total s | ratio | bare migration s "
+        "| katamaran migration s | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows_pause = [
+        "| point | bare downtime ms | katamaran downtime ms | bare STOP→RESUME ms "
+        "| katamaran STOP→RESUME ms |",
+        "|---|---|---|---|---|",
+    ]
+    rows_fixed = [
+        "| point | start-up s | destination ready s | after RESUME s | tunnel hold s "
+        "| CPU s (both processes) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for point in results["points"]:
+        label = point["point"]["label"]
+        b, k = point["summary"].get("bare", {}), point["summary"].get("katamaran", {})
+        failed = b.get("failed", 0) + k.get("failed", 0)
+        if failed:
+            label += f" ({failed} failed)"
+        rows_time.append(
+            f"| {label} | {_cell(b.get('total_s'))} | {_cell(k.get('total_s'))} "
+            f"| {_ratio(k.get('total_s'), b.get('total_s'))} | {_cell(b.get('migration_s'))} "
+            f"| {_cell(k.get('migration_s'))} "
+            f"| {_ratio(k.get('migration_s'), b.get('migration_s'))} |"
+        )
+        rows_pause.append(
+            f"| {label} | {_cell(b.get('downtime_ms'), digits=0)} "
+            f"| {_cell(k.get('downtime_ms'), digits=0)} "
+            f"| {_cell(b.get('stop_resume_ms'), digits=0)} "
+            f"| {_cell(k.get('stop_resume_ms'), digits=0)} |"
+        )
+        rows_fixed.append(
+            f"| {label} | {_cell(k.get('startup_s'))} | {_cell(k.get('dest_prep_s'))} "
+            f"| {_cell(k.get('tail_s'))} | {_cell(k.get('tunnel_hold_s'))} "
+            f"| {_cell(k.get('cpu_s'))} |"
+        )
+    return "\n\n".join("\n".join(t) for t in (rows_time, rows_pause, rows_fixed)) + "\n"

@@ -149,6 +149,12 @@ def test_plot_draws_pngs_and_svgs_from_a_small_json(tmp_path):
     assert "Test CPU" in (tmp_path / "total_vs_disk.svg").read_text()  # the machine footer
 
 
+def test_markdown_tables_show_median_spread_and_ratio():
+    text = stats.markdown(small_results())
+    assert "| disk64-ram128-idle-nbd | 1.00 (1.00–1.00) | 1.50 (1.50–1.50) | 1.50× |" in text
+    assert "| disk256-ram128-idle-nbd | 10 (10–10) | 11 (11–11) | 12 (12–12) | 13 (13–13) |" in text
+
+
 def test_cli_rounds_and_plot_only(tmp_path):
     assert parse(["--quick"]).rounds == 1 and parse([]).rounds == 3
     assert parse(["--rounds", "5"]).rounds == 5
@@ -175,4 +181,5 @@ def test_cli_plot_only_redraws(tmp_path):
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "o" / "downtime.png").is_file()
+    assert "| point |" in (tmp_path / "o" / "bench.md").read_text()
     assert not (tmp_path / "o" / "bench.json").exists()  # a redraw writes no results
