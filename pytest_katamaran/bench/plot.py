@@ -5,6 +5,7 @@ matplotlib with the Agg backend: no display needed, PNG and SVG from the same fi
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
             continue
         cols = 2 if len(panels) > 1 else 1
         rows = (len(panels) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+        width = 6.5 * cols if cols > 1 else 8.5
+        fig, axes = plt.subplots(rows, cols, figsize=(width, 4.2 * rows + 0.4), squeeze=False)
         for ax, (sweep, axis, metric, ylabel) in zip(axes.flat, panels, strict=True):
             _axes_sweep(ax, results, sweep, axis, metric)
             ax.set_ylabel(ylabel)
@@ -93,8 +95,9 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
             "downtime": "Pause per size: QEMU's downtime and the STOP->RESUME gap",
         }[name]
         fig.suptitle(title)
-        fig.text(0.5, 0.005, foot, ha="center", va="bottom", fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+        footer = "\n".join(textwrap.wrap(foot, int(width * 16)))
+        fig.text(0.5, 0.005, footer, ha="center", va="bottom", fontsize=7)
+        fig.tight_layout(rect=(0, 0.06 if cols == 1 else 0.03, 1, 0.97))
         for ext in ("png", "svg"):
             path = out / f"{name}.{ext}"
             fig.savefig(path, dpi=110)
