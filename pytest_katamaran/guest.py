@@ -549,11 +549,13 @@ def kernel_cmdline(
     extra: str = "",
     *,
     rate: int | None = None,
+    dirty: int = 0,
 ) -> str:
     """Kernel command line for the guest.
 
     ``ip`` is ADDR/LEN for eth0, ``gw`` the default route, ``writer`` the block device
-    for the disk writer, ``rate`` caps its writes/s (default: as fast as it can).
+    for the disk writer, ``rate`` caps its writes/s (default: as fast as it can),
+    ``dirty`` makes the guest rewrite that many MiB of its RAM every second (benchmark).
     """
     parts = ["console=ttyS0", "panic=-1", "quiet", FAST_BOOT_ARGS]
     if ip:
@@ -564,6 +566,8 @@ def kernel_cmdline(
         parts.append(f"katamaran.writer={writer}")
     if rate:
         parts.append(f"katamaran.rate={rate}")
+    if dirty:
+        parts.append(f"katamaran.dirty={dirty}")
     if extra:
         parts.append(extra)
     return " ".join(parts)

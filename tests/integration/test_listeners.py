@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 from katamaran.config import host_port
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
+from pytest_katamaran.certs import SERVER_SAN, OpensslMissing, lab_certs
 from pytest_katamaran.hostlab import run_in_netns
 from pytest_katamaran.locallab import qmp, wait_for_text
 from pytest_katamaran.sandbox import Sandbox
@@ -290,39 +290,12 @@ def test_source_ip_gives_other_hosts_no_nbd_greeting(rig_factory, source_ip, des
     no_listener_left(rig, 4444, 10809)
 
 
-SERVER_SAN = "IP:10.0.0.2,IP:fd00:10::2"
-
-
 def make_certs(tmp: Path, server_san: str = SERVER_SAN) -> Path:
-    """A CA, a server certificate naming the destination's addresses, a client certificate."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not found (apt package openssl)")
-    tls = tmp / "pki"
-    tls.mkdir()
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=tls, check=True, capture_output=True)
-
-    run(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kmr-ca",
-        "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-    )  # fmt: skip
-    for role, san in (("server", server_san), ("client", "IP:10.0.0.1")):
-        run(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=kmr-{role}",
-            "-keyout", f"{role}-key.pem", "-out", f"{role}.csr",
-        )  # fmt: skip
-        ext = tls / f"{role}.ext"
-        usage = "serverAuth" if role == "server" else "clientAuth"
-        ext.write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
-        run(
-            "x509", "-req", "-in", f"{role}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-            "-CAcreateserial", "-days", "1", "-extfile", ext.name, "-out", f"{role}-cert.pem",
-        )  # fmt: skip
-    for f in tls.glob("*-key.pem"):
-        f.chmod(0o644)  # QEMU may run as another user than the test
-    return tls
+    """The lab's certificates (pytest_katamaran.certs); skipped without openssl."""
+    try:
+        return lab_certs(tmp, server_san)
+    except OpensslMissing as err:
+        pytest.skip(str(err))
 
 
 @pytest.mark.qemu
