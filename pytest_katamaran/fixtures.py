@@ -387,6 +387,8 @@ def results(
             "node_image": katamaran_config.node_image,
             "accel": katamaran_config.accel,
             "ping_interval": katamaran_config.ping_interval,
+            # what this test's pings really used (the TCG fallback differs from the option)
+            "ping_intervals_used": [m.interval for m in request.node.stash.get(PINGS_KEY, [])],
             "kata": katamaran_config.kata,
             "workload_qemu": katamaran_config.workload_qemu,
             "tuning": dataclasses.asdict(katamaran_config.tuning),

@@ -73,6 +73,11 @@ SETUP_HINT = "Run ./testenv/setup.sh first."
 # Ubuntu nodes (KVM laptop) get what Kata needs.
 RESOURCES = {"debian": (2, 1536), "ubuntu": (2, 4096)}
 BOOT_TIMEOUTS = {"debian": 180.0, "ubuntu": 900.0}
+# TCG's -cpu max is an AMD CPU without invariant TSC, so a 2-vCPU node kernel declares
+# its TSCs "unsynchronized" and falls back to the HPET: every clock_gettime in the node
+# becomes a syscall plus an emulated MMIO read.  TCG's TSC is one global host-derived
+# counter (monotonic across vCPUs), so it is reliable in fact; see README "nested lab".
+NODE_CLOCK_ARGS = ("tsc=reliable",)
 
 
 def nic_macs(role: str) -> dict[str, str]:
@@ -155,7 +160,7 @@ def debian_cmdline(spec: NodeSpec) -> str:
     for key, value in values.items():
         if any(c.isspace() for c in value):
             raise ValueError(f"{key}={value!r}: paths with spaces cannot go on a kernel cmdline")
-    parts = ["console=ttyS0,115200", "panic=-1", "quiet", "rdinit=/init"]
+    parts = ["console=ttyS0,115200", "panic=-1", "quiet", "rdinit=/init", *NODE_CLOCK_ARGS]
     return " ".join(parts + [f"{k}={v}" for k, v in values.items()])
 
 

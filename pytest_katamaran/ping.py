@@ -111,6 +111,19 @@ class PingStats:
         """Number of missing sequence numbers (excluding the in-flight tail)."""
         return len(self.lost)
 
+    @property
+    def answer_rate(self) -> float | None:
+        """Share of the pings sent that were answered (1.0: every one)."""
+        return round(self.received / self.sent, 4) if self.sent else None
+
+    @property
+    def replies_per_s(self) -> float | None:
+        """Replies per second between the first and the last reply: what the target kept up."""
+        if self.first_reply_ts is None or self.last_reply_ts is None:
+            return None
+        span = self.last_reply_ts - self.first_reply_ts
+        return round((self.received - 1) / span, 2) if span > 0 and self.received > 1 else None
+
     def lost_ranges(self) -> str:
         """Compact rendering of lost seqs, e.g. ``501-503, 700``."""
         return format_seq_ranges(self.lost)
@@ -156,6 +169,8 @@ class PingStats:
             "first_reply_ts": self.first_reply_ts,
             "last_reply_ts": self.last_reply_ts,
             "interval": self.interval,
+            "answer_rate": self.answer_rate,
+            "replies_per_s": self.replies_per_s,
             "summary": self.summary,
             "notes": list(self.notes),
             "description": self.describe(),

@@ -75,6 +75,34 @@ def _accel(config: Any) -> tuple[str, str | None]:
     return chosen.name, chosen.cpu
 
 
+def clock_problem(uptime_s: float, elapsed_lo: float, elapsed_hi: float) -> str | None:
+    """Why a node's clock cannot be right, or None: its uptime against the host's clock.
+
+    ``elapsed_lo``/``elapsed_hi`` are the host's seconds since QEMU started, taken just
+    before and just after the node read its uptime.  The kernel starts after firmware
+    (seconds under TCG), so the uptime must lie between half the elapsed time and the
+    elapsed time itself; a TSC miscalibrated at boot (the nodes run ``tsc=reliable``,
+    which turns off the kernel's clocksource watchdog) is off by far more than that.
+    """
+    if uptime_s > elapsed_hi + 1.0:
+        return f"uptime {uptime_s:.1f} s after {elapsed_hi:.1f} s of real time: its clock runs fast"
+    if uptime_s < 0.5 * elapsed_lo:
+        return f"uptime {uptime_s:.1f} s after {elapsed_lo:.1f} s of real time: its clock runs slow"
+    return None
+
+
+def check_clock(proc: NodeProcess, client: SSHClient) -> None:
+    """Fail the boot, naming the figures, when the node's TSC was miscalibrated."""
+    lo = time.monotonic() - proc.started_at
+    out = client.run("cat /proc/uptime", timeout=60).stdout
+    hi = time.monotonic() - proc.started_at
+    problem = clock_problem(float(out.split()[0]), lo, hi)
+    if problem:
+        raise NodeBootError(
+            proc.describe_failure(f"{proc.spec.name}: TSC miscalibrated at boot ({problem})")
+        )
+
+
 class QemuNodes:
     """Node A (source, 10.0.0.1) and node B (destination, 10.0.0.2) under QEMU."""
 
@@ -200,6 +228,8 @@ class QemuNodes:
                 client.wait_ready(self.ssh_timeout)
             except TimeoutError as e:
                 raise NodeBootError(proc.describe_failure(f"{proc.spec.name}: {e}")) from e
+            if self.image_kind == "debian":
+                check_clock(proc, client)
             node = QemuNode(
                 name=proc.spec.name,
                 ssh=client,

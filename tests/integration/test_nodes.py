@@ -52,6 +52,13 @@ def test_both_nodes_boot_and_answer_ssh_as_ubuntu(lab):
         assert "KATAMARAN-NODE-READY" in node.serial_log.read_text()
 
 
+def test_nodes_keep_the_tsc_clocksource(lab):
+    """Two TCG vCPUs would make the kernel drop the TSC for the HPET (tsc=reliable keeps it)."""
+    for node in (lab.node_a, lab.node_b):
+        path = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+        assert node.ssh.run(f"cat {path}").stdout.strip() == "tsc", node.name
+
+
 def test_sch_plug_qdisc_inside_a_node(lab):
     r = lab.node_a.ssh.run(
         "sudo modprobe sch_plug && sudo tc qdisc add dev lo root plug limit 32768 "

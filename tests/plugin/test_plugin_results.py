@@ -116,6 +116,9 @@ def test_ping_fixture_wiring(pytester: pytest.Pytester):
         (pytester.path / "results" / "test_pings.py_test_ping_zero_drop.json").read_text()
     )
     assert data["results"]["ping"]["lost"] == [] and data["results"]["ping"]["sent"] > 5
+    # the interval the test's ping really used, and how much of it was answered
+    assert data["katamaran"]["ping_intervals_used"] == [0.02]
+    assert data["results"]["ping"]["answer_rate"] > 0.5
     raw = pytester.path / "results" / "test_pings.py_test_ping_zero_drop.ping1.txt"
     assert "bytes from 127.0.0.1" in raw.read_text()
 

@@ -228,6 +228,17 @@ def test_clean_capture_is_zero_drop():
     assert_zero_drop(stats)
 
 
+def test_answer_rate_and_replies_per_second():
+    stats = parse_ping_output(_synthetic(100, {10, 11}), interval=0.01)
+    assert stats.answer_rate == 0.98
+    # 98 replies over the 0.99 s between seq 1 and seq 100: the rate the target kept up
+    assert stats.replies_per_s == pytest.approx(97 / 0.99, rel=1e-3)
+    d = stats.as_dict()
+    assert d["answer_rate"] == 0.98 and d["replies_per_s"] == stats.replies_per_s
+    empty = parse_ping_output("PING 10.0.0.2 (10.0.0.2) 56(84) bytes of data.\n", 0.01)
+    assert empty.answer_rate is None and empty.replies_per_s is None
+
+
 def test_real_loss_is_found_from_reply_lines():
     stats = parse_ping_output(LOSSY, interval=0.01)
     assert stats.sent == 45

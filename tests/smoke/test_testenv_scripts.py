@@ -129,6 +129,8 @@ def test_node_argv_debian_layout(tmp_path):
     append = _opt(a, "-append")[0]
     assert "katamaran.privip=10.0.0.1/24" in append
     assert "katamaran.privip=10.0.0.2/24" in _opt(b, "-append")[0]
+    # 2 TCG vCPUs: without it the node kernel falls back to the HPET (see NODE_CLOCK_ARGS)
+    assert "tsc=reliable" in append.split()
     drives = _opt(a, "-drive")
     assert any("node-a.qcow2" in d and "format=qcow2" in d for d in drives)
     assert any("node-a-seed.iso" in d and "readonly=on" in d for d in drives)
@@ -363,3 +365,23 @@ def test_debian_overlay_keeps_the_scratch_size(tmp_path):
     image = DebianImage(**{**image.__dict__, "scratch_base": scratch})
     disk = nodeimage.create_overlay(image, tmp_path / "node-a.qcow2")
     assert _virtual_size(disk) == 8 << 20 and nodeimage.overlay_fits(disk, image)
+
+
+@pytest.mark.parametrize(
+    ("uptime", "lo", "hi", "verdict"),
+    [
+        (55.0, 60.0, 61.0, None),  # firmware took 5 s: fine
+        (61.5, 60.0, 61.0, None),  # within a second of the host's figure
+        (300.0, 60.0, 61.0, "fast"),  # TSC calibrated 5x too slow: the node's clock races
+        (12.0, 60.0, 61.0, "slow"),
+    ],
+)
+def test_node_clock_check(uptime, lo, hi, verdict):
+    from pytest_katamaran.backend.qemu import clock_problem
+
+    problem = clock_problem(uptime, lo, hi)
+    if verdict is None:
+        assert problem is None
+    else:
+        assert problem is not None and f"clock runs {verdict}" in problem
+        assert f"uptime {uptime:.1f} s" in problem
