@@ -20,7 +20,7 @@ from typing import Any
 from katamaran.qmp import Monitor
 from pytest_katamaran.guest import GuestImage, kernel_cmdline
 from pytest_katamaran.hostlab import HostLab, ipr
-from pytest_katamaran.podnet import DestTap, PodNet, prepare_dest_tap
+from pytest_katamaran.podnet import GATEWAY_IP, DestTap, PodNet, prepare_dest_tap
 from pytest_katamaran.qemu_cmd import SandboxSpec
 from pytest_katamaran.sandbox import Sandbox
 
@@ -81,8 +81,15 @@ class Rig:
     # A second QMP monitor on each QEMU: katamaran uses it (Sandbox.qmp_path), so a
     # test can watch and poke QEMU on the primary one (spec.qmp_path) during a run.
     extra_monitor: bool = False
+    # Calico-style routed taps on both nodes (gateway 169.254.1.1, the VM's /32 routed to
+    # node A's tap): node A reaches the VM, and reaches it on node B after converge().
+    routed: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
+    src_tap: DestTap | None = None
+    # Each katamaran log's lines stamped with this host's clock as they arrive, in the
+    # `[<epoch>] <line>` form nodectl.stamped() reads (the e2e's node agent stamps alike).
+    stamps: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def src_disk(self) -> Path:
@@ -97,6 +104,10 @@ class Rig:
         if self.kata_pod:
             self.pod = PodNet("kmr-pod-" + self.lab.a.netns[-6:], VM_IP, self.lab.a.netns)
             self.pod.setup()
+            self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=VM_IP)
+        elif self.routed:
+            self.src_tap = prepare_dest_tap(self.lab.a.netns, pod_ip=VM_IP)
+            self.src_tap.add_pod_route()
             self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=VM_IP)
         else:
             for node in self.lab.nodes:
@@ -123,6 +134,8 @@ class Rig:
         writer = "/dev/vda" if self.writer else None
         if self.pod:
             append = kernel_cmdline(ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer)
+        elif self.routed:
+            append = kernel_cmdline(ip=f"{VM_IP}/32", gw=GATEWAY_IP, writer=writer)
         else:
             append = kernel_cmdline(ip=f"{VM_IP}/24", writer=writer)
         spec = SandboxSpec(
@@ -154,12 +167,14 @@ class Rig:
         self.procs.append(proc)
         path = self.tmp / log
         prefix = f"[{log.removesuffix('.log')}] "
+        stamps = self.stamps.setdefault(log, [])
 
         def copy() -> None:
             with open(path, "w") as out:
                 assert proc.stdout is not None
                 for raw in proc.stdout:
                     line = raw.decode(errors="replace")
+                    stamps.append(f"[{time.time():.6f}] {line.rstrip()}")
                     out.write(line)
                     out.flush()
                     if self.echo:
@@ -201,6 +216,22 @@ class Rig:
                 f"\ndest:\n{self.log('dest.log')}"
             ) from None
 
+    def stamped_log(self, name: str) -> str:
+        """A katamaran log with each line stamped on arrival (see ``stamps``)."""
+        return "\n".join(self.stamps.get(name, []))
+
+    def converge(self) -> dict[str, float]:
+        """The CNI's step after a move (routed rig): node A routes the VM to node B, node B
+        to its tap.  Returns when each node converged (this host's clock)."""
+        if self.dest_tap is None:
+            raise RuntimeError("converge() needs a rig with routed=True or kata_pod=True")
+        self.dest_tap.add_pod_route()
+        at_b = time.time()
+        if self.src_tap is not None:
+            with ipr(self.lab.a.netns) as ip:
+                ip.route("replace", dst=f"{VM_IP}/32", gateway=self.lab.b.ipv4)
+        return {"node A": time.time(), "node B": at_b}
+
     def status(self, box: Sandbox) -> str:
         """QEMU's run state; if QEMU is gone, say so with its own last words."""
         if not box.alive():
@@ -222,7 +253,7 @@ class Rig:
                 proc.wait()
         self.src.stop()
         self.dst.stop()
-        for part in (self.pod, self.dest_tap):
+        for part in (self.pod, self.dest_tap, self.src_tap):
             if part is not None:
                 part.teardown()
         self.lab.teardown()

@@ -114,7 +114,10 @@ def katamaran_events(
     src, dst = stamped(source_log), stamped(dest_log)
     source = {
         "mirror ready": first_stamp(src, "storage synchronized"),
-        "tunnel switched": first_stamp(src, "switchover ("),
+        # Only a real switch (not "switchover (...): pausing the VM" without a tunnel);
+        # an idle guest QEMU pauses itself first, and the switch happens at STOP.
+        "tunnel switched": first_stamp(src, "): traffic for ")
+        or first_stamp(src, "VM paused: traffic for "),
         "STOP": first_stamp(src, "VM paused"),
         "completed": first_stamp(src, "migration completed in"),
         "hold start": first_stamp(src, "holding tunnel"),

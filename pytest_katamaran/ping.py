@@ -107,9 +107,7 @@ class PingStats:
     notes: list[str] = field(default_factory=list)
     # seq -> (receive stamp, RTT ms) of each first reply: what a timeline draws per packet.
     # Not in as_dict(): the raw ping log kept next to the results JSON carries it.
-    replies: dict[int, tuple[float | None, float | None]] = field(
-        default_factory=dict, repr=False
-    )
+    replies: dict[int, tuple[float | None, float | None]] = field(default_factory=dict, repr=False)
 
     @property
     def lost_count(self) -> int:

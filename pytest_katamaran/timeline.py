@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -206,6 +207,23 @@ def _style(label: str) -> tuple[str, str]:
     return ("black", ":")
 
 
+def _broken_at_gaps(
+    answered: list[tuple[int, float, float]],
+) -> tuple[list[float], list[float]]:
+    """x and y of the RTT line, with a NaN where seqs are missing: no line across a loss."""
+    xs: list[float] = []
+    ys: list[float] = []
+    prev: int | None = None
+    for seq, t, rtt in answered:
+        if prev is not None and seq != prev + 1:
+            xs.append(math.nan)
+            ys.append(math.nan)
+        xs.append(t)
+        ys.append(rtt)
+        prev = seq
+    return xs, ys
+
+
 def draw(timeline: Timeline, path: Path) -> tuple[int, int]:
     """Render ``timeline`` to a PNG at ``path``; returns its (width, height) in pixels.
 
@@ -233,8 +251,8 @@ def draw(timeline: Timeline, path: Path) -> tuple[int, int]:
     resume = next((t for label, t in timeline.phases if label.startswith("RESUME")), None)
     for row, (xlim, what) in enumerate(panels):
         ax = fig.add_subplot(grid[row])
-        xs = [t for _, t, _ in timeline.answered]
-        ax.plot(xs, rtts, color="tab:blue", lw=0.6, marker=".", ms=2.5, label="reply RTT")
+        xs, ys = _broken_at_gaps(timeline.answered)
+        ax.plot(xs, ys, color="tab:blue", lw=0.6, marker=".", ms=2.5, label="reply RTT")
         if timeline.lost:
             on_axis = blended_transform_factory(ax.transData, ax.transAxes)
             ax.plot(
@@ -340,7 +358,8 @@ def redraw(json_path: Path) -> Path:
     stats = parse_ping_output(ping_file.read_text(errors="replace"), interval)
     title = str(payload.get("nodeid") or json_path.stem)
     out = timeline_path(json_path)
-    drawn = draw_results(results, title, out, ping=stats)
+    note = (payload.get("katamaran") or {}).get("timeline_note")  # the demo: one clock
+    drawn = draw_results(results, title, out, ping=stats, note=note)
     assert drawn is not None
     return drawn
 
