@@ -11,7 +11,9 @@ The tree (as qemu.qmp draws its own)::
      +-- RuntimeNotImplemented   the node has Kata, but pods through containerd are not
      |                           built yet; carries the node and the binaries found
      +-- PodError                a Kata pod could not be started, found or moved; carries
-                                 the node
+     |                           the node
+     +-- TimelineError           a migration's timeline picture cannot be drawn from what
+                                 the results hold (no timestamped ping replies, no events)
 
 A failed migration is not an exception: ``migrate()`` returns a MigrationResult whose
 ``ok`` is False and whose ``problems``/``explain()`` say why.
@@ -98,3 +100,8 @@ class PodError(HarnessError):
     def __init__(self, node: str, message: str) -> None:
         self.node = node
         super().__init__(f"{node}: {message}")
+
+
+class TimelineError(HarnessError):
+    """The timeline picture cannot be drawn from the data given (the message says what is
+    missing); the plugin turns it into a warning line, never a test failure."""

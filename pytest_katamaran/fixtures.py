@@ -40,6 +40,8 @@ from pytest_katamaran.pluginstate import (
     REPORTS_KEY,
     SKIP_REASON,
     START_TAILS_KEY,
+    TIMELINE_PROPERTY,
+    TIMELINE_WARNING_PROPERTY,
     TermAsInterrupt,
     announce,
     call_failed,
@@ -401,3 +403,33 @@ def results(
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
+    _draw_timeline(request, data, path)
+
+
+def _draw_timeline(request: pytest.FixtureRequest, data: Mapping[str, Any], path: Path) -> None:
+    """``<stem>.timeline.png`` next to the JSON when the results carry a migration and a ping.
+
+    Without ``results["ping"]`` (a test that failed before finishing its ping) the
+    test's first ping so far is drawn: a failed migration's picture matters most.  Any
+    drawing failure becomes a warning line in the terminal summary, never a failure.
+    The outcome travels as a user property of the teardown report (xdist-safe).
+    """
+    if "migration" not in data:
+        return
+    stats = data.get("ping")
+    if not isinstance(stats, PingStats):
+        started = [m for m in request.node.stash.get(PINGS_KEY, []) if m.handle is not None]
+        stats = (started[0].stats or started[0].snapshot()) if started else None
+    if stats is None:
+        return
+    from pytest_katamaran.timeline import draw_results, timeline_path
+
+    out = timeline_path(path)
+    try:
+        drawn = draw_results(data, request.node.nodeid, out, ping=stats)
+    except Exception as exc:  # a picture must never fail the test it illustrates
+        reason = f"{type(exc).__name__}: {exc}"
+        request.node.user_properties.append((TIMELINE_WARNING_PROPERTY, f"{out}: {reason}"))
+        return
+    if drawn is not None:
+        request.node.user_properties.append((TIMELINE_PROPERTY, str(drawn)))

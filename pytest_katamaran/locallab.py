@@ -20,7 +20,7 @@ from typing import Any
 from katamaran.qmp import Monitor
 from pytest_katamaran.guest import GuestImage, kernel_cmdline
 from pytest_katamaran.hostlab import HostLab, ipr
-from pytest_katamaran.podnet import DestTap, PodNet, prepare_dest_tap
+from pytest_katamaran.podnet import GATEWAY_IP, DestTap, PodNet, prepare_dest_tap
 from pytest_katamaran.qemu_cmd import SandboxSpec
 from pytest_katamaran.sandbox import Sandbox
 
@@ -82,6 +82,9 @@ class Rig:
     # A second QMP monitor on each QEMU: katamaran uses it (Sandbox.qmp_path), so a
     # test can watch and poke QEMU on the primary one (spec.qmp_path) during a run.
     extra_monitor: bool = False
+    # Calico-style routed taps on both nodes (gateway 169.254.1.1, the VM's /32 routed to
+    # node A's tap): node A reaches the VM, and reaches it on node B after converge().
+    routed: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
     disk_dir: Path | None = None  # where the source disk lives (a test's own small fs)
@@ -96,6 +99,7 @@ class Rig:
     # Every katamaran output line with the wall-clock time it was read (the benchmark
     # places its fixed costs by them): log name -> [(time.time(), line)].
     stamps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    src_tap: DestTap | None = None
 
     @property
     def src_disk(self) -> Path:
@@ -109,9 +113,13 @@ class Rig:
         if self.own_lab:
             self.lab.up()
         if self.kata_pod:
-            self.pod = PodNet("kmr-pod-" + self.lab.a.netns[-6:], VM_IP, self.lab.a.netns)
+            self.pod = PodNet("kmr-pod-" + self.lab.a.netns[-6:], self.vm_ip, self.lab.a.netns)
             self.pod.setup()
-            self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=VM_IP)
+            self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=self.vm_ip)
+        elif self.routed:
+            self.src_tap = prepare_dest_tap(self.lab.a.netns, pod_ip=self.vm_ip)
+            self.src_tap.add_pod_route()
+            self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=self.vm_ip)
         else:
             for node in self.lab.nodes:
                 with ipr(node.netns) as ip:
@@ -140,6 +148,8 @@ class Rig:
             append = kernel_cmdline(
                 ip=self.pod.guest_ip, gw=self.pod.gateway, writer=writer, **load
             )
+        elif self.routed:
+            append = kernel_cmdline(ip=f"{self.vm_ip}/32", gw=GATEWAY_IP, writer=writer, **load)
         else:
             append = kernel_cmdline(ip=f"{self.vm_ip}/24", writer=writer, **load)
         spec = SandboxSpec(
@@ -238,6 +248,23 @@ class Rig:
                 f"\ndest:\n{self.log('dest.log')}"
             ) from None
 
+    def stamped_log(self, name: str) -> str:
+        """A katamaran log with each line stamped on arrival (see ``stamps``)."""
+        # the `[<epoch>] <line>` form nodectl.stamped() reads (the node agent stamps alike)
+        return "\n".join(f"[{at:.6f}] {line.rstrip()}" for at, line in self.stamps.get(name, []))
+
+    def converge(self) -> dict[str, float]:
+        """The CNI's step after a move (routed rig): node A routes the VM to node B, node B
+        to its tap.  Returns when each node converged (this host's clock)."""
+        if self.dest_tap is None:
+            raise RuntimeError("converge() needs a rig with routed=True or kata_pod=True")
+        self.dest_tap.add_pod_route()
+        at_b = time.time()
+        if self.src_tap is not None:
+            with ipr(self.lab.a.netns) as ip:
+                ip.route("replace", dst=f"{self.vm_ip}/32", gateway=self.lab.b.ipv4)
+        return {"node A": time.time(), "node B": at_b}
+
     def status(self, box: Sandbox) -> str:
         """QEMU's run state; if QEMU is gone, say so with its own last words."""
         if not box.alive():
@@ -259,7 +286,7 @@ class Rig:
                 proc.wait()
         self.src.stop()
         self.dst.stop()
-        for part in (self.pod, self.dest_tap):
+        for part in (self.pod, self.dest_tap, self.src_tap):
             if part is not None:
                 part.teardown()
         if self.own_lab:

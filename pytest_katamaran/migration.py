@@ -29,7 +29,7 @@ from pytest_katamaran.config import Tuning
 from pytest_katamaran.errors import HarnessError, PodError
 from pytest_katamaran.nodectl import (
     describe_logs,
-    first_stamp,
+    katamaran_events,
     parse_summary,
     place_losses,
     stamped,
@@ -376,19 +376,8 @@ class _Run:
         warned = [ln for ln in (res.source_log + res.dest_log).splitlines() if "WARNING:" in ln]
         if warned:
             problems.append("katamaran warned (a cutover piece is missing): " + " | ".join(warned))
-        src, dst = stamped(res.source_log), stamped(res.dest_log)
-        res.events = {
-            "tunnel switched": first_stamp(src, "switchover ("),
-            "STOP": first_stamp(src, "VM paused"),
-            "completed": first_stamp(src, "migration completed in"),
-            "hold start": first_stamp(src, "holding tunnel"),
-        }
-        res.dest_events = {
-            "ready": first_stamp(dst, "destination ready"),
-            "RESUME (plug released)": first_stamp(dst, "VM resumed"),
-            "received": first_stamp(dst, "migration received in"),
-        }
-        released = [ln for _, ln in dst if "released" in ln]
+        res.events, res.dest_events = katamaran_events(res.source_log, res.dest_log)
+        released = [ln for _, ln in stamped(res.dest_log) if "released" in ln]
         res.plug_released = released[0] if released else None
         hold = res.events["hold start"]
         if hold is None:

@@ -102,6 +102,34 @@ def first_stamp(lines: list[tuple[float, str]], needle: str) -> float | None:
     return None
 
 
+def katamaran_events(
+    source_log: str, dest_log: str
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """The cutover's moments from two stamped katamaran logs: (source's, destination's).
+
+    One mapping for the e2e's ``migrate`` and the demo, so a timeline, the loss
+    placement and the hold checks read the same names.  ``mirror ready`` is None with
+    shared storage (nothing is mirrored).
+    """
+    src, dst = stamped(source_log), stamped(dest_log)
+    source = {
+        "mirror ready": first_stamp(src, "storage synchronized"),
+        # Only a real switch (not "switchover (...): pausing the VM" without a tunnel);
+        # an idle guest QEMU pauses itself first, and the switch happens at STOP.
+        "tunnel switched": first_stamp(src, "): traffic for ")
+        or first_stamp(src, "VM paused: traffic for "),
+        "STOP": first_stamp(src, "VM paused"),
+        "completed": first_stamp(src, "migration completed in"),
+        "hold start": first_stamp(src, "holding tunnel"),
+    }
+    dest = {
+        "ready": first_stamp(dst, "destination ready"),
+        "RESUME (plug released)": first_stamp(dst, "VM resumed"),
+        "received": first_stamp(dst, "migration received in"),
+    }
+    return source, dest
+
+
 def parse_summary(text: str) -> dict[str, Any] | None:
     """katamaran's `migration completed in ...` line as numbers."""
     m = SUMMARY_RE.search(text)

@@ -105,6 +105,9 @@ class PingStats:
     interval: float | None = None
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # seq -> (receive stamp, RTT ms) of each first reply: what a timeline draws per packet.
+    # Not in as_dict(): the raw ping log kept next to the results JSON carries it.
+    replies: dict[int, tuple[float | None, float | None]] = field(default_factory=dict, repr=False)
 
     @property
     def lost_count(self) -> int:
@@ -227,6 +230,7 @@ def parse_ping_output(text: str, interval: float | None = None) -> PingStats:
     last_ts: float | None = None
     summary: dict[str, Any] | None = None
     notes: list[str] = []
+    replies: dict[int, tuple[float | None, float | None]] = {}
 
     for line in text.splitlines():
         line = line.strip()
@@ -247,10 +251,13 @@ def parse_ping_output(text: str, interval: float | None = None) -> PingStats:
                 reordered += 1
             highest_reply = max(highest_reply, seq)
             received.add(seq)
-            if m.group("time") is not None:
-                rtts.append(float(m.group("time")))
-            if m.group("ts") is not None:
-                ts = float(m.group("ts"))
+            rtt = None if m.group("time") is None else float(m.group("time"))
+            stamp = None if m.group("ts") is None else float(m.group("ts"))
+            replies[seq] = (stamp, rtt)
+            if rtt is not None:
+                rtts.append(rtt)
+            if stamp is not None:
+                ts = stamp
                 if first_ts is None:
                     first_ts = ts
                 last_ts = ts
@@ -340,6 +347,7 @@ def parse_ping_output(text: str, interval: float | None = None) -> PingStats:
         interval=interval,
         summary=summary,
         notes=notes,
+        replies=replies,
     )
 
 

@@ -33,6 +33,8 @@ from pytest_katamaran.pluginstate import (
     REPORTS_KEY,
     SKIP_REASON,
     START_TAILS_KEY,
+    TIMELINE_PROPERTY,
+    TIMELINE_WARNING_PROPERTY,
     serial_tails,
 )
 from pytest_katamaran.workload import WORKLOAD_QEMU_CHOICES
@@ -218,10 +220,30 @@ def _migration_sections(item: pytest.Item) -> list[tuple[str, str]]:
     return sections
 
 
+def timeline_lines(terminalreporter: Any) -> list[str]:
+    """Each test's timeline picture, or why it was not drawn, from the teardown reports.
+
+    The results fixture leaves them as user properties of the teardown report, so they
+    reach the terminal from an xdist worker too.
+    """
+    found: list[tuple[str, str]] = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) != "teardown":
+                continue
+            for name, value in getattr(rep, "user_properties", ()):
+                if name == TIMELINE_PROPERTY:
+                    found.append((rep.nodeid, f"timeline: {value}"))
+                elif name == TIMELINE_WARNING_PROPERTY:
+                    found.append((rep.nodeid, f"WARNING: no timeline for {rep.nodeid}: {value}"))
+    return [line for _, line in sorted(found)]
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """Repeat katamaran notes (TCG fallback, kept nodes) where nobody can miss them."""
-    notes = config.stash.get(NOTES_KEY, [])
-    if notes:
+    """Repeat katamaran notes (TCG fallback, kept nodes) where nobody can miss them, and
+    name every migration's timeline picture (a drawing failure is a warning line here)."""
+    lines = [*config.stash.get(NOTES_KEY, []), *timeline_lines(terminalreporter)]
+    if lines:
         terminalreporter.section("katamaran")
-        for line in notes:
-            terminalreporter.write_line(line)
+        for line in lines:
+            terminalreporter.write_line(line, yellow=line.startswith("WARNING"))

@@ -34,6 +34,10 @@ START_TAILS_KEY = pytest.StashKey[list[tuple[str, str]]]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 MIGRATIONS_KEY = pytest.StashKey[list["MigrationResult"]]()
 PINGS_KEY = pytest.StashKey[list["PingMonitor"]]()
+# user_properties names that carry a timeline picture (or why none) from the test's
+# teardown report to the terminal summary, also from an xdist worker to the controller.
+TIMELINE_PROPERTY = "katamaran_timeline"
+TIMELINE_WARNING_PROPERTY = "katamaran_timeline_warning"
 
 
 def announce(config: pytest.Config, line: str) -> None:

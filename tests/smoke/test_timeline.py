@@ -1,0 +1,226 @@
+"""The timeline picture: the numbers it draws (send times, lost seqs, phase positions) from a
+small synthetic ping log, the PNG it writes, and a redraw from the real e2e results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from pytest_katamaran.errors import TimelineError
+from pytest_katamaran.nodectl import katamaran_events
+from pytest_katamaran.ping import parse_ping_output
+from pytest_katamaran.timeline import (
+    DPI,
+    HEIGHT_IN,
+    WIDTH_IN,
+    build_timeline,
+    draw,
+    draw_results,
+    phase_marks,
+    redraw,
+    send_times,
+    timeline_path,
+)
+
+pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install -e '.[test]')")
+
+INTERVAL = 0.1
+STOP = 100.5
+LOST = (16, 17)
+SLOW = {18: 200.0}  # seq -> RTT ms; every other answered seq took 10 ms
+
+
+def sent(seq: int) -> float:
+    """Seq 1 leaves at 99.0, one every 100 ms: seq 16 leaves exactly at STOP."""
+    return round(99.0 + INTERVAL * (seq - 1), 6)
+
+
+def ping_log(count: int = 20) -> str:
+    """iputils `ping -D -O` output: seqs 16-17 unanswered, seq 18 slow, then a summary."""
+    lines = ["PING 10.244.1.5 (10.244.1.5) from 10.0.0.1 : 56(84) bytes of data."]
+    for seq in range(1, count + 1):
+        if seq in LOST:
+            lines.append(f"[{sent(seq) + INTERVAL:.6f}] no answer yet for icmp_seq={seq}")
+            continue
+        rtt = SLOW.get(seq, 10.0)
+        lines.append(
+            f"[{sent(seq) + rtt / 1000:.6f}] 64 bytes from 10.244.1.5: icmp_seq={seq} ttl=63 "
+            f"time={rtt:g} ms"
+        )
+    received = count - len(LOST)
+    lines += [
+        "",
+        "--- 10.244.1.5 ping statistics ---",
+        f"{count} packets transmitted, {received} received, 10% packet loss, time 1900ms",
+        "rtt min/avg/max/mdev = 10.000/20.556/200.000/44.777 ms",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# katamaran's stamped lines as the node agent (and the demo's Rig) record them.
+SOURCE_LOG = "\n".join(
+    [
+        "[99.500000] katamaran: storage synchronized (64.1 MiB)",
+        "[100.400000] katamaran: switchover (0.4 MiB of RAM left): traffic for 10.244.1.5 "
+        "into kmr-1",
+        f"[{STOP:.6f}] katamaran: VM paused: traffic for 10.244.1.5 now goes through kmr-1",
+        "[100.800000] katamaran: migration completed in 3.00 s (downtime 120 ms, RAM 10.0 MiB, "
+        "storage 64.1 MiB)",
+        "[100.810000] katamaran: holding tunnel kmr-1 for 30 s (CNI convergence)",
+    ]
+)
+DEST_LOG = "\n".join(
+    [
+        "[90.000000] katamaran: destination ready: NBD on [::]:10809; waiting for the VM",
+        "[100.600000] katamaran: VM resumed: released 3 held packet(s) in order",
+        "[100.700000] katamaran: migration received in 11.00 s",
+    ]
+)
+
+
+def migration() -> dict:
+    """A MigrationResult.as_dict() in miniature, built by the same log parser the e2e uses."""
+    events, dest_events = katamaran_events(SOURCE_LOG, DEST_LOG)
+    return {
+        "source_node": "node-a",
+        "dest_node": "node-b",
+        "downtime_ms": 120,
+        "events_source": events,
+        "events_dest": dest_events,
+        "converged_at": {"node-b": 101.0, "node-a": 101.2},
+        "plug_released": "katamaran: VM resumed: released 3 held packet(s) in order",
+    }
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the PNG's IHDR chunk, after checking the signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_events_name_every_phase_from_katamaran_lines():
+    events, dest_events = katamaran_events(SOURCE_LOG, DEST_LOG)
+    assert events["mirror ready"] == 99.5
+    assert events["tunnel switched"] == 100.4
+    assert events["STOP"] == STOP
+    assert dest_events["RESUME (plug released)"] == 100.6
+    no_tunnel, _ = katamaran_events(
+        "[1.0] katamaran: switchover (0.4 MiB of RAM left): pausing the VM\n"
+        "[1.1] katamaran: VM paused",
+        "",
+    )
+    assert no_tunnel["tunnel switched"] is None  # nothing was switched: no mark
+    assert no_tunnel["mirror ready"] is None  # shared storage: no mirror
+
+
+def test_phase_marks_in_time_order_with_labels():
+    marks = phase_marks(migration())
+    assert [label for label, _ in marks] == [
+        "mirror ready",
+        "traffic switched",
+        "STOP",
+        "RESUME + plug released",
+        "CNI converged (node-b)",
+        "CNI converged (node-a)",
+    ]
+    assert [at for _, at in marks] == [99.5, 100.4, STOP, 100.6, 101.0, 101.2]
+    no_plug = {**migration(), "plug_released": None}
+    assert "RESUME" in [label for label, _ in phase_marks(no_plug)]
+
+
+def test_send_times_and_lost_positions():
+    stats = parse_ping_output(ping_log(), INTERVAL)
+    assert stats.lost == list(LOST)
+    assert stats.replies[18] == (pytest.approx(sent(18) + 0.2), 200.0)
+    times = send_times(stats, INTERVAL)
+    assert sorted(times) == list(range(1, 21))
+    for seq in range(1, 21):  # answered: reply stamp - RTT; lost: between 15 and 18
+        assert times[seq] == pytest.approx(sent(seq), abs=1e-6), seq
+
+
+def test_build_timeline_positions_relative_to_stop():
+    stats = parse_ping_output(ping_log(), INTERVAL)
+    tl = build_timeline(stats, migration(), "t::case")
+    assert tl.origin == STOP and tl.origin_label == "STOP"
+    assert tl.lost_seqs == [16, 17]
+    assert [t for _, t in tl.lost] == [pytest.approx(0.0, abs=1e-6), pytest.approx(0.1)]
+    assert [(seq, round(t, 6)) for seq, t, _ in tl.answered][:2] == [(1, -1.5), (2, -1.4)]
+    assert dict((s, r) for s, _, r in tl.answered)[18] == 200.0
+    rel = dict(tl.phases)
+    assert rel["mirror ready"] == pytest.approx(-1.0)
+    assert rel["traffic switched"] == pytest.approx(-0.1)
+    assert rel["STOP"] == 0.0
+    assert rel["RESUME + plug released"] == pytest.approx(0.1)
+    assert rel["CNI converged (node-a)"] == pytest.approx(0.7)
+    assert "lost 2 of 20" in tl.title and "ping every 100 ms" in tl.title
+    assert "downtime 120 ms" in tl.title and tl.title.startswith("t::case\n")
+    assert tl.zoom is None  # a 2 s run needs no switchover panel
+
+
+def test_long_run_gets_a_switchover_panel():
+    stats = parse_ping_output(ping_log(count=400), INTERVAL)  # 40 s of ping
+    tl = build_timeline(stats, migration(), "long")
+    assert tl.zoom == (pytest.approx(-1.1), pytest.approx(2.1))
+
+
+def test_draw_writes_a_png_of_the_expected_size(tmp_path):
+    stats = parse_ping_output(ping_log(), INTERVAL)
+    out = tmp_path / "sub" / "case.timeline.png"
+    size = draw(build_timeline(stats, migration(), "t::case"), out)
+    expected = (int(WIDTH_IN * DPI), int(HEIGHT_IN * DPI))
+    assert size == expected and png_size(out) == expected
+    assert [p.name for p in out.parent.iterdir()] == ["case.timeline.png"]  # no temp left
+
+
+def test_draw_results_needs_a_migration_and_per_packet_ping(tmp_path):
+    stats = parse_ping_output(ping_log(), INTERVAL)
+    out = tmp_path / "x.timeline.png"
+    assert draw_results({"ping": stats}, "t", out) is None
+    assert draw_results({"migration": migration(), "ping": stats.as_dict()}, "t", out) is None
+    assert not out.exists()
+    assert draw_results({"migration": migration(), "ping": stats}, "t", out) == out
+    assert png_size(out)[0] == int(WIDTH_IN * DPI)
+    quiet = parse_ping_output("PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data.\n", INTERVAL)
+    with pytest.raises(TimelineError, match="no timestamped replies"):
+        draw_results({"migration": migration(), "ping": quiet}, "t", out)
+
+
+def test_timeline_path_keeps_the_stem():
+    json_path = Path("results/tests_e2e_x.py_test_a_nbd.json")
+    assert timeline_path(json_path) == Path("results/tests_e2e_x.py_test_a_nbd.timeline.png")
+
+
+E2E_RESULTS = Path("/work/main/results")
+E2E_CASE = "tests_e2e_test_migration_e2e.py_test_migration_zero_drop_nbd"
+
+
+@pytest.mark.skipif(
+    not (E2E_RESULTS / f"{E2E_CASE}.ping1.txt").exists(),
+    reason=f"no recorded two-node e2e results in {E2E_RESULTS} (made by tests/e2e --nodes=qemu)",
+)
+def test_redraw_from_recorded_e2e_results(tmp_path):
+    """A real e2e JSON and its ping log (written before mirror ready was recorded: the
+    stamp comes from the katamaran log the JSON keeps)."""
+    for suffix in (".json", ".ping1.txt"):
+        shutil.copy(E2E_RESULTS / f"{E2E_CASE}{suffix}", tmp_path)
+    out = redraw(tmp_path / f"{E2E_CASE}.json")
+    assert out == tmp_path / f"{E2E_CASE}.timeline.png"
+    assert png_size(out) == (int(WIDTH_IN * DPI), int(HEIGHT_IN * DPI))
+    payload = json.loads((tmp_path / f"{E2E_CASE}.json").read_text())
+    labels = [label for label, _ in phase_marks(payload["results"]["migration"])]
+    assert labels[:4] == ["mirror ready", "traffic switched", "STOP", "RESUME + plug released"]
+
+
+def test_redraw_without_ping_log_is_one_line_error(tmp_path, capsys):
+    from pytest_katamaran.timeline import main
+
+    (tmp_path / "a.json").write_text(json.dumps({"results": {"migration": migration()}}))
+    assert main([str(tmp_path / "a.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no ping log next to it (a.ping1.txt)" in err
