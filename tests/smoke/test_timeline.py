@@ -3,8 +3,8 @@ small synthetic ping log, the PNG it writes, and a redraw from the real e2e resu
 
 from __future__ import annotations
 
+import gzip
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -196,19 +196,17 @@ def test_timeline_path_keeps_the_stem():
     assert timeline_path(json_path) == Path("results/tests_e2e_x.py_test_a_nbd.timeline.png")
 
 
-E2E_RESULTS = Path("/work/main/results")
-E2E_CASE = "tests_e2e_test_migration_e2e.py_test_migration_zero_drop_nbd"
+# A real two-node e2e case (NBD, 50 ms ping, 2026-11-30), gzipped: JSON and its ping log.
+E2E_DATA = Path(__file__).with_name("data")
+E2E_CASE = "e2e-nbd"
 
 
-@pytest.mark.skipif(
-    not (E2E_RESULTS / f"{E2E_CASE}.ping1.txt").exists(),
-    reason=f"no recorded two-node e2e results in {E2E_RESULTS} (made by tests/e2e --nodes=qemu)",
-)
 def test_redraw_from_recorded_e2e_results(tmp_path):
     """A real e2e JSON and its ping log (written before mirror ready was recorded: the
     stamp comes from the katamaran log the JSON keeps)."""
     for suffix in (".json", ".ping1.txt"):
-        shutil.copy(E2E_RESULTS / f"{E2E_CASE}{suffix}", tmp_path)
+        packed = (E2E_DATA / f"{E2E_CASE}{suffix}.gz").read_bytes()
+        (tmp_path / f"{E2E_CASE}{suffix}").write_bytes(gzip.decompress(packed))
     out = redraw(tmp_path / f"{E2E_CASE}.json")
     assert out == tmp_path / f"{E2E_CASE}.timeline.png"
     assert png_size(out) == (int(WIDTH_IN * DPI), int(HEIGHT_IN * DPI))
