@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .diskcheck import last_ack, verify_writes
-from .guest import build_guest
-from .locallab import GuestPanicked, Rig
+from pytest_katamaran.checks.disk import last_ack, verify_writes
+from pytest_katamaran.images.guest import build_guest
+from pytest_katamaran.lab.local import GuestPanicked, Rig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from pytest_katamaran import backend as _backend
-from pytest_katamaran.accel import ACCEL_CHOICES, AccelUnavailable, choose_accel
 from pytest_katamaran.config import (
     IMAGE_CHOICES,
     KATA_CHOICES,
@@ -35,7 +34,8 @@ from pytest_katamaran.pluginstate import (
     START_TAILS_KEY,
     serial_tails,
 )
-from pytest_katamaran.workload import WORKLOAD_QEMU_CHOICES
+from pytest_katamaran.qemu.accel import ACCEL_CHOICES, AccelUnavailable, choose_accel
+from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES
 
 # --------------------------------------------------------------------------- hooks
 

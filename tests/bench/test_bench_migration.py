@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from katamaran.qmp import Monitor, named
-from pytest_katamaran.locallab import Rig
+from pytest_katamaran.lab.local import Rig
 
 pytestmark = pytest.mark.qemu
 ROUNDS = 3

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_katamaran.locallab import Rig
+from pytest_katamaran.lab.local import Rig
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def facts(tmp_path_factory):
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
     from pytest_katamaran.backend.qemu import QemuNodes
-    from pytest_katamaran.nodeimage import NodeImageError
+    from pytest_katamaran.images.node import NodeImageError
 
     config = types.SimpleNamespace(
         node_image="debian",

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hostlab import netns_preexec, open_netns
-from .logtail import tail
-from .qemu_cmd import (
+from pytest_katamaran.logtail import tail
+from pytest_katamaran.net.hostlab import netns_preexec, open_netns
+from pytest_katamaran.qemu.workload import (
     CONSOLE_LOG,
     DEFAULT_RUN_DIR,
     EXTRA_MONITOR_SOCKET,

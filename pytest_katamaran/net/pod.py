@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .hostlab import ipr, netns_exists, write_sysctl
+from pytest_katamaran.net.hostlab import ipr, netns_exists, write_sysctl
 
 CALICO_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_IP = "169.254.1.1"
