@@ -48,6 +48,7 @@ from pytest_katamaran.images.node import (
 )
 from pytest_katamaran.logtail import tail
 from pytest_katamaran.net.listening import is_listening
+from pytest_katamaran.qemu.process import start_qemu
 
 Progress = Callable[[str], None]
 
@@ -236,15 +237,8 @@ class NodeProcess:
         """Start QEMU in its own session (a Ctrl-C aimed at pytest does not hit it)."""
         self.spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.spec.serial_log.unlink(missing_ok=True)
-        with open(self.spec.qemu_log, "wb") as log:
-            self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.started_at = time.monotonic()
+        self.proc = start_qemu(self.argv, self.spec.qemu_log)
         self.progress(
             f"katamaran: {self.spec.name}: boot started (PID {self.proc.pid}, "
             f"{self.spec.image.kind}, {self.spec.accel}, ssh 127.0.0.1:{self.spec.ssh_port})"
