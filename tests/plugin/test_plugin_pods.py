@@ -125,14 +125,15 @@ def test_pod_is_stopped_on_sigterm(pytester, fake_agent):
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "--nodes=qemu", "-p", "no:cacheprovider"],
+        # --accel=tcg: no KVM probe boot (20 s) before the pod starts on a loaded machine
+        [sys.executable, "-m", "pytest", "--nodes=qemu", "--accel=tcg", "-p", "no:cacheprovider"],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while not (pytester.path / "started").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.1)
