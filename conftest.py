@@ -21,6 +21,6 @@ def guest():
     """The small test guest (Debian cloud kernel + busybox initramfs), built once, cached."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
-    from pytest_katamaran.guest import build_guest
+    from pytest_katamaran.images.guest import build_guest
 
     return build_guest()

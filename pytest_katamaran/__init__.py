@@ -5,7 +5,7 @@ The public API, importable from here (fixtures come through the plugin itself)::
 
     from pytest_katamaran import assert_zero_drop, verify_writes, KataPod, MigrationResult
 
-Names are imported on first use (PEP 562): the node agent (``pytest_katamaran.nodeside``)
+Names are imported on first use (PEP 562): the node agent (``pytest_katamaran.agent.node``)
 runs on TCG nodes where importing pytest or pyroute2 costs seconds, and importing this
 package must not drag them in.
 """
@@ -16,7 +16,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pytest_katamaran.diskcheck import DiskReport, verify_writes
+    from pytest_katamaran.checks.disk import DiskReport, verify_writes
+    from pytest_katamaran.checks.ping import PingMonitor, PingStats, assert_zero_drop
     from pytest_katamaran.errors import (
         HarnessError,
         KataUnavailable,
@@ -25,15 +26,14 @@ if TYPE_CHECKING:
         RuntimeNotImplemented,
     )
     from pytest_katamaran.migration import MigrationResult
-    from pytest_katamaran.ping import PingMonitor, PingStats, assert_zero_drop
     from pytest_katamaran.pod import KataPod, WriteCheck
 
 _EXPORTS = {
-    "assert_zero_drop": "pytest_katamaran.ping",
-    "PingMonitor": "pytest_katamaran.ping",
-    "PingStats": "pytest_katamaran.ping",
-    "verify_writes": "pytest_katamaran.diskcheck",
-    "DiskReport": "pytest_katamaran.diskcheck",
+    "assert_zero_drop": "pytest_katamaran.checks.ping",
+    "PingMonitor": "pytest_katamaran.checks.ping",
+    "PingStats": "pytest_katamaran.checks.ping",
+    "verify_writes": "pytest_katamaran.checks.disk",
+    "DiskReport": "pytest_katamaran.checks.disk",
     "KataPod": "pytest_katamaran.pod",
     "WriteCheck": "pytest_katamaran.pod",
     "MigrationResult": "pytest_katamaran.migration",

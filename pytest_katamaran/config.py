@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pytest_katamaran import backend as _backend
-from pytest_katamaran.accel import ACCEL_CHOICES, Accel
-from pytest_katamaran.workload import WORKLOAD_QEMU_CHOICES
+from pytest_katamaran.qemu.accel import ACCEL_CHOICES, Accel
+from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES
 
 NODES_OFF = "none"
 IMAGE_CHOICES = ("debian", "ubuntu")

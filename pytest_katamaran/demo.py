@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .diskcheck import last_ack, verify_writes
-from .guest import build_guest
-from .locallab import VM_IP, GuestPanicked, Rig, wait_for_text
-from .migration import MigrationResult
-from .nodectl import katamaran_events, parse_summary
-from .ping import LocalRunner, PingMonitor
-from .timeline import draw_results
+from pytest_katamaran.agent.client import katamaran_events, parse_summary
+from pytest_katamaran.checks.disk import last_ack, verify_writes
+from pytest_katamaran.checks.ping import LocalRunner, PingMonitor
+from pytest_katamaran.images.guest import build_guest
+from pytest_katamaran.lab.local import VM_IP, GuestPanicked, Rig, wait_for_text
+from pytest_katamaran.migration import MigrationResult
+from pytest_katamaran.timeline import draw_results
 
 TITLE = "python -m pytest_katamaran.demo"
 DEMO_PING_INTERVAL = 0.01  # the guide's 100 pings/s

@@ -26,11 +26,10 @@ from typing import Any
 import pytest
 
 from pytest_katamaran import backend as _backend
-from pytest_katamaran.accel import Accel, AccelUnavailable, choose_accel
+from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.config import KatamaranConfig
 from pytest_katamaran.errors import KataUnavailable, RuntimeNotImplemented
 from pytest_katamaran.migration import MigrationResult, Migrator
-from pytest_katamaran.ping import PingMonitor, PingStats
 from pytest_katamaran.pluginstate import (
     BACKEND_KEY,
     CONFIG_KEY,
@@ -50,6 +49,7 @@ from pytest_katamaran.pluginstate import (
     stop_backend,
 )
 from pytest_katamaran.pod import KataPod, PodLab
+from pytest_katamaran.qemu.accel import Accel, AccelUnavailable, choose_accel
 
 __all__ = [
     "accelerator",
@@ -154,7 +154,7 @@ def guest_image() -> Any:
     """
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
-    from pytest_katamaran.guest import build_guest
+    from pytest_katamaran.images.guest import build_guest
 
     return build_guest()
 
@@ -166,8 +166,8 @@ def workload_qemu(katamaran_config: KatamaranConfig) -> Any:
     Debian 12's 7.2 corrupts a TCG guest's RAM during live migration; falls back to the
     system QEMU with a warning when the archive cannot be reached.
     """
-    from pytest_katamaran.guest import cache_root
-    from pytest_katamaran.workload import workload_qemu as choose
+    from pytest_katamaran.images.guest import cache_root
+    from pytest_katamaran.qemu.binary import workload_qemu as choose
 
     qemu, note = choose(katamaran_config.workload_qemu, cache_root())
     if note:

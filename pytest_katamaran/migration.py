@@ -25,9 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_katamaran.config import Tuning
-from pytest_katamaran.errors import HarnessError, PodError
-from pytest_katamaran.nodectl import (
+from pytest_katamaran.agent.client import (
     describe_logs,
     katamaran_events,
     parse_summary,
@@ -35,7 +33,9 @@ from pytest_katamaran.nodectl import (
     stamped,
     wait_for_line,
 )
-from pytest_katamaran.ping import PingMonitor
+from pytest_katamaran.checks.ping import PingMonitor
+from pytest_katamaran.config import Tuning
+from pytest_katamaran.errors import HarnessError, PodError
 from pytest_katamaran.pod import DISK_DIR, DISK_SIZE, KataPod, PodLab
 from pytest_katamaran.ssh import RemoteProcess
 

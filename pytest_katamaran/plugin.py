@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from pytest_katamaran import backend as _backend
-from pytest_katamaran.accel import ACCEL_CHOICES, AccelUnavailable, choose_accel
 from pytest_katamaran.config import (
     IMAGE_CHOICES,
     KATA_CHOICES,
@@ -37,7 +36,8 @@ from pytest_katamaran.pluginstate import (
     TIMELINE_WARNING_PROPERTY,
     serial_tails,
 )
-from pytest_katamaran.workload import WORKLOAD_QEMU_CHOICES
+from pytest_katamaran.qemu.accel import ACCEL_CHOICES, AccelUnavailable, choose_accel
+from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES
 
 # --------------------------------------------------------------------------- hooks
 

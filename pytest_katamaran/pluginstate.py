@@ -20,8 +20,8 @@ from pytest_katamaran.config import KatamaranConfig
 from pytest_katamaran.logtail import tail
 
 if TYPE_CHECKING:
+    from pytest_katamaran.checks.ping import PingMonitor
     from pytest_katamaran.migration import MigrationResult
-    from pytest_katamaran.ping import PingMonitor
 
 SKIP_REASON = "needs --nodes=qemu (the two-node QEMU lab); not given"
 SERIAL_TAIL_LINES = 60

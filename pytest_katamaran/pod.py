@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.diskcheck import DiskReport, verify_writes
+from pytest_katamaran.agent.client import NodeSide
+from pytest_katamaran.checks.disk import DiskReport, verify_writes
 from pytest_katamaran.errors import KataUnavailable, PodError, RuntimeNotImplemented
-from pytest_katamaran.nodectl import NodeSide
-from pytest_katamaran.qemu_cmd import DEFAULT_DRIVE_ID
+from pytest_katamaran.qemu.workload import DEFAULT_DRIVE_ID
 from pytest_katamaran.shared_storage import NbdExport
 
 KATA_BINARIES = ("kata-runtime", "containerd-shim-kata-v2")

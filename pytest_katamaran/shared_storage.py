@@ -15,10 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from pytest_katamaran.checks.ping import LocalProcess
 from pytest_katamaran.errors import HarnessError
-from pytest_katamaran.node_vm import free_port
-from pytest_katamaran.ping import LocalProcess
-from pytest_katamaran.procnet import is_listening
+from pytest_katamaran.net.listening import is_listening
+from pytest_katamaran.qemu.node import free_port
 
 # Inside a node, the host's loopback is reachable at user-mode NAT's host alias.
 HOST_FROM_NODE = "10.0.2.2"

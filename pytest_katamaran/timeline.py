@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_katamaran.agent.client import katamaran_events
+from pytest_katamaran.checks.ping import PingStats, parse_ping_output
 from pytest_katamaran.errors import TimelineError
-from pytest_katamaran.nodectl import katamaran_events
-from pytest_katamaran.ping import PingStats, parse_ping_output
 
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 7.5, 100  # 1200 x 750 px
 SUFFIX = ".timeline.png"

@@ -5,7 +5,7 @@
 #   ./testenv/k3s-e2e.sh status     # cluster, pods, QEMU processes
 #   ./testenv/k3s-e2e.sh teardown   # uninstall k3s (the VMs stay running)
 # Needs ./testenv/start-node-a.sh and start-node-b.sh running. Thin front-end over
-# `python -m pytest_katamaran.k3s setup|status|teardown`.
+# `python -m pytest_katamaran.kube.k3s setup|status|teardown`.
 set -euo pipefail
 
 usage() {
@@ -34,4 +34,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 export KATAMARAN_TESTENV_DIR="${KATAMARAN_TESTENV_DIR:-$KATAMARAN_REPO/testenv}"
 export PYTHONPATH="$KATAMARAN_REPO${PYTHONPATH:+:$PYTHONPATH}"
 katamaran_python
-exec "$KATAMARAN_PY" -m pytest_katamaran.k3s "$1"
+exec "$KATAMARAN_PY" -m pytest_katamaran.kube.k3s "$1"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Terminal 1: Node A (source) in the foreground. SSH: localhost:2222, private link
 # 10.0.0.1 (listens for Node B). Ctrl-C stops it. Needs ./testenv/setup.sh first.
-# Thin front-end over `python -m pytest_katamaran.node_vm start a --foreground`.
+# Thin front-end over `python -m pytest_katamaran.qemu.node start a --foreground`.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -9,4 +9,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 export KATAMARAN_TESTENV_DIR="${KATAMARAN_TESTENV_DIR:-$KATAMARAN_REPO/testenv}"
 export PYTHONPATH="$KATAMARAN_REPO${PYTHONPATH:+:$PYTHONPATH}"
 katamaran_python
-exec "$KATAMARAN_PY" -m pytest_katamaran.node_vm start a --foreground "$@"
+exec "$KATAMARAN_PY" -m pytest_katamaran.qemu.node start a --foreground "$@"

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.node_vm import (
+from pytest_katamaran.images.node import NodeImage, build_image, create_overlay
+from pytest_katamaran.images.seed import DEFAULT_USER, write_seed
+from pytest_katamaran.qemu.node import (
     BOOT_TIMEOUTS,
     PRIVATE_IPS,
     PRIVATE_PREFIX,
@@ -31,8 +33,6 @@ from pytest_katamaran.node_vm import (
     nic_macs,
     wait_listening,
 )
-from pytest_katamaran.nodeimage import NodeImage, build_image, create_overlay
-from pytest_katamaran.seed import DEFAULT_USER, write_seed
 from pytest_katamaran.ssh import SSHClient, generate_keypair
 
 Progress = Callable[[str], None]
@@ -69,7 +69,7 @@ def _accel(config: Any) -> tuple[str, str | None]:
     name = getattr(config, "accel", "tcg")
     if name in ("kvm", "tcg"):
         return name, None
-    from pytest_katamaran.accel import choose_accel
+    from pytest_katamaran.qemu.accel import choose_accel
 
     chosen = choose_accel(name)
     return chosen.name, chosen.cpu

@@ -83,7 +83,7 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     """Every point, every round, both flows; `save(results)` after each point, so an
     interrupted or overlong run still leaves what it measured (meta.complete false)."""
     from pytest_katamaran.certs import lab_certs
-    from pytest_katamaran.guest import build_guest
+    from pytest_katamaran.images.guest import build_guest
 
     points = grid.expand(args.quick)
     guest = build_guest()

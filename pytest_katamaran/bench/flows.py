@@ -19,7 +19,7 @@ from typing import Any
 from katamaran.config import DOWNTIME_LIMIT_MS, MIGRATION_PORT, NBD_PORT
 from katamaran.migration import UNCAPPED
 from katamaran.qmp import Monitor, migration_status, named
-from pytest_katamaran.locallab import Rig
+from pytest_katamaran.lab.local import Rig
 
 DEST_IP = "10.0.0.2"  # node b's address in the HostLab
 TLS_ID = "bench-tls"

@@ -10,8 +10,8 @@ from pytest_katamaran.bench.flows import FLOWS, FlowFailed
 from pytest_katamaran.bench.grid import DIRTY_MIB_S, WRITER_RATE, Point
 from pytest_katamaran.bench.observer import Observer, phases
 from pytest_katamaran.bench.stats import derive
-from pytest_katamaran.guest import GuestImage
-from pytest_katamaran.locallab import Rig
+from pytest_katamaran.images.guest import GuestImage
+from pytest_katamaran.lab.local import Rig
 
 
 def make_rig(guest: GuestImage, point: Point, workdir: Path) -> Rig:

@@ -22,9 +22,10 @@ import time
 
 import pytest
 
-from pytest_katamaran import kube, prereq
-from pytest_katamaran.k3s import K3sLab, wait_output
-from pytest_katamaran.ping import assert_zero_drop
+from pytest_katamaran.checks.ping import assert_zero_drop
+from pytest_katamaran.kube import model as kube
+from pytest_katamaran.kube import prereq
+from pytest_katamaran.kube.k3s import K3sLab, wait_output
 
 pytestmark = [pytest.mark.nodes, pytest.mark.timeout(5400)]
 

@@ -8,7 +8,7 @@ katamaran copied into the node, ``katamaran -mode dest`` against the discovered 
 (it must connect, then refuse a VM that is not waiting for a migration), CLI errors.
 
 Needs nested KVM, minikube, kubectl and internet: skipped with the exact missing piece
-otherwise (``pytest_katamaran.prereq``).  The cluster is deleted afterwards unless
+otherwise (``pytest_katamaran.kube.prereq``).  The cluster is deleted afterwards unless
 ``KATAMARAN_KEEP_CLUSTER=1`` (``./testenv/minikube-test.sh --keep``).
 """
 
@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from pytest_katamaran import kube, prereq
-from pytest_katamaran.kube import KubeError, WaitTimeout, wait_for
-from pytest_katamaran.sandbox import SandboxSockets
+from pytest_katamaran.kube import model as kube
+from pytest_katamaran.kube import prereq
+from pytest_katamaran.kube.model import KubeError, WaitTimeout, wait_for
+from pytest_katamaran.qemu.sandbox import SandboxSockets
 
 pytestmark = pytest.mark.timeout(3600)
 

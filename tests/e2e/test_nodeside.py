@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran.hostlab import HostLab, netns_exists
-from pytest_katamaran.nodectl import parse_summary, stamped
+from pytest_katamaran.agent.client import parse_summary, stamped
+from pytest_katamaran.net.hostlab import HostLab, netns_exists
 
 pytestmark = pytest.mark.qemu
 
@@ -27,7 +27,7 @@ POD_IP = "10.244.1.5"
 
 
 def nodeside(state: Path, netns: str, *args: str, check: bool = True) -> dict:
-    cmd = [sys.executable, "-m", "pytest_katamaran.nodeside", "--state-dir", str(state)]
+    cmd = [sys.executable, "-m", "pytest_katamaran.agent.node", "--state-dir", str(state)]
     done = subprocess.run(
         [*cmd, "--netns", netns, *args], capture_output=True, text=True, timeout=300
     )
@@ -74,7 +74,7 @@ def test_nodeside_steps_migrate_a_writing_workload(lab, guest_image, tmp_path):
     assert dest["argv"][-2:] == ["-incoming", "defer"]
     assert nodeside(states["a"], na, "status")["source"]["qmp_status"] == "running"
 
-    wrapper = [sys.executable, "-m", "pytest_katamaran.nodeside"]
+    wrapper = [sys.executable, "-m", "pytest_katamaran.agent.node"]
     dest_log = tmp_path / "dest.log"
     with dest_log.open("w") as log:
         dst = subprocess.Popen(
@@ -141,7 +141,7 @@ def test_nodeside_steps_migrate_a_writing_workload(lab, guest_image, tmp_path):
 
 def test_nodeside_reports_failures_as_json(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "pytest_katamaran.nodeside", "--state-dir", str(tmp_path)]
+        [sys.executable, "-m", "pytest_katamaran.agent.node", "--state-dir", str(tmp_path)]
         + ["vm-stop", "--which", "dest"],
         capture_output=True,
         text=True,

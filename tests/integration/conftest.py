@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran.locallab import Rig
+from pytest_katamaran.lab.local import Rig
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def facts(node_lab_config):
     from pytest_katamaran.backend.qemu import QemuNodes
-    from pytest_katamaran.nodeimage import NodeImageError
+    from pytest_katamaran.images.node import NodeImageError
 
     lab = QemuNodes(node_lab_config, roles=("a",))
     try:

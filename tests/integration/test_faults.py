@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 from katamaran.migration import ACTIVE_STATES
-from pytest_katamaran.guest import with_hook
-from pytest_katamaran.locallab import Rig, qmp, wait_for_text
-from pytest_katamaran.sandbox import Sandbox
+from pytest_katamaran.images.guest import with_hook
+from pytest_katamaran.lab.local import Rig, qmp, wait_for_text
+from pytest_katamaran.qemu.sandbox import Sandbox
 
 pytestmark = pytest.mark.qemu
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran.diskcheck import last_ack, verify_writes
-from pytest_katamaran.guest import READY_MARKER, GuestImage, build_guest, kernel_cmdline
+from pytest_katamaran.checks.disk import last_ack, verify_writes
+from pytest_katamaran.images.guest import READY_MARKER, GuestImage, build_guest, kernel_cmdline
 
 QEMU = shutil.which("qemu-system-x86_64")
 BOOT_TIMEOUT = 90.0  # generous: CI machines are shared and TCG is slow under load

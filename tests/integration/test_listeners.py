@@ -2,7 +2,7 @@
 
 The first group needs no QEMU: real sockets on loopback (127.0.0.1 and 127.0.0.2 are
 both local, so one host can play the source and a stranger).  The second group runs
-real migrations in the one-machine lab (pytest_katamaran/locallab.py).
+real migrations in the one-machine lab (pytest_katamaran/lab/local.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from katamaran.config import host_port
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
 from pytest_katamaran.certs import SERVER_SAN, OpensslMissing, lab_certs
-from pytest_katamaran.hostlab import run_in_netns
-from pytest_katamaran.locallab import qmp, wait_for_text
-from pytest_katamaran.sandbox import Sandbox
+from pytest_katamaran.lab.local import qmp, wait_for_text
+from pytest_katamaran.net.hostlab import run_in_netns
+from pytest_katamaran.qemu.sandbox import Sandbox
 
 SOURCE = "127.0.0.2"
 STRANGER = "127.0.0.1"

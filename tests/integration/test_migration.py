@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pytest_katamaran.diskcheck import last_ack, verify_writes
-from pytest_katamaran.locallab import VM_IP, GuestPanicked, qmp, wait_for_text
+from pytest_katamaran.checks.disk import last_ack, verify_writes
+from pytest_katamaran.lab.local import VM_IP, GuestPanicked, qmp, wait_for_text
 
 pytestmark = pytest.mark.qemu
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_katamaran.backend.qemu import QemuNodes
-from pytest_katamaran.node_vm import TESTENV_LINK_PORT, TESTENV_SSH_PORTS, port_busy
+from pytest_katamaran.qemu.node import TESTENV_LINK_PORT, TESTENV_SSH_PORTS, port_busy
 
 # one lab per module; with --dist loadgroup all its tests share one worker (and one boot)
 pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-test-nodes")]

@@ -1,6 +1,6 @@
 """Real namespaces, taps and TCG QEMU: the sandbox, the two-node host lab and pod networks.
 
-Tests marked `qemu` boot the katamaran test guest (pytest_katamaran.guest) under TCG.
+Tests marked `qemu` boot the katamaran test guest (pytest_katamaran.images.guest) under TCG.
 The rest only need root for network namespaces.  Everything is torn down in
 `finally`/fixtures, and tests assert that teardown really removed what was created.
 """
@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from pytest_katamaran.hostlab import HostLab, read_sysctl
-from pytest_katamaran.podnet import (
+from pytest_katamaran.net.hostlab import HostLab, read_sysctl
+from pytest_katamaran.net.pod import (
     CALICO_MAC,
     GATEWAY_IP,
     PodNet,
     TcFilterUnavailable,
     prepare_dest_tap,
 )
-from pytest_katamaran.qemu_cmd import SandboxSpec
-from pytest_katamaran.sandbox import Sandbox, SandboxSockets, discover_qmp_sockets
+from pytest_katamaran.qemu.sandbox import Sandbox, SandboxSockets, discover_qmp_sockets
+from pytest_katamaran.qemu.workload import SandboxSpec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -102,7 +102,7 @@ def netns_inode(name: str) -> int:
 
 @pytest.fixture(scope="module")
 def guest():
-    from pytest_katamaran.guest import build_guest
+    from pytest_katamaran.images.guest import build_guest
 
     return build_guest()
 
@@ -283,7 +283,7 @@ def test_prepare_dest_tap(lab):
 
 @pytest.mark.qemu
 def test_sandbox_in_node_netns_boots_and_answers_ping(guest, run_dir, record_property):
-    from pytest_katamaran.guest import kernel_cmdline
+    from pytest_katamaran.images.guest import kernel_cmdline
 
     lab = HostLab()
     sb = Sandbox()
@@ -342,7 +342,7 @@ def test_sandbox_in_node_netns_boots_and_answers_ping(guest, run_dir, record_pro
 
 @pytest.mark.qemu
 def test_sandbox_failures_carry_argv_and_serial_log(guest, run_dir):
-    from pytest_katamaran.guest import kernel_cmdline
+    from pytest_katamaran.images.guest import kernel_cmdline
 
     spec = SandboxSpec(
         sandbox_id="kmrfail",
@@ -380,7 +380,7 @@ def test_sandbox_failures_carry_argv_and_serial_log(guest, run_dir):
 @pytest.mark.qemu
 def test_vm_in_kata_shaped_pod_is_reachable_through_tcfilter(guest, lab, run_dir):
     """The full Calico + Kata tcfilter shape: node A and node B ping the VM's pod IP."""
-    from pytest_katamaran.guest import kernel_cmdline
+    from pytest_katamaran.images.guest import kernel_cmdline
 
     node = lab.a.netns
     pod = PodNet(name=f"{node}-pod", pod_ip=POD_IP, node_netns=node, tcfilter=True)

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from katamaran.tapqueue import TapQueues, resend, tap_fds
-from pytest_katamaran.hostlab import run_in_netns
-from pytest_katamaran.locallab import VM_IP, qmp
+from pytest_katamaran.lab.local import VM_IP, qmp
+from pytest_katamaran.net.hostlab import run_in_netns
 
 pytestmark = pytest.mark.qemu
 

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 import pytest_katamaran.backend as backend_mod
-from pytest_katamaran.ping import LocalRunner
+from pytest_katamaran.checks.ping import LocalRunner
 
 EVENTS = Path(__file__).with_name("events.log")
 
@@ -96,7 +96,7 @@ import json, os, shlex, subprocess, time
 from types import SimpleNamespace
 
 import pytest
-from pytest_katamaran.ping import LocalProcess
+from pytest_katamaran.checks.ping import LocalProcess
 from pytest_katamaran.ssh import Result
 
 
@@ -142,7 +142,7 @@ def answer(node, step, args):
 
 def agent_sudo(self, cmd, timeout=None, check=True):
     argv = shlex.split(cmd)
-    if "pytest_katamaran.nodeside" not in argv:
+    if "pytest_katamaran.agent.node" not in argv:
         done = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=timeout)
         return Result(done.returncode, done.stdout, done.stderr, cmd)
     rest = argv[argv.index("--state-dir") + 2:]
@@ -162,7 +162,7 @@ SCRIPTS = {
 
 def agent_start(self, cmd, *, sudo=False):
     argv = shlex.split(cmd)
-    if "pytest_katamaran.nodeside" not in argv:
+    if "pytest_katamaran.agent.node" not in argv:
         return FakeSSH._local_start(self, cmd, sudo=sudo)
     flags = argv[argv.index("--") + 1:]
     event(f"{self.node_name}: katamaran {' '.join(flags)}")

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from pytest_katamaran.accel import (
+from pytest_katamaran.backend import BACKENDS, UnknownBackend, get_backend
+from pytest_katamaran.plugin import SKIP_REASON
+from pytest_katamaran.qemu.accel import (
     KERNEL_RAN,
     PROBE_TIMEOUT,
     AccelUnavailable,
@@ -22,8 +24,6 @@ from pytest_katamaran.accel import (
     probe_kvm,
     watch_boot,
 )
-from pytest_katamaran.backend import BACKENDS, UnknownBackend, get_backend
-from pytest_katamaran.plugin import SKIP_REASON
 
 TIMEOUT = 120
 

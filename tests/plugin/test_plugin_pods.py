@@ -125,14 +125,15 @@ def test_pod_is_stopped_on_sigterm(pytester, fake_agent):
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "--nodes=qemu", "-p", "no:cacheprovider"],
+        # --accel=tcg: no KVM probe boot (20 s) before the pod starts on a loaded machine
+        [sys.executable, "-m", "pytest", "--nodes=qemu", "--accel=tcg", "-p", "no:cacheprovider"],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while not (pytester.path / "started").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.1)
@@ -153,7 +154,7 @@ def test_node_step_failure_carries_command_and_serial_tail(pytester, fake_agent,
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*NodeStepFailed: node-a: `env PYTHONPATH=* -m pytest_katamaran.nodeside "
+            "*NodeStepFailed: node-a: `env PYTHONPATH=* -m pytest_katamaran.agent.node "
             "--state-dir /run/katamaran-e2e workload-start *` failed: fake workload-start failure",
             "*serial log tail of node-a:*",
             "*node-a console line 99*",
@@ -281,7 +282,7 @@ def test_migrate_to_the_same_node_is_refused(pytester, fake_agent):
 def test_ping_leaves_from_the_node_cluster_address(pytester: pytest.Pytester):
     pytester.makepyfile(
         """
-        from pytest_katamaran.ping import LocalRunner
+        from pytest_katamaran.checks.ping import LocalRunner
 
         class Node:
             name = "node-x"

@@ -8,7 +8,7 @@ import pytest
 
 RESULT_TESTS = """
 import pytest
-from pytest_katamaran.ping import parse_ping_output
+from pytest_katamaran.checks.ping import parse_ping_output
 
 def test_pass(results):
     results["downtime_ms"] = 12.5
@@ -73,7 +73,7 @@ def test_results_default_dir_is_under_rootdir(pytester: pytest.Pytester):
 PING_TESTS = """
 import os, time
 import pytest
-from pytest_katamaran.ping import LocalRunner, PingMonitor, assert_zero_drop
+from pytest_katamaran.checks.ping import LocalRunner, PingMonitor, assert_zero_drop
 
 class FakeNode:
     name = "fake"
@@ -126,7 +126,7 @@ def test_ping_fixture_wiring(pytester: pytest.Pytester):
 def test_ping_that_cannot_start_fails_clearly(pytester: pytest.Pytester):
     pytester.makepyfile(
         """
-        from pytest_katamaran.ping import LocalRunner
+        from pytest_katamaran.checks.ping import LocalRunner
 
         class FakeNode:
             name = "fake"

@@ -13,7 +13,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from pytest_katamaran.ping import PingMonitor, assert_zero_drop
+from pytest_katamaran.checks.ping import PingMonitor, assert_zero_drop
 from pytest_katamaran.ssh import CommandFailed, CommandTimeout, SSHClient, generate_keypair
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install 
 
 TIMELINE_TESTS = """
 import pytest
-from pytest_katamaran.ping import parse_ping_output
+from pytest_katamaran.checks.ping import parse_ping_output
 
 def ping_log():
     lines = ["PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data."]

@@ -18,7 +18,7 @@ import sysconfig
 import tarfile
 from pathlib import Path
 
-from pytest_katamaran.guest import _locked, cache_root  # the cache's one flock helper
+from pytest_katamaran.images.guest import _locked, cache_root  # the cache's one flock helper
 
 PYODIDE = "0.22.1"  # the last release on CPython 3.10 (0.23 moved to 3.11)
 # pytest's backports below 3.11 (pure Python), from PyPI

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran import diskcheck
-from pytest_katamaran.diskcheck import BLOCK_SIZE, last_ack, stamp, verify_writes
+from pytest_katamaran.checks import disk as diskcheck
+from pytest_katamaran.checks.disk import BLOCK_SIZE, last_ack, stamp, verify_writes
 
 
 def make_image(path: Path, nblocks: int, seqs: range | list[int]) -> Path:
@@ -137,7 +137,7 @@ def test_last_ack(tmp_path):
 @pytest.fixture(scope="module")
 def c_writer(tmp_path_factory) -> Path:
     """The guest's disk writer, compiled once for this module exactly as for the guest."""
-    from pytest_katamaran.guest import compile_diskwriter
+    from pytest_katamaran.images.guest import compile_diskwriter
 
     if shutil.which("gcc") is None:
         pytest.skip("gcc not found on PATH (apt-get install gcc libc6-dev)")

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran import k3s, kube, prereq
-from pytest_katamaran.kube import KubeError, WaitTimeout
-from pytest_katamaran.sandbox import SandboxSockets, discover_qmp_sockets
+from pytest_katamaran.kube import k3s, prereq
+from pytest_katamaran.kube import model as kube
+from pytest_katamaran.kube.model import KubeError, WaitTimeout
+from pytest_katamaran.qemu.sandbox import SandboxSockets, discover_qmp_sockets
 
 REPO = Path(__file__).resolve().parents[2]
 SID = "3f1c0ffee0ddba11" + "0" * 48
@@ -804,7 +805,7 @@ def test_k3s_e2e_sh_usage_errors(args):
 
 @pytest.mark.parametrize("args", [[], ["bogus"]])
 def test_k3s_cli_usage_errors(args):
-    r = _run([sys.executable, "-m", "pytest_katamaran.k3s", *args])
+    r = _run([sys.executable, "-m", "pytest_katamaran.kube.k3s", *args])
     assert r.returncode == 2 and "usage: k3s-e2e.sh" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -842,13 +843,13 @@ def test_minikube_test_sh_runs_the_pytest_module(tmp_path, args, keep):
 def test_k3s_e2e_sh_runs_the_python_cli(tmp_path, command):
     r = _run(["bash", str(REPO / "testenv" / "k3s-e2e.sh"), command], env=_fake_python(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert f"args: -m pytest_katamaran.k3s {command}" in r.stdout
+    assert f"args: -m pytest_katamaran.kube.k3s {command}" in r.stdout
 
 
 def test_k3s_status_against_an_unreachable_node_is_one_line(tmp_path):
     port = _closed_port()
     env = _env(KATAMARAN_NODE_A_PORT=str(port), KATAMARAN_TESTENV_DIR=str(tmp_path))
-    r = _run([sys.executable, "-m", "pytest_katamaran.k3s", "status"], env=env, cwd=tmp_path)
+    r = _run([sys.executable, "-m", "pytest_katamaran.kube.k3s", "status"], env=env, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
@@ -917,7 +918,7 @@ def test_replayed_argv_starts_a_real_qemu_waiting_for_the_migration():
             interval=0.05,
         )
         assert proc.poll() is None, f"QEMU exited {proc.returncode}: {proc.stdout.read()}"
-        from pytest_katamaran.locallab import qmp
+        from pytest_katamaran.lab.local import qmp
 
         assert qmp(Path(qmp_path), "query-status")["status"] == "inmigrate"
         assert Path(f"{run_dir}/pid").read_text().strip() == str(proc.pid)

@@ -107,9 +107,9 @@ def test_wheel_contains(wheel_names, member):
 
 
 def test_wheel_contains_guest_files(repo_root, wheel_names):
-    guest = repo_root / "pytest_katamaran" / "guest"
+    guest = repo_root / "pytest_katamaran" / "images" / "guest"
     expected = sorted(
-        f"pytest_katamaran/guest/{p.name}"
+        f"pytest_katamaran/images/guest/{p.name}"
         for p in guest.iterdir()
         if p.is_file() and not p.name.startswith(".")
     )

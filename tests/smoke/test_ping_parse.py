@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pytest_katamaran.ping import (
+from pytest_katamaran.checks.ping import (
     PingMonitor,
     assert_zero_drop,
     format_seq_ranges,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from pytest_katamaran.procnet import is_listening, listening
+from pytest_katamaran.net.listening import is_listening, listening
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

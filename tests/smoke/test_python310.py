@@ -122,7 +122,7 @@ def test_the_zipapp_imports_and_parses_on_310():
 
 def test_zipapp_on_a_real_cpython_310(tmp_path):
     """katamaran.pyz, as copied to an Ubuntu 22.04 node, imports everything from itself."""
-    from pytest_katamaran.kube import build_zipapp
+    from pytest_katamaran.kube.model import build_zipapp
 
     root = _cpython310()
     app = build_zipapp(tmp_path / "katamaran.pyz")

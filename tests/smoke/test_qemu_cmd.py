@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran.qemu_cmd import SandboxSpec, sandbox_argv
+from pytest_katamaran.qemu.workload import SandboxSpec, sandbox_argv
 
 RUN = Path("/run/vc/vm")
 SID = "0123456789abcdef"

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_katamaran import node_vm, nodeimage, seed
-from pytest_katamaran.node_vm import NodeSpec, Testenv, node_argv
-from pytest_katamaran.nodeimage import DebianImage, NodeImageError, UbuntuImage
+from pytest_katamaran.images import node as nodeimage
+from pytest_katamaran.images import seed
+from pytest_katamaran.images.node import DebianImage, NodeImageError, UbuntuImage
+from pytest_katamaran.qemu import node as node_vm
+from pytest_katamaran.qemu.node import NodeSpec, Testenv, node_argv
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "testenv").glob("*.sh"))
@@ -204,7 +206,7 @@ def test_network_config_rejects_bad_macs(macs):
 
 
 def _load_node_cloudinit():
-    path = REPO / "pytest_katamaran" / "guest" / "node-cloudinit"
+    path = REPO / "pytest_katamaran" / "images" / "guest" / "node-cloudinit"
     loader = importlib.machinery.SourceFileLoader("node_cloudinit", str(path))
     spec = importlib.util.spec_from_loader("node_cloudinit", loader)
     module = importlib.util.module_from_spec(spec)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_katamaran.agent.client import katamaran_events
+from pytest_katamaran.checks.ping import parse_ping_output
 from pytest_katamaran.errors import TimelineError
-from pytest_katamaran.nodectl import katamaran_events
-from pytest_katamaran.ping import parse_ping_output
 from pytest_katamaran.timeline import (
     DPI,
     HEIGHT_IN,

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hostlab import netns_preexec, open_netns
-from .logtail import tail
-from .qemu_cmd import (
+from pytest_katamaran.logtail import tail
+from pytest_katamaran.net.hostlab import netns_preexec, open_netns
+from pytest_katamaran.qemu.process import start_qemu
+from pytest_katamaran.qemu.workload import (
     CONSOLE_LOG,
     DEFAULT_RUN_DIR,
     EXTRA_MONITOR_SOCKET,
@@ -132,16 +133,9 @@ class Sandbox:
         try:
             sdir.mkdir(parents=True, exist_ok=True)
             self._created_dir = True
-            with open(sdir / QEMU_STDERR, "wb") as err:
-                self.started_at = time.monotonic()
-                self.proc = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=err,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_preexec,
-                    start_new_session=True,  # Ctrl-C reaches pytest, which calls stop()
-                )
+            self.started_at = time.monotonic()
+            # own session: Ctrl-C reaches pytest, which calls stop()
+            self.proc = start_qemu(self.argv, sdir / QEMU_STDERR, _preexec)
         except BaseException:
             self.stop()
             raise

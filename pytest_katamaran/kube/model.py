@@ -24,8 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pytest_katamaran.qemu_cmd import DEFAULT_RUN_DIR, EXTRA_MONITOR_SOCKET, PIDFILE, QMP_SOCKET
-from pytest_katamaran.sandbox import SandboxSockets
+from pytest_katamaran.qemu.sandbox import SandboxSockets
+from pytest_katamaran.qemu.workload import (
+    DEFAULT_RUN_DIR,
+    EXTRA_MONITOR_SOCKET,
+    PIDFILE,
+    QMP_SOCKET,
+)
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The host side of the node agent: run `pytest_katamaran.nodeside` steps on a node over SSH.
+"""The host side of the node agent: run `pytest_katamaran.agent.node` steps on a node over SSH.
 
 Why a module: a pod or a migration is a sequence of node steps (start the workload, start
 the destination, converge routes, look for leftovers, stop), each one JSON line back.
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest_katamaran
+from pytest_katamaran.checks.ping import PingStats
 from pytest_katamaran.errors import NodeStepFailed
 from pytest_katamaran.logtail import tail
-from pytest_katamaran.ping import PingStats
 from pytest_katamaran.ssh import RemoteProcess
 
 STATE_DIR = "/run/katamaran-e2e"
@@ -38,7 +38,7 @@ SUMMARY_RE = re.compile(
 
 @dataclass
 class NodeSide:
-    """`python3 -m pytest_katamaran.nodeside` on one node, as root, parsed from JSON.
+    """`python3 -m pytest_katamaran.agent.node` on one node, as root, parsed from JSON.
 
     The node runs this host's interpreter over its read-only view of the host root, so
     `sys.executable` names the same python (with this checkout importable) on the node.
@@ -54,7 +54,7 @@ class NodeSide:
         return str(self.node.name)
 
     def command(self, *args: str) -> str:
-        base = ["env", f"PYTHONPATH={CHECKOUT}", self.python, "-m", "pytest_katamaran.nodeside"]
+        base = ["env", f"PYTHONPATH={CHECKOUT}", self.python, "-m", "pytest_katamaran.agent.node"]
         base += ["--state-dir", self.state_dir]
         return shlex.join([*base, *args])
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from katamaran.qmp import Monitor
-from pytest_katamaran.guest import GuestImage, kernel_cmdline
-from pytest_katamaran.hostlab import HostLab, ipr
-from pytest_katamaran.podnet import GATEWAY_IP, DestTap, PodNet, prepare_dest_tap
-from pytest_katamaran.qemu_cmd import SandboxSpec
-from pytest_katamaran.sandbox import Sandbox
+from pytest_katamaran.images.guest import GuestImage, kernel_cmdline
+from pytest_katamaran.net.hostlab import HostLab, ipr
+from pytest_katamaran.net.pod import GATEWAY_IP, DestTap, PodNet, prepare_dest_tap
+from pytest_katamaran.qemu.sandbox import Sandbox
+from pytest_katamaran.qemu.workload import SandboxSpec
 
 VM_IP = "10.244.1.5"
 

@@ -31,8 +31,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from katamaran.network import mirred_redirect
-
-from .hostlab import ipr, netns_exists, write_sysctl
+from pytest_katamaran.net.hostlab import ipr, netns_exists, write_sysctl
 
 CALICO_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_IP = "169.254.1.1"

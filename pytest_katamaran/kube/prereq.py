@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.accel import probe_kvm
+from pytest_katamaran.qemu.accel import probe_kvm
 
 INTERNET_ENV = "KATAMARAN_INTERNET"
 NESTED_PARAMS = (

@@ -7,7 +7,7 @@ a JSON state file (default ``/run/katamaran-e2e/state.json``) where the next ste
 above all ``stop`` -- finds it.  Output is a single JSON line on stdout (``"ok": false`` and
 exit 1 on failure) so the test never screen-scrapes.
 
-    python3 -m pytest_katamaran.nodeside [--state-dir D] [--netns NS] COMMAND [options]
+    python3 -m pytest_katamaran.agent.node [--state-dir D] [--netns NS] COMMAND [options]
 
 Commands: workload-start, wait-ready, dest-start, peer-route, converge, nbd-attach,
 nbd-detach, katamaran (timestamping wrapper), status, leftovers, console, qmp, vm-stop,
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.logtail import tail
-from pytest_katamaran.procnet import listening
+from pytest_katamaran.net.listening import listening
 
 DEFAULT_STATE_DIR = Path("/run/katamaran-e2e")
 DEFAULT_RUN_DIR = Path("/run/vc/vm")
@@ -124,7 +124,7 @@ def spec_to_json(spec: Any) -> dict[str, Any]:
 
 def spec_from_json(data: dict[str, Any]) -> Any:
     """The inverse of spec_to_json: the very spec the source node printed."""
-    from pytest_katamaran.qemu_cmd import SandboxSpec
+    from pytest_katamaran.qemu.workload import SandboxSpec
 
     values = dict(data)
     for key in PATH_FIELDS:
@@ -226,7 +226,7 @@ def qemu_needle(vm: dict[str, Any]) -> str:
 
 def _start_sandbox(spec: Any, netns: str | None, role: str, st: State, timeout: float) -> Any:
     """Start QEMU detached from us (it must outlive this process) and record its PID."""
-    from pytest_katamaran.sandbox import Sandbox
+    from pytest_katamaran.qemu.sandbox import Sandbox
 
     box = Sandbox()
     launched = time.time()
@@ -257,9 +257,9 @@ def _create_disk(path: Path, size: str, prefill: bool) -> None:
 
 def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
     """The Kata-shaped pod: PodNet (Calico veth + tcfilter) and QEMU in the pod netns."""
-    from pytest_katamaran.guest import kernel_cmdline
-    from pytest_katamaran.podnet import PodNet
-    from pytest_katamaran.qemu_cmd import SandboxSpec
+    from pytest_katamaran.images.guest import kernel_cmdline
+    from pytest_katamaran.net.pod import PodNet
+    from pytest_katamaran.qemu.workload import SandboxSpec
 
     if st.data.get("source") or st.data.get("podnet"):
         raise NodesideError("a workload is already recorded here: run `stop` first")
@@ -329,7 +329,7 @@ def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
 
 def _wait_ready(vm: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Wait for READY on the console of a VM started by an earlier process."""
-    from pytest_katamaran.sandbox import READY_MARKER
+    from pytest_katamaran.qemu.sandbox import READY_MARKER
 
     console = Path(vm["console_log"])
     deadline = time.monotonic() + timeout
@@ -360,7 +360,7 @@ def cmd_wait_ready(args: argparse.Namespace, st: State) -> dict[str, Any]:
 
 def cmd_dest_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
     """The destination: pre-created tap in the node netns and the SAME spec, -incoming defer."""
-    from pytest_katamaran.podnet import prepare_dest_tap
+    from pytest_katamaran.net.pod import prepare_dest_tap
 
     if st.data.get("dest") or st.data.get("desttap"):
         raise NodesideError("a destination is already recorded here: run `stop` first")
@@ -417,7 +417,7 @@ def _console_path(vm: dict[str, Any], st: State, role: str) -> Path:
 
 
 def cmd_console(args: argparse.Namespace, st: State) -> dict[str, Any]:
-    from pytest_katamaran.diskcheck import last_ack
+    from pytest_katamaran.checks.disk import last_ack
 
     vm = _need(st.data, args.which)
     path = _console_path(vm, st, args.which)
@@ -444,7 +444,7 @@ def _stop_vm(vm: dict[str, Any], st: State, role: str) -> dict[str, Any]:
 
 
 def cmd_vm_stop(args: argparse.Namespace, st: State) -> dict[str, Any]:
-    from pytest_katamaran.diskcheck import last_ack
+    from pytest_katamaran.checks.disk import last_ack
 
     vm = _need(st.data, args.which)
     out = _stop_vm(vm, st, args.which)
@@ -456,7 +456,7 @@ def cmd_vm_stop(args: argparse.Namespace, st: State) -> dict[str, Any]:
 
 def cmd_diskcheck(args: argparse.Namespace, st: State) -> dict[str, Any]:
     """verify_writes on a recorded VM's disk (stop the VM first)."""
-    from pytest_katamaran.diskcheck import last_ack, verify_writes
+    from pytest_katamaran.checks.disk import last_ack, verify_writes
 
     vm = _need(st.data, args.which)
     if vm.get("pid") and pid_matches(vm["pid"], qemu_needle(vm)):
@@ -734,7 +734,7 @@ def cmd_stop(args: argparse.Namespace, st: State) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m pytest_katamaran.nodeside")
+    p = argparse.ArgumentParser(prog="python3 -m pytest_katamaran.agent.node")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.add_argument("--netns", default=None, help="act in this netns instead of the node's own")
     sub = p.add_subparsers(dest="command", required=True)

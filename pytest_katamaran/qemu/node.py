@@ -8,10 +8,10 @@ cloud-init seed and a serial console logged to a file.
 
 CLI (the shell scripts are thin front-ends over it)::
 
-    python -m pytest_katamaran.node_vm setup [--image debian|ubuntu] [--accel auto|kvm|tcg]
-    python -m pytest_katamaran.node_vm start a|b [--foreground]
-    python -m pytest_katamaran.node_vm stop a|b
-    python -m pytest_katamaran.node_vm check-deps [--image debian|ubuntu]
+    python -m pytest_katamaran.qemu.node setup [--image debian|ubuntu] [--accel auto|kvm|tcg]
+    python -m pytest_katamaran.qemu.node start a|b [--foreground]
+    python -m pytest_katamaran.qemu.node stop a|b
+    python -m pytest_katamaran.qemu.node check-deps [--image debian|ubuntu]
 
 State lives in ``$KATAMARAN_TESTENV_DIR`` (default ``<checkout>/testenv``): the key
 ``kata_test_rsa`` as in the guide, and ``.state/`` (manifest, overlays, seeds, logs).
@@ -34,8 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_katamaran.logtail import tail
-from pytest_katamaran.nodeimage import (
+from pytest_katamaran.images.node import (
     IMAGE_KINDS,
     SCRATCH_LABEL,
     DebianImage,
@@ -47,7 +46,9 @@ from pytest_katamaran.nodeimage import (
     is_current,
     overlay_fits,
 )
-from pytest_katamaran.procnet import is_listening
+from pytest_katamaran.logtail import tail
+from pytest_katamaran.net.listening import is_listening
+from pytest_katamaran.qemu.process import start_qemu
 
 Progress = Callable[[str], None]
 
@@ -241,15 +242,8 @@ class NodeProcess:
         """Start QEMU in its own session (a Ctrl-C aimed at pytest does not hit it)."""
         self.spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.spec.serial_log.unlink(missing_ok=True)
-        with open(self.spec.qemu_log, "wb") as log:
-            self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.started_at = time.monotonic()
+        self.proc = start_qemu(self.argv, self.spec.qemu_log)
         self.progress(
             f"katamaran: {self.spec.name}: boot started (PID {self.proc.pid}, "
             f"{self.spec.image.kind}, {self.spec.accel}, ssh 127.0.0.1:{self.spec.ssh_port})"
@@ -352,7 +346,7 @@ def wait_listening(port: int, timeout: float, proc: NodeProcess | None = None) -
 
 def repo_root() -> Path:
     """The checkout this module lives in."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 class MissingFile(RuntimeError):
@@ -482,7 +476,7 @@ def missing_packages(kind: str) -> list[str]:
 
 def _resolve_accel(requested: str, progress: Progress) -> tuple[str, str]:
     """(accel, cpu) for ``auto|kvm|tcg`` via the plugin's KVM probe."""
-    from pytest_katamaran.accel import AccelUnavailable, choose_accel
+    from pytest_katamaran.qemu.accel import AccelUnavailable, choose_accel
 
     try:
         accel = choose_accel(requested)
@@ -505,8 +499,8 @@ def cmd_check_deps(kind: str) -> int:
 
 def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
     """The guide's section 1: image, COW overlays, SSH keypair, seeds; then next steps."""
-    from pytest_katamaran.kube import build_zipapp
-    from pytest_katamaran.seed import write_seed
+    from pytest_katamaran.images.seed import write_seed
+    from pytest_katamaran.kube.model import build_zipapp
     from pytest_katamaran.ssh import generate_keypair
 
     def say(msg: str) -> None:
@@ -588,7 +582,7 @@ def _preflight(spec: NodeSpec, progress: Progress, wait_link: float) -> None:
     if port_busy(spec.ssh_port):
         raise NodeBootError(
             f"port {spec.ssh_port} is busy (is {spec.name} already running? Stop it with Ctrl-C "
-            f"or `python -m pytest_katamaran.node_vm stop {spec.role}`)"
+            f"or `python -m pytest_katamaran.qemu.node stop {spec.role}`)"
         )
     if spec.role == "a":
         if port_busy(spec.link_port):
@@ -611,7 +605,7 @@ def cmd_start(env: Testenv, role: str, foreground: bool, accel: str | None) -> i
     spec = env.spec(role, "tcg")  # validates every input file before probing KVM
     if not is_current(image):
         print(
-            "WARNING: the node image predates pytest_katamaran/guest/node-*: "
+            "WARNING: the node image predates pytest_katamaran/images/guest/node-*: "
             "re-run ./testenv/setup.sh to boot the current node code",
             file=sys.stderr,
         )
@@ -681,8 +675,8 @@ def cmd_stop(env: Testenv, role: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pytest_katamaran.node_vm``."""
-    parser = argparse.ArgumentParser(prog="python -m pytest_katamaran.node_vm")
+    """Entry point of ``python -m pytest_katamaran.qemu.node``."""
+    parser = argparse.ArgumentParser(prog="python -m pytest_katamaran.qemu.node")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("setup", help="build/cache the node image, overlays, key and seeds")
     p.add_argument("--image", choices=IMAGE_KINDS, default=os.environ.get("KATAMARAN_NODE_IMAGE"))

@@ -22,7 +22,7 @@ from typing import Any
 SEED_LABEL = "cidata"
 DEFAULT_USER = "ubuntu"
 DEFAULT_PASSWORD = "ubuntu"
-NETWORK_TEMPLATE = Path(__file__).resolve().parents[1] / "testenv" / "network-config.yaml"
+NETWORK_TEMPLATE = Path(__file__).resolve().parents[2] / "testenv" / "network-config.yaml"
 PRIVATE_IP_PLACEHOLDER = "@PRIVATE_IP@"
 MAC_PLACEHOLDERS = {"nat": "@NAT_MAC@", "private": "@PRIVATE_MAC@"}
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.guest import (
+from pytest_katamaran.images.guest import (
     Kernel,
     _locked,
     _stderr_progress,
@@ -37,7 +37,7 @@ from pytest_katamaran.guest import (
     fetch_kernel,
     find_busybox,
 )
-from pytest_katamaran.guest import _run as _guest_run
+from pytest_katamaran.images.guest import _run as _guest_run
 
 Progress = Callable[[str], None]
 

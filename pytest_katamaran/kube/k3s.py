@@ -7,7 +7,7 @@ guide's front-end (``testenv/k3s-e2e.sh``) and ``tests/e2e/test_k3s.py``.
 
 CLI::
 
-    python3 -m pytest_katamaran.k3s setup|status|teardown
+    python3 -m pytest_katamaran.kube.k3s setup|status|teardown
 
 talks to the running guide nodes: ``ubuntu@localhost`` on ports 2222/2223 (override with
 ``KATAMARAN_NODE_A_PORT``/``KATAMARAN_NODE_B_PORT``, host ``KATAMARAN_NODE_HOST``) with
@@ -36,10 +36,11 @@ from typing import Any
 
 import paramiko
 
-from pytest_katamaran import kube, prereq
-from pytest_katamaran.kube import KubeError, PodStatus, WaitTimeout, wait_for
-from pytest_katamaran.qemu_cmd import QMP_SOCKET
-from pytest_katamaran.sandbox import SandboxSockets
+from pytest_katamaran.kube import model as kube
+from pytest_katamaran.kube import prereq
+from pytest_katamaran.kube.model import KubeError, PodStatus, WaitTimeout, wait_for
+from pytest_katamaran.qemu.sandbox import SandboxSockets
+from pytest_katamaran.qemu.workload import QMP_SOCKET
 from pytest_katamaran.ssh import CommandFailed, CommandTimeout, SSHClient
 
 DEFAULT_K3S_VERSION = "v1.30.6+k3s1"
@@ -145,7 +146,7 @@ def instructions(pod: PodStatus, a_ip: str, b_ip: str, key: str = "testenv/kata_
             f"1. Node A ({ssh.format(port=2222)}): find the QMP socket",
             "     sudo ls /run/vc/vm/*/extra-monitor.sock /run/vc/vm/*/qmp.sock",
             "2. Node B: start the destination QEMU (the source's /proc/<pid>/cmdline with",
-            "   -incoming defer, see pytest_katamaran.kube.dest_qemu_argv), then katamaran:",
+            "   -incoming defer, see pytest_katamaran.kube.model.dest_qemu_argv), then katamaran:",
             "     sudo python3 -m katamaran -mode dest -qmp <dest qmp.sock> -tap tap0_kata "
             "-shared-storage",
             "3. Node A: start the source",
@@ -200,7 +201,7 @@ def check_reachable(role: str, host: str, port: int, timeout: float = 5.0) -> No
 
 def guide_nodes(env: Mapping[str, str] | None = None) -> tuple[LabNode, LabNode]:
     """Connect to the running guide nodes (``./testenv/start-node-{a,b}.sh``)."""
-    from pytest_katamaran.node_vm import Testenv
+    from pytest_katamaran.qemu.node import Testenv
 
     key = Testenv.default().key
     addresses = {role: node_address(role, env) for role in ("a", "b")}
@@ -694,7 +695,7 @@ def wait_output(proc: Any, text: str, timeout: float, what: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m pytest_katamaran.k3s setup|status|teardown`` (exit 2 on bad usage)."""
+    """``python3 -m pytest_katamaran.kube.k3s setup|status|teardown`` (exit 2 on bad usage)."""
     parser = argparse.ArgumentParser(
         prog="k3s-e2e.sh",
         description="k3s end-to-end lab on the running guide nodes (TESTING.md).",

@@ -136,7 +136,7 @@ def kvm_kernel_argv(
 
 def node_kernel_image() -> Path:
     """The nodes' Debian kernel (cached by the node image build; else fetched, with progress)."""
-    from pytest_katamaran.nodeimage import fetch_node_kernel
+    from pytest_katamaran.images.node import fetch_node_kernel
 
     kernel = fetch_node_kernel()
     return kernel.vmlinux or kernel.vmlinuz  # what node_vm boots (nodeimage.build)
