@@ -23,6 +23,7 @@ from pytest_katamaran.hostlab import HostLab, ipr
 from pytest_katamaran.podnet import DestTap, PodNet, prepare_dest_tap
 from pytest_katamaran.qemu_cmd import SandboxSpec
 from pytest_katamaran.sandbox import Sandbox
+from pytest_katamaran.workload import WorkloadQemu
 
 VM_IP = "10.244.1.5"
 
@@ -83,6 +84,10 @@ class Rig:
     extra_monitor: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
+    memory_mib: int = 128
+    # Another QEMU for both sides (binary, its firmware dir for -L), e.g. backports' 10.0
+    # (pytest_katamaran.workload.backports_qemu) for what QEMU 7.2 lacks.
+    qemu: WorkloadQemu | None = None
 
     @property
     def src_disk(self) -> Path:
@@ -133,7 +138,11 @@ class Rig:
             run_dir=self.tmp / "a",
             disk=self.src_disk,
             extra_monitor=self.extra_monitor,
+            memory_mib=self.memory_mib,
         )
+        if self.qemu is not None:
+            spec.qemu_binary = self.qemu.binary
+            spec.extra_args = ["-L", self.qemu.datadir] if self.qemu.datadir else []
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
         self.src.start(spec, netns=self.pod.netns if self.pod else self.lab.a.netns)
