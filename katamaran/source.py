@@ -184,16 +184,20 @@ class SourceMigration:
     async def _run(self) -> Summary:
         await self._check_state()
         await self._save_settings()
-        # Needed only from the switchover on: made while QEMU copies the disk.
-        self.tunnel_task = asyncio.create_task(self._prepare_tunnel())
         await migration.set_capabilities(self.mon)
         await migration.set_parameters(self.mon, self.cfg)
         if self.cfg.tls:
             self.tls = TLSCreds(self.mon, self.cfg)
             await self.tls.add()
+        mirror = None
         if not self.cfg.shared_storage:
             self.phase = Phase.MIRROR
-            await self._mirror()
+            mirror = await self._mirror()
+        # Needed only from the switchover on: made while QEMU copies the disk.  Not
+        # earlier: beside the QMP steps above, the import slowed them (GIL, 2 busy cores).
+        self.tunnel_task = asyncio.create_task(self._prepare_tunnel())
+        if mirror is not None:
+            await self._mirror_synchronized(*mirror)
         await self._tunnel_prepared()
         self._watch_taps()
         await self._take_switchover_decision()
@@ -401,7 +405,8 @@ class SourceMigration:
             self.taps.close()
             self.taps = None
 
-    async def _mirror(self) -> None:
+    async def _mirror(self) -> tuple[int, bool]:
+        """Start the mirror; returns the event mark and whether it can turn write-blocking."""
         sock = connect_to(self.cfg, self.cfg.nbd_port, "drive-mirror failed", self.mon.timeout)
         self.pending_fds.add(NBD_FD)
         # Kept (QEMU has its own copy): shutting it down is the one way to end NBD
@@ -440,10 +445,13 @@ class SourceMigration:
             raise KatamaranError(f"drive-mirror failed: {err}") from None
         self.mirror_started = True
         self.progress.step(f"mirroring {self.cfg.drive_id} to {self.cfg.dest_ip} over NBD")
+        return mark, switchable
+
+    async def _mirror_synchronized(self, mark: int, switchable: bool) -> None:
         await self._wait_mirror_ready(mark)
         if switchable:
             await self._make_write_blocking()
-        elif auto:
+        elif self.cfg.copy_mode == "auto":
             self.progress.step(
                 "mirror stays background (this QEMU cannot switch a running job; 8.2+ can): "
                 "what the guest writes last is drained while the VM is paused"
