@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import importlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,7 +153,6 @@ class SourceMigration:
         self.nbd_sock: socket.socket | None = None
         self.job = f"{JOB_PREFIX}-{cfg.drive_id}"
         self.tunnel: SourceTunnel | None = None
-        self.tunnel_task: asyncio.Task[None] | None = None
         self.mirror_started = False
         self.nbd_added = False
         self.migration_started = False
@@ -193,12 +191,10 @@ class SourceMigration:
         if not self.cfg.shared_storage:
             self.phase = Phase.MIRROR
             mirror = await self._mirror()
-        # Needed only from the switchover on: made while QEMU copies the disk.  Not
-        # earlier: beside the QMP steps above, the import slowed them (GIL, 2 busy cores).
-        self.tunnel_task = asyncio.create_task(self._prepare_tunnel())
+        # Needed only from the switchover on: made while QEMU copies the disk.
+        await self._prepare_tunnel()
         if mirror is not None:
             await self._mirror_synchronized(*mirror)
-        await self._tunnel_prepared()
         self._watch_taps()
         await self._take_switchover_decision()
         self.phase = Phase.RAM
@@ -321,10 +317,12 @@ class SourceMigration:
         self.pending_fds.discard(name)
 
     async def _prepare_tunnel(self) -> None:
-        """Runs as a task beside the mirror: importing pyroute2 alone took 0.3-0.7 s here
-        (2 busy cores), time the source used to spend before the mirror started."""
+        """Runs once the mirror has started: importing pyroute2 alone took 0.3-0.7 s here
+        (2 busy cores), time the source used to spend before the mirror started.  The
+        import runs on this thread, holding the event loop while QEMU copies the disk
+        (events wait in the socket): not in a thread beside the QMP steps, which it
+        slowed (GIL), nor beside anything else importing (import-lock races)."""
         assert self.cfg.dest_ip is not None and self.cfg.vm_ip is not None
-        await asyncio.to_thread(importlib.import_module, "katamaran.network")
         from pyroute2.netlink.exceptions import NetlinkError
 
         from .network import NetworkUnavailable, SourceTunnel
@@ -345,13 +343,6 @@ class SourceMigration:
                 f"{err}; continuing without the tunnel: packets for {self.cfg.vm_ip} "
                 "that arrive during the cutover will not reach the destination"
             )
-
-    async def _tunnel_prepared(self) -> None:
-        """Wait for _prepare_tunnel (no tunnel is only a warning there).  Shielded: a
-        cancel here must not stop it half-way, cleanup waits for it and undoes it."""
-        if self.tunnel_task is not None:
-            await asyncio.shield(self.tunnel_task)
-            self.tunnel_task = None
 
     def _watch_taps(self) -> None:
         """Duplicate QEMU's tap fds so the switchover can wait for their queues to empty."""
@@ -876,8 +867,6 @@ class SourceMigration:
         if self.nbd_sock is not None:
             self.nbd_sock.close()
             self.nbd_sock = None
-        if self.tunnel_task is not None:  # still making the tunnel: wait, then remove it
-            steps.append(("preparing the tunnel", self._tunnel_prepared))
         for what, step in steps:
             try:
                 await step()  # type: ignore[operator]
