@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "copy-mode",
         metavar="MODE",
         default=config.COPY_MODE,
-        help="source: drive-mirror copy mode, 'background' or 'write-blocking' "
+        help="source: drive-mirror copy mode, 'auto' (background, then write-blocking once "
+        "synchronized, where QEMU 8.2+ can switch), 'background' or 'write-blocking' "
         f"(default {config.COPY_MODE})",
     )
     for name, default, what in (
@@ -236,7 +237,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError('invalid -switchover-timeout "0" (must be positive)')
     if args.copy_mode not in config.COPY_MODES:
         raise UsageError(
-            f"invalid -copy-mode \"{args.copy_mode}\" (must be 'background' or 'write-blocking')"
+            f'invalid -copy-mode "{args.copy_mode}" '
+            "(must be 'auto', 'background' or 'write-blocking')"
         )
     cfg = Config(
         mode=args.mode,
@@ -275,10 +277,8 @@ class _Running:
 
 async def run(cfg: Config, progress: Progress, running: _Running | None = None) -> None:
     """Lock the VM, connect, run one side, always disconnect and unlock."""
-    from .dest import DestMigration
     from .lock import VMLock
     from .qmp import Monitor
-    from .source import SourceMigration
 
     running = running or _Running()
     with VMLock(cfg.qmp) as lock:  # before connecting: a refused run touches nothing
@@ -286,10 +286,16 @@ async def run(cfg: Config, progress: Progress, running: _Running | None = None) 
         await mon.connect()
         progress.step(f"connected to QMP at {cfg.qmp} ({cfg.mode} mode)")
         try:
+            # Each side imports only its own module: the source loads pyroute2 (slow to
+            # import) while the disk is mirrored, the destination needs it at once.
             if cfg.mode == "source":
+                from .source import SourceMigration
+
                 running.side = SourceMigration(cfg, mon, progress, lock)
                 await running.side.run()
             else:
+                from .dest import DestMigration
+
                 running.side = DestMigration(cfg, mon, progress)
                 await running.side.run()
         finally:

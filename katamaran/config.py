@@ -22,10 +22,13 @@ TAP_DRAIN_TIMEOUT = 2.0  # -tap-drain-timeout: the running VM reads its tap queu
 DEST_TIMEOUT = 1800.0  # -dest-timeout: how long the destination waits for the VM to resume
 DOWNTIME_LIMIT_MS = 50
 PLUG_LIMIT = 1 << 20  # bytes held by sch_plug while the VM is paused (~10k pings)
-# libvirt's default too. write-blocking converges under any write rate, but QEMU 7.2
-# corrupts its heap when such a mirror is cancelled early (seen here: 4 crashes in 5).
-COPY_MODE = "background"
-COPY_MODES = ("background", "write-blocking")
+# -copy-mode.  "auto": background (libvirt's default) until the mirror is READY, then
+# write-blocking where QEMU can switch a running job (block-job-change, QEMU 8.2+), so
+# nothing is left to drain while the VM is paused; QEMU < 8.2 stays background.  A
+# mirror started write-blocking converges under any write rate, but QEMU 7.2 corrupts
+# its heap when such a mirror is cancelled early (seen here: 4 crashes in 5).
+COPY_MODE = "auto"
+COPY_MODES = ("auto", "background", "write-blocking")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -83,5 +83,19 @@ async def tcg_dirty_tracking_is_reliable(mon: Monitor) -> bool:
     return (version["major"], version["minor"]) >= (9, 0)
 
 
+# QMP command that changes a running block job; for a mirror, its copy mode (QEMU 8.2+).
+JOB_CHANGE_COMMAND = "block-job-change"
+
+
+def can_switch_copy_mode(commands: list[dict[str, Any]]) -> bool:
+    """Whether this QEMU (its `query-commands` answer) can make a running mirror
+    write-blocking: the command exists only from 8.2, where it came with exactly that.
+
+    Asked of QEMU rather than inferred from its version: distributions backport, and
+    `query-commands` is a few KiB where `query-qmp-schema` is a few hundred.
+    """
+    return any(c.get("name") == JOB_CHANGE_COMMAND for c in commands)
+
+
 async def vm_status(mon: Monitor) -> str:
     return (await mon.execute("query-status"))["status"]

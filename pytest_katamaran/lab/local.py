@@ -21,6 +21,7 @@ from katamaran.qmp import Monitor
 from pytest_katamaran.images.guest import GuestImage, kernel_cmdline
 from pytest_katamaran.net.hostlab import HostLab, ipr
 from pytest_katamaran.net.pod import GATEWAY_IP, DestTap, PodNet, prepare_dest_tap
+from pytest_katamaran.qemu.binary import WorkloadQemu
 from pytest_katamaran.qemu.sandbox import Sandbox
 from pytest_katamaran.qemu.workload import SandboxSpec
 
@@ -100,6 +101,9 @@ class Rig:
     # places its fixed costs by them): log name -> [(time.time(), line)].
     stamps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     src_tap: DestTap | None = None
+    # Another QEMU for both sides (binary, its firmware dir for -L), e.g. backports' 10.0
+    # (pytest_katamaran.qemu.binary.backports_qemu) for what QEMU 7.2 lacks.
+    qemu: WorkloadQemu | None = None
 
     @property
     def src_disk(self) -> Path:
@@ -163,6 +167,9 @@ class Rig:
             tap=self.tap,
             memory_mib=self.memory_mib,
         )
+        if self.qemu is not None:
+            spec.qemu_binary = self.qemu.binary
+            spec.extra_args = ["-L", self.qemu.datadir] if self.qemu.datadir else []
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
         self.src.start(spec, netns=self.pod.netns if self.pod else self.lab.a.netns)

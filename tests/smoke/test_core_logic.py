@@ -12,6 +12,7 @@ import pytest
 from katamaran.cli import parse_args
 from katamaran.config import host_port
 from katamaran.errors import KatamaranError, QMPTimeout, UsageError
+from katamaran.migration import can_switch_copy_mode
 from katamaran.network import (
     TABLE_BASE,
     TABLE_MASK,
@@ -140,7 +141,15 @@ def test_parse_args_rejects(argv, message):
 def test_parse_args_accepts_bracketed_ipv6_and_defaults():
     cfg = parse_args(["-mode", "source", "-dest-ip", "[fd00::2]", "-vm-ip", "10.244.1.5"])
     assert str(cfg.dest_ip) == "fd00::2" and cfg.tunnel_hold == 5.0
-    assert cfg.drive_id == "drive-virtio-disk0" and cfg.copy_mode == "background"
+    assert cfg.drive_id == "drive-virtio-disk0" and cfg.copy_mode == "auto"
+
+
+def test_copy_mode_switch_needs_block_job_change():
+    """query-commands decides (see test_copy_mode for real QEMU 7.2 and 10.0 answers)."""
+    qemu_7_2 = [{"name": "block-job-cancel"}, {"name": "block-job-complete"}]
+    assert not can_switch_copy_mode(qemu_7_2)
+    assert can_switch_copy_mode([*qemu_7_2, {"name": "block-job-change"}])
+    assert not can_switch_copy_mode([])
 
 
 # ---------------------------------------------------------------- tap leftovers
