@@ -23,6 +23,7 @@ from pytest_katamaran.hostlab import HostLab, ipr
 from pytest_katamaran.podnet import DestTap, PodNet, prepare_dest_tap
 from pytest_katamaran.qemu_cmd import SandboxSpec
 from pytest_katamaran.sandbox import Sandbox
+from pytest_katamaran.workload import WorkloadQemu
 
 VM_IP = "10.244.1.5"
 
@@ -83,6 +84,11 @@ class Rig:
     extra_monitor: bool = False
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
+    # The workload QEMU (None: the system one).  Inside a TCG lab node the guest is
+    # nested TCG, ~17x slower: the boot and "destination ready" waits are fields.
+    qemu: WorkloadQemu | None = None
+    boot_timeout: float = 120.0
+    ready_timeout: float = 60.0
 
     @property
     def src_disk(self) -> Path:
@@ -134,10 +140,13 @@ class Rig:
             disk=self.src_disk,
             extra_monitor=self.extra_monitor,
         )
+        if self.qemu is not None:
+            spec.qemu_binary = self.qemu.binary
+            spec.extra_args = ["-L", self.qemu.datadir] if self.qemu.datadir else []
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
         self.src.start(spec, netns=self.pod.netns if self.pod else self.lab.a.netns)
-        self.src.wait_ready(120)
+        self.src.wait_ready(self.boot_timeout)
         dst_spec = spec.for_destination(
             disk=self.dst_disk, incoming=incoming, run_dir=self.tmp / "b"
         )
@@ -175,7 +184,7 @@ class Rig:
         if self.shared:
             args.append("-shared-storage")
         proc = self.katamaran("b", *args, "-tunnel-hold", "0.2", *extra, log="dest.log")
-        wait_for_text(self.tmp / "dest.log", "destination ready", 60, proc)
+        wait_for_text(self.tmp / "dest.log", "destination ready", self.ready_timeout, proc)
         return proc
 
     def start_source(self, dest_ip: str = "10.0.0.2", *extra: str) -> subprocess.Popen:
