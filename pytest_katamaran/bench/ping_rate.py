@@ -115,9 +115,8 @@ def answer_rate(target: str, interval: float, netns: str, seconds: float) -> dic
     mon = PingMonitor.local(target, interval, netns=netns).start()
     t0 = time.monotonic()
     time.sleep(seconds)
-    sent_for = time.monotonic() - t0
-    stats = mon.finish(catch_up_s=10.0, settle_s=0.0)
-    return _ping_figures(stats, sent_for)
+    stats = mon.finish(catch_up_s=10.0, settle_s=0.0)  # ping sends until it stops
+    return _ping_figures(stats, time.monotonic() - t0)
 
 
 def migrate_under_ping(rig: Any, client: Client, interval: float) -> dict[str, Any]:
@@ -142,8 +141,8 @@ def migrate_under_ping(rig: Any, client: Client, interval: float) -> dict[str, A
     rig.lab.run("a", ["ip", "route", "replace", f"{VM_IP}/32", "via", DEST_IP], check=True)
     converged = time.monotonic() - t0
     source_rc, dest_rc = rig.finish(source, 300), rig.finish(dest, 300)
-    sent_for = time.monotonic() - t0
     stats = mon.finish(catch_up_s=30.0, settle_s=1.0)
+    sent_for = time.monotonic() - t0  # ping sends until it stops
     source_log, dest_log = rig.log("source.log"), rig.log("dest.log")
     summary = parse_summary(source_log) or {}
     released = RELEASED_RE.search(dest_log)
