@@ -259,8 +259,8 @@ def run(
         lab.stop()
     lines = out.strip().splitlines()
     if rc != 0 or not lines:
-        tail = err.strip().splitlines()[-15:]
-        raise PingRateError(f"the run inside the lab node failed ({rc}): " + " | ".join(tail))
+        last = (err.strip().splitlines() or ["(no output)"])[-1]
+        raise PingRateError(f"the run inside the lab node failed ({rc}): {last}")
     facts = json.loads(lines[-1])
     facts.update(
         interval_s=interval,
@@ -351,7 +351,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.inside:
-        print(json.dumps(inside(args)))
+        try:
+            print(json.dumps(inside(args)))
+        except Exception as err:  # noqa: BLE001 - one line for the host, not a traceback
+            first = (str(err).splitlines() or [""])[0]
+            print(f"in the lab node: {type(err).__name__}: {first}", file=sys.stderr)
+            return 1
         return 0
     if os.geteuid() != 0:
         print("ping_rate: must run as root (the lab node and its networks)", file=sys.stderr)
