@@ -114,8 +114,11 @@ def answer_rate(target: str, interval: float, netns: str, seconds: float) -> dic
 
     mon = PingMonitor.local(target, interval, netns=netns).start()
     t0 = time.monotonic()
-    time.sleep(seconds)
-    stats = mon.finish(catch_up_s=10.0, settle_s=0.0)  # ping sends until it stops
+    try:
+        time.sleep(seconds)
+        stats = mon.finish(catch_up_s=10.0, settle_s=0.0)  # ping sends until it stops
+    finally:
+        mon.stop()  # idempotent: Ctrl-C or an error must not leave ping running
     return _ping_figures(stats, time.monotonic() - t0)
 
 
@@ -127,22 +130,25 @@ def migrate_under_ping(rig: Any, client: Client, interval: float) -> dict[str, A
 
     hold = f"{TUNNEL_HOLD:g}"
     mon = PingMonitor.local(VM_IP, interval, netns=client.netns).start()
-    t0 = time.monotonic()
-    mon.wait_replies(10, timeout=300)
-    dest = rig.start_dest(
-        "-vm-ip", VM_IP, "-source-ip", SOURCE_IP, "-tunnel-hold", hold,
-        "-plug-limit", str(plug_limit(MAX_PAUSE, interval)),
-    )  # fmt: skip
-    source = rig.start_source(DEST_IP, "-tunnel-hold", hold)
-    wait_for_text(rig.tmp / "source.log", "migration completed in", 900, source)
-    completed = time.monotonic() - t0
-    time.sleep(CONVERGE_DELAY)  # the CNI converges mid-hold, as in the e2e
-    rig.dest_tap.add_pod_route()
-    rig.lab.run("a", ["ip", "route", "replace", f"{VM_IP}/32", "via", DEST_IP], check=True)
-    converged = time.monotonic() - t0
-    source_rc, dest_rc = rig.finish(source, 300), rig.finish(dest, 300)
-    stats = mon.finish(catch_up_s=30.0, settle_s=1.0)
-    sent_for = time.monotonic() - t0  # ping sends until it stops
+    try:
+        t0 = time.monotonic()
+        mon.wait_replies(10, timeout=300)
+        dest = rig.start_dest(
+            "-vm-ip", VM_IP, "-source-ip", SOURCE_IP, "-tunnel-hold", hold,
+            "-plug-limit", str(plug_limit(MAX_PAUSE, interval)),
+        )  # fmt: skip
+        source = rig.start_source(DEST_IP, "-tunnel-hold", hold)
+        wait_for_text(rig.tmp / "source.log", "migration completed in", 900, source)
+        completed = time.monotonic() - t0
+        time.sleep(CONVERGE_DELAY)  # the CNI converges mid-hold, as in the e2e
+        rig.dest_tap.add_pod_route()
+        rig.lab.run("a", ["ip", "route", "replace", f"{VM_IP}/32", "via", DEST_IP], check=True)
+        converged = time.monotonic() - t0
+        source_rc, dest_rc = rig.finish(source, 300), rig.finish(dest, 300)
+        stats = mon.finish(catch_up_s=30.0, settle_s=1.0)
+        sent_for = time.monotonic() - t0  # ping sends until it stops
+    finally:
+        mon.stop()  # idempotent: a failure above must not leave ping running
     source_log, dest_log = rig.log("source.log"), rig.log("dest.log")
     summary = parse_summary(source_log) or {}
     released = RELEASED_RE.search(dest_log)
@@ -341,7 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--baseline-seconds", type=float, default=10.0, help="answer-rate ping first (10)"
     )
-    parser.add_argument("--out", type=Path, help="JSON file (default: print only)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON file (default benchmarks/results/ping-<ms>ms.json)"
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
         parser.add_argument(name, default="", help=argparse.SUPPRESS)
@@ -367,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ping_rate: {err}", file=sys.stderr)
         return 1
     print(describe(facts))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(facts, indent=2) + "\n")
-        print(f"written to {args.out}")
+    out = args.out or RESULTS / f"ping-{args.interval * 1000:g}ms.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(facts, indent=2) + "\n")
+    print(f"written to {out}")
     return 0 if facts.get("migration", {}).get("zero_drop") else 1
 
 
