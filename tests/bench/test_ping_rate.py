@@ -13,7 +13,12 @@ import shutil
 
 import pytest
 
-pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-pingrate-node")]
+# Not in the default run (testpaths): a lab node plus a nested boot take 10-30 min here.
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.xdist_group("katamaran-pingrate-node"),
+    pytest.mark.timeout(3600),
+]
 
 INTERVAL = 0.01
 
