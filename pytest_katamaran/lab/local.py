@@ -104,6 +104,10 @@ class Rig:
     # Another QEMU for both sides (binary, its firmware dir for -L), e.g. backports' 10.0
     # (pytest_katamaran.qemu.binary.backports_qemu) for what QEMU 7.2 lacks.
     qemu: WorkloadQemu | None = None
+    # Inside a TCG lab node the guest is nested TCG, ~17x slower: the boot and
+    # "destination ready" waits are fields.
+    boot_timeout: float = 120.0
+    ready_timeout: float = 60.0
 
     @property
     def src_disk(self) -> Path:
@@ -173,7 +177,7 @@ class Rig:
         if self.pod and self.pod.mac:
             spec.mac = self.pod.mac  # Kata gives the VM NIC the pod eth0's MAC
         self.src.start(spec, netns=self.pod.netns if self.pod else self.lab.a.netns)
-        self.src.wait_ready(120)
+        self.src.wait_ready(self.boot_timeout)
         dst_spec = spec.for_destination(
             disk=self.dst_disk, incoming=incoming, run_dir=self.tmp / "b"
         )
@@ -213,7 +217,7 @@ class Rig:
         if self.shared:
             args.append("-shared-storage")
         proc = self.katamaran("b", *args, "-tunnel-hold", "0.2", *extra, log="dest.log")
-        self.wait_for_line("dest.log", "destination ready", 60, proc)
+        self.wait_for_line("dest.log", "destination ready", self.ready_timeout, proc)
         return proc
 
     def wait_for_line(self, log: str, text: str, timeout: float, proc: subprocess.Popen) -> float:
