@@ -22,7 +22,14 @@ from . import migration
 from .config import Config, host_port
 from .errors import KatamaranError, QMPCommandError
 from .listener import MigrationListener, bound_address, open_listener
-from .network import DestDecap, NetworkUnavailable, PlugQdisc, fit_tap_queue, netlink
+from .network import (
+    MIN_FRAME,
+    DestDecap,
+    NetworkUnavailable,
+    PlugQdisc,
+    fit_tap_queue,
+    netlink,
+)
 from .progress import Progress
 from .qmp import Monitor, named
 from .tls import TLSCreds
@@ -167,6 +174,13 @@ class DestMigration:
                     f"{self.cfg.tap} txqueuelen {raised[0]} -> {raised[1]} "
                     "(room for everything the plug may release at once)"
                 )
+                smallest = -(-self.cfg.plug_limit // MIN_FRAME)
+                if raised[1] < smallest:
+                    self.progress.warn(
+                        f"the kernel took txqueuelen {raised[1]} for {self.cfg.tap}, not "
+                        f"{smallest}: a release of more than {raised[1]} minimum-size frames "
+                        "at RESUME can overflow it (lower -plug-limit to fit)"
+                    )
         except (NetworkUnavailable, NetlinkError, OSError) as err:
             self.progress.warn(f"{err}; continuing without packet buffering")
             if self.plug is not None:

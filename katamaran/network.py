@@ -690,8 +690,18 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
     want = -(-limit // MIN_FRAME)
     if old >= want:
         return None
-    ipr.link("set", index=found[0], txqlen=want)
-    return old, want
+    # A kernel may refuse a ring that large (ERANGE was seen for 98000 frames, a
+    # -plug-limit sized for 1000 pings/s): halve until it takes one.  A ring shorter
+    # than `want` still holds every full-size frame of the release; the caller says so.
+    size = want
+    while True:
+        try:
+            ipr.link("set", index=found[0], txqlen=size)
+            return old, size
+        except NetlinkError as err:
+            if err.code not in (errno.ERANGE, errno.ENOMEM, errno.EINVAL) or size // 2 <= old:
+                raise
+            size //= 2
 
 
 MIN_FRAME = 60  # bytes of the smallest Ethernet frame (no FCS): the most frames per byte

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from pathlib import Path
@@ -197,3 +198,43 @@ def test_frame_to_packet_keeps_a_complete_packet_and_refuses_gso_and_arp():
     assert frame_to_packet(gso, 12) == (4, None)
     arp = b"\xff" * 6 + b"\x04" * 6 + b"\x08\x06" + bytes(28)
     assert frame_to_packet(arp, 0) == (0, None)
+
+
+class _TxqLinks:
+    """IPRoute's link calls for one tap whose kernel refuses rings above `cap` frames."""
+
+    def __init__(self, old: int, cap: int) -> None:
+        self.txqlen, self.cap, self.tried = old, cap, []
+
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [7]
+
+    def get_links(self, index: int) -> list:
+        txqlen = self.txqlen
+
+        class Link:
+            def get_attr(self, name: str) -> int:
+                return txqlen
+
+        return [Link()]
+
+    def link(self, cmd: str, index: int, txqlen: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self.tried.append(txqlen)
+        if txqlen > self.cap:
+            raise NetlinkError(errno.ERANGE, "Numerical result out of range")
+        self.txqlen = txqlen
+
+
+def test_fit_tap_queue_halves_until_the_kernel_takes_the_ring():
+    from katamaran.network import fit_tap_queue
+
+    links = _TxqLinks(old=1000, cap=50_000)
+    assert fit_tap_queue(links, "tap0", 5_880_000) == (1000, 49_000)  # 98000 refused
+    assert links.tried == [98_000, 49_000]
+    fits = _TxqLinks(old=1000, cap=50_000)
+    assert fit_tap_queue(fits, "tap0", 600_000) == (1000, 10_000)
+    refused = _TxqLinks(old=1000, cap=10)
+    with pytest.raises(Exception, match="out of range"):
+        fit_tap_queue(refused, "tap0", 5_880_000)
