@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_katamaran.qemu.process import die_with_parent, start_qemu
+
 QEMU = "qemu-system-x86_64"
 KVM_CPU = "host"  # what a KVM node would use; the MSR failure only shows with it
 TCG_CPU = "max"
@@ -85,14 +87,8 @@ def watch_boot(
     """
     stderr_path = console.with_name(console.name + ".stderr")
     start = time.monotonic()
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
+    # dies with us: a probe QEMU that spins in KVM must not outlive a killed test run
+    proc = start_qemu(argv, stderr_path, die_with_parent)
     try:
         while True:
             elapsed = time.monotonic() - start

@@ -7,9 +7,23 @@ and stderr into one log for failure messages; no stdin).
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the process that started it dies.
+
+    A QEMU in its own session outlives a SIGKILLed test run (pytester's timeout, a CI
+    job killed); a spinning KVM probe or an orphaned sandbox would then run for ever.
+    """
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def start_qemu(

@@ -8,7 +8,6 @@ KeyboardInterrupt or a failing assertion never leaks a QEMU process or its run d
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from pytest_katamaran.logtail import tail
 from pytest_katamaran.net.hostlab import netns_preexec, open_netns
+from pytest_katamaran.qemu.process import die_with_parent as kill_with_parent
 from pytest_katamaran.qemu.process import start_qemu
 from pytest_katamaran.qemu.workload import (
     CONSOLE_LOG,
@@ -35,9 +35,6 @@ from pytest_katamaran.qemu.workload import (
 
 READY_MARKER = "KATAMARAN-GUEST-READY"
 QEMU_STDERR = "qemu.stderr"
-PR_SET_PDEATHSIG = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _is_socket(path: Path) -> bool:
@@ -128,7 +125,7 @@ class Sandbox:
             if enter_ns is not None:
                 enter_ns()
             if die_with_parent:
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                kill_with_parent()
 
         try:
             sdir.mkdir(parents=True, exist_ok=True)
