@@ -193,7 +193,9 @@ class Rig:
         )
         self.procs.append(proc)
         path = self.tmp / log
-        stamps = self.stamps.setdefault(log, [])
+        # A new process starts a new log (the file is truncated below): a second run in one
+        # rig must not find the first run's lines (wait_for_line would return at once).
+        stamps = self.stamps[log] = []
         prefix = f"[{log.removesuffix('.log')}] "
 
         def copy() -> None:
