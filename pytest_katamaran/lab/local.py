@@ -13,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from katamaran.qmp import Monitor
+from pytest_katamaran.checks.disk import DiskReport, last_ack, verify_writes
 from pytest_katamaran.images.guest import GuestImage, kernel_cmdline
 from pytest_katamaran.net.hostlab import HostLab, ipr
 from pytest_katamaran.net.pod import GATEWAY_IP, DestTap, PodNet, prepare_dest_tap
@@ -277,6 +279,29 @@ class Rig:
             with ipr(self.lab.a.netns) as ip:
                 ip.route("replace", dst=f"{self.vm_ip}/32", gateway=self.lab.b.ipv4)
         return {"node A": time.time(), "node B": at_b}
+
+    def check_writes_survived(
+        self, poll: Callable[[], object] = lambda: None, timeout: float = 60
+    ) -> DiskReport:
+        """After a migration of a writing guest: the writer went on at the destination, and
+        every write the guest acknowledged (on either side) is on the destination disk.
+
+        Stops both QEMUs (the disk is read with nothing writing it).  `poll` runs while
+        waiting for the destination's next acknowledgement, e.g. to report a dead guest.
+        """
+        acked_on_source = last_ack(self.src.console_log)
+        deadline = time.monotonic() + timeout
+        while last_ack(self.dst.console_log) <= acked_on_source and time.monotonic() < deadline:
+            poll()
+            time.sleep(0.2)
+        acked = max(acked_on_source, last_ack(self.dst.console_log))
+        assert acked > acked_on_source, "the guest did not keep writing after the migration"
+        self.src.stop()
+        self.dst.stop()
+        report = verify_writes(self.dst_disk, acked)
+        assert report.ok, str(report)
+        print(f"acked on source {acked_on_source}, total {acked}: {report}")
+        return report
 
     def status(self, box: Sandbox) -> str:
         """QEMU's run state; if QEMU is gone, say so with its own last words."""
