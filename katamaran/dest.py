@@ -23,12 +23,12 @@ from .config import Config, host_port
 from .errors import KatamaranError, QMPCommandError
 from .listener import MigrationListener, bound_address, open_listener
 from .network import (
-    MIN_FRAME,
     DestDecap,
     NetworkUnavailable,
     PlugQdisc,
     fit_tap_queue,
     netlink,
+    tap_frames_needed,
 )
 from .progress import Progress
 from .qmp import Monitor, named
@@ -174,7 +174,7 @@ class DestMigration:
                     f"{self.cfg.tap} txqueuelen {raised[0]} -> {raised[1]} "
                     "(room for everything the plug may release at once)"
                 )
-                smallest = -(-self.cfg.plug_limit // MIN_FRAME)
+                smallest = tap_frames_needed(self.cfg.plug_limit)
                 if raised[1] < smallest:
                     self.progress.warn(
                         f"the kernel took txqueuelen {raised[1]} for {self.cfg.tap}, not "

@@ -687,12 +687,12 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
     if not found:
         raise NetworkUnavailable(f"tap device {tap} not found")
     old = int(ipr.get_links(found[0])[0].get_attr("IFLA_TXQLEN") or 0)
-    want = -(-limit // MIN_FRAME)
+    want = tap_frames_needed(limit)
     if old >= want:
         return None
     # A kernel may refuse a ring that large (ERANGE was seen for 98000 frames, a
-    # -plug-limit sized for 1000 pings/s): halve until it takes one.  A ring shorter
-    # than `want` still holds every full-size frame of the release; the caller says so.
+    # -plug-limit sized for 1000 pings/s): halve until it takes one.  A shorter ring
+    # still holds a release of frames larger than the minimum; the caller says so.
     size = want
     while True:
         try:
@@ -705,6 +705,11 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
 
 
 MIN_FRAME = 60  # bytes of the smallest Ethernet frame (no FCS): the most frames per byte
+
+
+def tap_frames_needed(limit: int) -> int:
+    """Tap ring length for a plug release of `limit` bytes of minimum-size frames."""
+    return -(-limit // MIN_FRAME)
 
 
 PLUG_BUFFER = "TCQ_PLUG_BUFFER"
