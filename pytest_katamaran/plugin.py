@@ -32,9 +32,8 @@ from pytest_katamaran.pluginstate import (
     REPORTS_KEY,
     SKIP_REASON,
     START_TAILS_KEY,
-    TIMELINE_PROPERTY,
-    TIMELINE_WARNING_PROPERTY,
     serial_tails,
+    timeline_lines,
 )
 from pytest_katamaran.qemu.accel import ACCEL_CHOICES, AccelUnavailable, choose_accel
 from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES
@@ -218,25 +217,6 @@ def _migration_sections(item: pytest.Item) -> list[tuple[str, str]]:
         title = f"katamaran migration {i}: {res.source_node} -> {res.dest_node}"
         sections.append((title, text))
     return sections
-
-
-def timeline_lines(terminalreporter: Any) -> list[str]:
-    """Each test's timeline picture, or why it was not drawn, from the teardown reports.
-
-    The results fixture leaves them as user properties of the teardown report, so they
-    reach the terminal from an xdist worker too.
-    """
-    found: list[tuple[str, str]] = []
-    for reports in terminalreporter.stats.values():
-        for rep in reports:
-            if getattr(rep, "when", None) != "teardown":
-                continue
-            for name, value in getattr(rep, "user_properties", ()):
-                if name == TIMELINE_PROPERTY:
-                    found.append((rep.nodeid, f"timeline: {value}"))
-                elif name == TIMELINE_WARNING_PROPERTY:
-                    found.append((rep.nodeid, f"WARNING: no timeline for {rep.nodeid}: {value}"))
-    return [line for _, line in sorted(found)]
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -1,4 +1,5 @@
-"""What the plugin's hooks and fixtures share: stash keys, notes, serial tails, signals.
+"""What the plugin's hooks and fixtures share: stash keys, notes, serial tails, signals,
+timeline lines.
 
 Why apart from both: ``plugin.py`` (hooks, options) and ``fixtures.py`` (resources) each
 need these, and neither should import the other's internals.
@@ -161,3 +162,22 @@ def keep_message(backend: Any, failed: list[str]) -> list[str]:
     if callable(extra):
         lines.extend(f"  {ln}" for ln in str(extra()).splitlines())
     return lines
+
+
+def timeline_lines(terminalreporter: Any) -> list[str]:
+    """Each test's timeline picture, or why it was not drawn, from the teardown reports.
+
+    The results fixture leaves them as user properties of the teardown report, so they
+    reach the terminal from an xdist worker too.
+    """
+    found: list[tuple[str, str]] = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) != "teardown":
+                continue
+            for name, value in getattr(rep, "user_properties", ()):
+                if name == TIMELINE_PROPERTY:
+                    found.append((rep.nodeid, f"timeline: {value}"))
+                elif name == TIMELINE_WARNING_PROPERTY:
+                    found.append((rep.nodeid, f"WARNING: no timeline for {rep.nodeid}: {value}"))
+    return [line for _, line in sorted(found)]
