@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -539,7 +540,7 @@ class SourceMigration:
                 self._show_ram(info)
                 next_show = loop.time() + 1.0
             if not self.switchover_started and await self._converged(info):
-                await self._switchover(info)
+                await self._switchover(info, mark)
         info = await self.mon.execute("query-migrate")
         ram = info.get("ram", {})
         downtimes = [d for d in (info.get("downtime"), self.paused_ms) if d is not None]
@@ -705,8 +706,12 @@ class SourceMigration:
                 return max(0, job["len"] - job["offset"])
         return 0
 
-    async def _switchover(self, info: dict) -> None:
-        """Tunnel first, let the running VM empty its tap queue, then pause it."""
+    async def _switchover(self, info: dict, mark: int) -> None:
+        """Tunnel first, let the running VM empty its tap queue, then pause it.
+
+        `mark` is the main loop's place in the event history: a STOP after it means QEMU
+        paused the VM by itself meanwhile (nothing left to copy), which ends the drain.
+        """
         self.switchover_started = True
         remaining = mib(info["ram"]["remaining"])
         if self.tunnel and self.tunnel.ready:
@@ -717,23 +722,65 @@ class SourceMigration:
             )
         else:
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
+        paused = False
         if self.taps and self.taps.fds:
             await self._ease_migration(info.get("cpu-throttle-percentage") or 0)
-            t0 = asyncio.get_running_loop().time()
-            busy = await asyncio.to_thread(self.taps.wait_empty, self.cfg.tap_drain_timeout)
-            waited = (asyncio.get_running_loop().time() - t0) * 1000
-            if busy:
-                self.progress.step(
-                    f"{', '.join(busy)} still held frames for the VM after "
-                    f"{self.cfg.tap_drain_timeout:g} s; pausing anyway (they will follow "
-                    "through the tunnel)"
-                )
-            else:
-                self.progress.step(f"{', '.join(self.taps.names)} drained in {waited:.0f} ms")
-        self._release_taps()
-        # Not `stop`: a VM paused by a client arrives paused at the destination (QEMU
-        # migrates the runstate).  A huge downtime-limit makes QEMU's next convergence
-        # check (every ~100 ms) pass, and QEMU pauses the VM itself, as "running".
+            paused = await self._drain_taps(mark)
+        if not paused:
+            self._release_taps()  # else the STOP handling forwards what the VM left on it
+        await self._lift_switchover_limit()
+
+    async def _drain_taps(self, mark: int) -> bool:
+        """Wait (at most -tap-drain-timeout) for the running VM to read its tap queues.
+
+        Returns True when QEMU paused the VM first.  An idle guest has no dirty page
+        left, and QEMU then switches over by itself whatever downtime-limit says; its
+        STOP must end the wait at once: a paused VM reads nothing, so waiting on only
+        lengthened the pause (to the full 30 s in the nested e2e).
+        """
+        assert self.taps is not None
+        timeout = self.cfg.tap_drain_timeout
+        names = ", ".join(self.taps.names)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        paused = threading.Event()
+        drain = asyncio.ensure_future(
+            asyncio.to_thread(self.taps.wait_empty, timeout, cancel=paused)
+        )
+        stop = asyncio.ensure_future(self.mon.next_event(named("STOP"), mark, timeout + 1.0))
+        try:
+            await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
+            was_paused = stop.done() and stop.result() is not None
+            if was_paused:
+                paused.set()
+            busy = await drain
+        finally:
+            paused.set()  # on an error too: the thread must not outlive the run
+            stop.cancel()
+            await asyncio.gather(drain, stop, return_exceptions=True)
+        waited = (loop.time() - t0) * 1000
+        if was_paused:
+            left = f"before it had read {', '.join(busy)}" if busy else "its tap was empty"
+            self.progress.step(
+                f"QEMU paused the VM by itself after {waited:.0f} ms of the drain ({left}); "
+                "what it left follows through the tunnel"
+            )
+        elif busy:
+            self.progress.step(
+                f"{', '.join(busy)} still held frames for the VM after "
+                f"{timeout:g} s; pausing anyway (they will follow through the tunnel)"
+            )
+        else:
+            self.progress.step(f"{names} drained in {waited:.0f} ms")
+        return was_paused
+
+    async def _lift_switchover_limit(self) -> None:
+        """Hand the pause back to QEMU (and restore what _ease_migration capped).
+
+        Not `stop`: a VM paused by a client arrives paused at the destination (QEMU
+        migrates the runstate).  A huge downtime-limit makes QEMU's next convergence
+        check (every ~100 ms) pass, and QEMU pauses the VM itself, as "running".
+        """
         lift = {**self.saved_params, "downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
         await self.mon.execute("migrate-set-parameters", lift)
         self.saved_params = {}

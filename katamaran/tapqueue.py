@@ -23,6 +23,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,9 +198,13 @@ class TapQueues:
             poller.register(fd, select.POLLIN)
         return sorted({self.fds[fd] for fd, ev in poller.poll(0) if ev & select.POLLIN})
 
-    def wait_empty(self, timeout: float, settle: float = 0.02) -> list[str]:
+    def wait_empty(
+        self, timeout: float, settle: float = 0.02, cancel: threading.Event | None = None
+    ) -> list[str]:
         """Block until every queue is seen empty twice, `settle` s apart; [] on success,
-        else the interfaces still holding frames when `timeout` ran out."""
+        else the interfaces still holding frames when `timeout` ran out or `cancel` was
+        set (the source sets it when QEMU pauses the VM: a paused VM reads nothing, so
+        waiting on would only lengthen the pause)."""
         deadline = time.monotonic() + timeout
         while True:
             busy = self.queued()
@@ -208,7 +213,7 @@ class TapQueues:
                 busy = self.queued()
                 if not busy:
                     return []
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
                 return busy
             time.sleep(0.005)
 

@@ -103,6 +103,63 @@ def test_frames_left_on_a_paused_vms_tap_are_taken_and_resent(rig_factory):
         queues.close()
 
 
+def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory):
+    """An idle guest leaves QEMU nothing to copy, so QEMU pauses it by itself while the
+    source still waits for its tap to drain.  That STOP must end the wait at once, with
+    the frames the paused VM left still watched (the STOP handling forwards them).
+
+    Regression: the wait ignored the STOP and held the paused VM for the whole
+    -tap-drain-timeout; the nested e2e in CI saw a 30.6 s downtime and lost 384 pings.
+    Here the VM is paused through QMP after the event mark the drain starts from, and
+    pings pile up on its tap, so the drain sees a paused VM with a full queue.
+    """
+    import asyncio
+    import io
+
+    from katamaran.config import Config
+    from katamaran.progress import Progress
+    from katamaran.qmp import Monitor
+    from katamaran.source import SourceMigration
+
+    rig = rig_factory(kata_pod=True)
+    rig.up()
+    assert rig.src.pid is not None
+    warm = rig.lab.run("a", ["ping", "-c", "1", "-W", "5", VM_IP], capture_output=True)
+    assert warm.returncode == 0, "the VM does not answer ping"
+    log = io.StringIO()
+    timeout = 30.0
+
+    async def drain() -> tuple[bool, float, list[str]]:
+        mon = Monitor(rig.src.qmp_path, 30)
+        await mon.connect()
+        source = SourceMigration(
+            Config(mode="source", tap_drain_timeout=timeout), mon, Progress(log)
+        )
+        source.taps = TapQueues.of(rig.src.pid)
+        try:
+            mark = mon.mark()
+            await mon.execute("stop")
+            ping = ["ping", "-c", "5", "-i", "0.05", "-W", "1", VM_IP]
+            await asyncio.to_thread(rig.lab.run, "a", ping, capture_output=True)
+            queued = source.taps.queued()
+            t0 = time.monotonic()
+            paused = await source._drain_taps(mark)
+            return paused, time.monotonic() - t0, queued
+        finally:
+            assert source.taps is not None and source.taps.fds, "the drain closed the watcher"
+            source.taps.close()
+            await mon.execute("cont")
+            await mon.close()
+
+    paused, waited, queued = asyncio.run(drain())
+    assert queued == ["tap0_kata"], "no frame waited on the paused VM's tap"
+    assert paused, log.getvalue()
+    assert waited < timeout / 3, f"the drain waited {waited:.1f} s for a paused VM"
+    assert "QEMU paused the VM by itself" in log.getvalue()
+    assert "before it had read tap0_kata" in log.getvalue()
+    assert "still held frames" not in log.getvalue()
+
+
 def test_no_tap_means_nothing_to_watch():
     """A process without tun fds (this test itself) yields an empty watcher."""
     import os
