@@ -39,6 +39,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=None, help=f"rounds per point (default {DEFAULT_ROUNDS})"
     )
     parser.add_argument(
+        "--point",
+        action="append",
+        metavar="LABEL",
+        help="run only this grid point (repeatable), e.g. disk512-ram512-disk-writer-nbd",
+    )
+    parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"results directory ({DEFAULT_OUT})"
     )
     parser.add_argument(
@@ -52,6 +58,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if args.rounds is None:
         args.rounds = 1 if args.quick else DEFAULT_ROUNDS
+    if args.point:
+        known = [p.label for p in grid.expand(args.quick)]
+        unknown = [label for label in args.point if label not in known]
+        if unknown:
+            parser.error(f"no grid point {unknown[0]!r}; the points are: {', '.join(known)}")
     return args
 
 
@@ -86,6 +97,8 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     from pytest_katamaran.images.guest import build_guest
 
     points = grid.expand(args.quick)
+    if args.point:
+        points = [p for p in points if p.label in args.point]
     guest = build_guest()
     meta: dict[str, Any] = {
         "command": "python -m pytest_katamaran.bench " + " ".join(sys.argv[1:]),
@@ -93,8 +106,8 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
         "rounds": args.rounds,
         "machine": stats.machine(),
         "grid": "one-factor sweeps around the base point"
-        if not args.quick
-        else "--quick: one point",
+        if not (args.quick or args.point)
+        else ("--quick: one point" if args.quick else "--point: " + ", ".join(args.point)),
         "base": grid.BASE.as_dict(),
         "complete": False,
         "workloads": {
@@ -104,7 +117,10 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     }
     results: dict[str, Any] = {
         "meta": meta,
-        "sweeps": grid.sweep_labels(args.quick),
+        "sweeps": {
+            name: [label for label in labels if label in {p.label for p in points}]
+            for name, labels in grid.sweep_labels(args.quick).items()
+        },
         "points": [],
     }
     work = Path(tempfile.mkdtemp(prefix="kmr-bench-"))

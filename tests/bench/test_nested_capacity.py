@@ -19,7 +19,7 @@ INTERVAL_S = 0.01  # the guide's ping
 WINDOW_S = 30.0
 
 
-@pytest.mark.parametrize("writer_rate", [10, 0], ids=["writer10", "idle"])
+@pytest.mark.parametrize("writer_rate", [10, 2, 0], ids=["writer10", "writer2", "idle"])
 def test_nested_guest_answer_rate(kata_pod, ping, node_a, results, writer_rate):
     options = {"writer_rate": writer_rate} if writer_rate else {"writer": False}
     pod = kata_pod(node_a, boot_timeout=2400.0, **options)

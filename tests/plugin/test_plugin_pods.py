@@ -337,7 +337,7 @@ def test_tuning_options_and_ini_keys_in_help(pytester: pytest.Pytester):
 def test_tuning_defaults(pytester: pytest.Pytester):
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest("-s")
-    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 10 30.0 60.0 0.05 auto backports"])
+    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 30.0 60.0 0.05 auto backports"])
 
 
 def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):

@@ -183,3 +183,14 @@ def test_cli_plot_only_redraws(tmp_path):
     assert (tmp_path / "o" / "downtime.png").is_file()
     assert "| point |" in (tmp_path / "o" / "bench.md").read_text()
     assert not (tmp_path / "o" / "bench.json").exists()  # a redraw writes no results
+
+
+def test_point_selects_grid_points_and_rejects_unknown_labels(capsys):
+    from pytest_katamaran.bench import cli
+
+    args = cli.parse(["--point", "disk512-ram512-disk-writer-nbd", "--rounds", "2"])
+    assert args.point == ["disk512-ram512-disk-writer-nbd"] and args.rounds == 2
+    with pytest.raises(SystemExit) as bad:
+        cli.parse(["--point", "disk3-ram512-idle-nbd"])
+    assert bad.value.code == 2
+    assert "no grid point 'disk3-ram512-idle-nbd'" in capsys.readouterr().err
