@@ -25,6 +25,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+from .aio import within
 from .config import IPAddress, host_port
 from .errors import KatamaranError
 
@@ -172,7 +173,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeou
 
     loop.add_reader(sock.fileno(), wake)
     try:
-        await asyncio.wait_for(ready, timeout)
+        await within(ready, timeout)
     except asyncio.TimeoutError:  # the builtin only from 3.11
         pass
     finally:

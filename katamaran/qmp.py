@@ -20,6 +20,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate, StateError
 
+from .aio import within
 from .errors import KatamaranError, QMPClosed, QMPCommandError, QMPTimeout
 
 Event = dict[str, Any]
@@ -59,7 +60,7 @@ class Monitor:
             pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(*_PEERCRED))
             self.peer_pid = pid or None
             sock.setblocking(False)
-            await asyncio.wait_for(self._client.connect(sock), self.timeout)
+            await within(self._client.connect(sock), self.timeout)
         except asyncio.TimeoutError:
             sock.close()
             await self._client.disconnect()
@@ -101,9 +102,7 @@ class Monitor:
         if self.closed:
             raise QMPClosed(f"{command}: connection is closed (QEMU exited or dropped QMP)")
         try:
-            return await asyncio.wait_for(
-                self._client.execute(command, arguments), timeout=self.timeout
-            )
+            return await within(self._client.execute(command, arguments), timeout=self.timeout)
         except asyncio.TimeoutError:
             raise QMPTimeout(
                 f"timed out waiting for QMP response to {command} after {self.timeout:g}s"
@@ -145,7 +144,7 @@ class Monitor:
             if remaining <= 0:
                 return None
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await within(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from . import migration, tapqueue
+from .aio import within
 from .config import Config, host_port
 from .errors import KatamaranError, OutcomeUncertain, QMPCommandError
 from .lock import VMLock
@@ -212,7 +213,7 @@ class SourceMigration:
                 "(CNI convergence)"
             )
             try:
-                await asyncio.wait_for(self.hold_cut.wait(), self.cfg.tunnel_hold)
+                await within(self.hold_cut.wait(), self.cfg.tunnel_hold)
             except asyncio.TimeoutError:  # the builtin only from 3.11
                 pass
         return summary
@@ -601,9 +602,7 @@ class SourceMigration:
         NBD connection: the stuck writes fail, QEMU fails the migration, the source runs.
         """
         try:
-            status = await asyncio.wait_for(
-                migration.vm_status(self.mon), self.cfg.switchover_timeout
-            )
+            status = await within(migration.vm_status(self.mon), self.cfg.switchover_timeout)
         except asyncio.TimeoutError:  # the builtin only from 3.11
             self.phase = Phase.SWITCHOVER
             self._cut_nbd()

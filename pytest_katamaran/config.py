@@ -71,7 +71,7 @@ TUNABLES = (
         2,
         "guest disk writes per second of the pod's writer. Under TCG in a TCG node each "
         "O_DSYNC write costs the nested QEMU about 55-70 ms of a node vCPU (measured: 10/s "
-        "took 58-80 % of one, against 10-13 % idle), which the guest's ping answers then "
+        "took 58-80 percent of one, against 10-13 idle), which the guest's ping answers then "
         "lack. Default 2",
         integer=True,
     ),

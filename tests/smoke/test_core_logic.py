@@ -238,3 +238,43 @@ def test_fit_tap_queue_halves_until_the_kernel_takes_the_ring():
     refused = _TxqLinks(old=1000, cap=10)
     with pytest.raises(Exception, match="out of range"):
         fit_tap_queue(refused, "tap0", 5_880_000)
+
+
+def test_within_never_swallows_a_cancellation_that_meets_a_completion():
+    """The caller is cancelled in the very loop turn its awaitable completes: on Python
+    before 3.12 asyncio.wait_for then returns the result and the cancellation is lost
+    (a SIGHUP'd source kept migrating); within must raise CancelledError."""
+    import asyncio
+
+    from katamaran.aio import within
+
+    async def scenario() -> str:
+        inner = asyncio.get_running_loop().create_future()
+        caller = asyncio.ensure_future(within(inner, 10))
+        await asyncio.sleep(0)  # the caller now waits on inner
+        inner.set_result("answer")
+        caller.cancel()
+        try:
+            await caller
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "swallowed"
+
+    assert asyncio.run(scenario()) == "cancelled"
+
+
+def test_within_times_out_with_asyncio_timeouterror_and_returns_results():
+    import asyncio
+
+    from katamaran.aio import within
+
+    async def scenario() -> tuple[object, bool]:
+        got = await within(asyncio.sleep(0, result=7), 5)
+        never = asyncio.get_running_loop().create_future()
+        try:
+            await within(never, 0.01)
+        except asyncio.TimeoutError:  # the builtin TimeoutError only from 3.11
+            return got, never.cancelled()
+        return got, False
+
+    assert asyncio.run(scenario()) == (7, True)

@@ -49,7 +49,8 @@ def test_no_api_newer_than_python_310(package):
 
 
 def _wait_for_handlers(tree: ast.AST) -> list[tuple[int, str]]:
-    """(line, caught name) of every handler around an `asyncio.wait_for` call."""
+    """(line, caught name) of every handler around an `asyncio.wait_for` call or a call of
+    katamaran.aio.within (which raises asyncio.TimeoutError the same way)."""
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Try):
@@ -58,7 +59,7 @@ def _wait_for_handlers(tree: ast.AST) -> list[tuple[int, str]]:
             n
             for stmt in node.body
             for n in ast.walk(stmt)
-            if isinstance(n, ast.Call) and ast.unparse(n.func) == "asyncio.wait_for"
+            if isinstance(n, ast.Call) and ast.unparse(n.func) in ("asyncio.wait_for", "within")
         ]
         if calls:
             found += [(h.lineno, ast.unparse(h.type)) for h in node.handlers if h.type]
