@@ -97,17 +97,21 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     from pytest_katamaran.images.guest import build_guest
 
     points = grid.expand(args.quick)
-    if args.point:
+    if args.quick:
+        chosen = "--quick: one point"
+    elif args.point:
         points = [p for p in points if p.label in args.point]
+        chosen = "--point: " + ", ".join(args.point)
+    else:
+        chosen = "one-factor sweeps around the base point"
+    labels = {p.label for p in points}
     guest = build_guest()
     meta: dict[str, Any] = {
         "command": "python -m pytest_katamaran.bench " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rounds": args.rounds,
         "machine": stats.machine(),
-        "grid": "one-factor sweeps around the base point"
-        if not (args.quick or args.point)
-        else ("--quick: one point" if args.quick else "--point: " + ", ".join(args.point)),
+        "grid": chosen,
         "base": grid.BASE.as_dict(),
         "complete": False,
         "workloads": {
@@ -118,8 +122,8 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     results: dict[str, Any] = {
         "meta": meta,
         "sweeps": {
-            name: [label for label in labels if label in {p.label for p in points}]
-            for name, labels in grid.sweep_labels(args.quick).items()
+            name: [label for label in sweep if label in labels]
+            for name, sweep in grid.sweep_labels(args.quick).items()
         },
         "points": [],
     }
