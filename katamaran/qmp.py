@@ -24,6 +24,7 @@ from .aio import within
 from .errors import KatamaranError, QMPClosed, QMPCommandError, QMPTimeout
 
 Event = dict[str, Any]
+DROPPED = "QEMU exited or dropped the QMP socket"
 _PEERCRED = (socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
 
 # qemu.qmp logs every disconnect at error level; our own messages say it better.
@@ -37,13 +38,17 @@ class Monitor:
         self.path = Path(path)
         self.timeout = timeout
         self.history: list[Event] = []
-        self._client = QMPClient(f"katamaran:{self.path.name}")
-        self._listener = EventListener()
-        self._client.register_listener(self._listener)
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = False
         self.peer_pid: int | None = None  # QEMU's pid, from the socket (SO_PEERCRED)
+        self._client, self._listener = self._new_client()
+
+    def _new_client(self) -> tuple[QMPClient, EventListener]:
+        client = QMPClient(f"katamaran:{self.path.name}")
+        listener = EventListener()
+        client.register_listener(listener)
+        return client, listener
 
     async def connect(self) -> None:
         """Connect and negotiate; any failure names the socket path."""
@@ -81,10 +86,43 @@ class Monitor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         try:
             await self._client.disconnect()
         except (QMPError, OSError, EOFError):
             pass  # the peer already went away; nothing left to release
+
+    async def regain(self) -> bool:
+        """Reconnect if the connection dropped and QEMU still answers; True if it did.
+
+        For cleanup, which needs QMP to undo what it set up (see :meth:`reconnect`).
+        """
+        if not self.closed:
+            return False
+        try:
+            await self.reconnect()
+        except KatamaranError:
+            return False  # QEMU is gone: each cleanup step says so
+        return True
+
+    async def reconnect(self) -> None:
+        """A new connection on the same socket after this one dropped.
+
+        QEMU keeps running, and migrating, when its QMP client goes away, and its monitor
+        (``server=on,wait=off``, as Kata starts it) accepts the next client: without a
+        new connection, cleanup could not cancel a migration that would then pause the
+        VM in ``pre-switchover`` for good.  Events sent in between are lost; the history
+        keeps its positions, so earlier marks stay valid.  Raises KatamaranError when
+        nothing answers (QEMU exited).
+        """
+        await self.close()
+        self._client, self._listener = self._new_client()
+        self.closed = False
+        try:
+            await self.connect()
+        except KatamaranError:
+            self.closed = True
+            raise
 
     async def _pump_events(self) -> None:
         async for event in self._listener:
@@ -100,7 +138,7 @@ class Monitor:
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one command; errors become QMPTimeout / QMPClosed / QMPCommandError."""
         if self.closed:
-            raise QMPClosed(f"{command}: connection is closed (QEMU exited or dropped QMP)")
+            raise QMPClosed(f"{command}: connection is closed ({DROPPED})")
         try:
             return await within(self._client.execute(command, arguments), timeout=self.timeout)
         except asyncio.TimeoutError:
@@ -109,14 +147,17 @@ class Monitor:
             ) from None
         except ExecuteError as err:
             raise QMPCommandError(command, err.error_class, str(err)) from None
-        except (ExecInterruptedError, StateError, EOFError, ConnectionError) as err:
+        except StateError:  # its text is qemu.qmp's advice to its caller, not news to users
             self.closed = True
-            raise QMPClosed(f"{command}: connection is closed ({err or 'QEMU exited'})") from None
+            raise QMPClosed(f"{command}: connection is closed ({DROPPED})") from None
+        except (ExecInterruptedError, EOFError, ConnectionError) as err:
+            self.closed = True
+            raise QMPClosed(f"{command}: connection is closed ({err or DROPPED})") from None
 
     async def send_socket(self, name: str, sock: socket.socket) -> None:
         """Hand a connected socket to QEMU as a named fd (`getfd`), for `fd:` URIs."""
         if self.closed:
-            raise QMPClosed("getfd: connection is closed (QEMU exited or dropped QMP)")
+            raise QMPClosed(f"getfd: connection is closed ({DROPPED})")
         self._client.send_fd_scm(sock.fileno())
         await self.execute("getfd", {"fdname": name})
 
@@ -138,7 +179,7 @@ class Monitor:
                 if match(event):
                     return index, event
             if self.closed:
-                raise QMPClosed("connection is closed (QEMU exited or dropped the QMP socket)")
+                raise QMPClosed(f"connection is closed ({DROPPED})")
             self._changed.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -174,6 +174,7 @@ class SourceMigration:
             try:
                 return await self._run()
             except KatamaranError as err:
+                await self._regain_monitor()
                 if self.phase is Phase.COMMITTED and not isinstance(err, OutcomeUncertain):
                     err = await self._uncertain(str(err))
                 err.args = (f"{self.phase.value}: {err}",)
@@ -536,7 +537,9 @@ class SourceMigration:
                 # QEMU sends the last RAM and the device state holding its big lock, so
                 # QMP commands may wait for a slow destination; events still come.
                 continue
-            info = await self.mon.execute("query-migrate")
+            info = await self._poll_migration()
+            if info is None:
+                continue  # the STOP that came meanwhile is handled first
             if loop.time() >= next_show:
                 self._show_ram(info)
                 next_show = loop.time() + 1.0
@@ -551,6 +554,22 @@ class SourceMigration:
             ram_bytes=ram.get("transferred", 0),
             storage_bytes=self.storage_bytes,
         )
+
+    async def _poll_migration(self) -> dict | None:
+        """query-migrate for the RAM loop; None when a mirror holds QEMU too long.
+
+        QEMU pauses the VM from its migration thread and then drains every disk holding
+        its big lock: a poll already in flight waits behind mirror writes stuck on a hung
+        destination, as long as TCP does.  Past -switchover-timeout the poll is dropped
+        (qemu.qmp discards a late answer) and the loop reads the STOP, whose check then
+        cuts the NBD connection (_check_stop).
+        """
+        if not self.mirror_started:
+            return await self.mon.execute("query-migrate")
+        try:
+            return await within(self.mon.execute("query-migrate"), self.cfg.switchover_timeout)
+        except asyncio.TimeoutError:  # the builtin only from 3.11
+            return None
 
     async def _on_event(self, event: Event) -> bool:
         """React to one event; True once the migration has completed."""
@@ -891,10 +910,17 @@ class SourceMigration:
         for name in sorted(self.pending_fds):
             await self._closefd(name)
 
+    async def _regain_monitor(self) -> None:
+        """Reconnect when QMP dropped but QEMU lives: only QMP can cancel its migration
+        (else it would pause the VM in pre-switchover for good) or tell the outcome."""
+        if await self.mon.regain():
+            self.progress.warn(f"QMP connection to {self.mon.path} was lost; reconnected")
+
     async def _cleanup(self) -> None:
         """Undo everything not needed any more; every step tolerates a dead QEMU, and a
         step that fails (any exception) never keeps the others from running."""
         self._release_taps()
+        await self._regain_monitor()
         steps: list[tuple[str, object]] = []
         if self.migration_started and not self.completed:
             if self.phase.committed:

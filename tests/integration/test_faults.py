@@ -435,6 +435,118 @@ def test_dropped_session_broken_stderr_and_sighup_still_cleans_up(rig_factory):
     assert_source_clean(rig, before)
 
 
+# A unix-socket relay in front of QEMU's monitor, passing fds (getfd) through.  SIGUSR1
+# closes the current connection on both sides, as a monitor that drops its client would;
+# QEMU lives on, and the relay takes the next client.
+QMP_RELAY = """
+import os, signal, socket, sys, threading
+listen = socket.socket(socket.AF_UNIX)
+listen.bind(sys.argv[1])
+listen.listen()
+live = []
+def cut(*_):
+    for s in live:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    print("CUT", flush=True)
+signal.signal(signal.SIGUSR1, cut)
+def pump(a, b):
+    try:
+        while True:
+            data, fds, _, _ = socket.recv_fds(a, 65536, 8)
+            if not data:
+                break
+            socket.send_fds(b, [data], fds) if fds else b.sendall(data)
+            for fd in fds:  # QEMU got its own copy: the relay must not keep a socket open
+                os.close(fd)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    client, _ = listen.accept()
+    server = socket.socket(socket.AF_UNIX)
+    server.connect(sys.argv[2])
+    live[:] = [client, server]
+    print("CONNECTED", flush=True)
+    for a, b in ((client, server), (server, client)):
+        threading.Thread(target=pump, args=(a, b), daemon=True).start()
+"""
+
+
+def qmp_relay(rig: Rig, node: str, box: Sandbox) -> tuple[subprocess.Popen, Path, Path]:
+    """QMP_RELAY in front of `box`'s monitor: (process, its socket, its output file)."""
+    name = f"relay-qmp-{node}"
+    sock, out = rig.tmp / f"{name}.sock", rig.tmp / f"{name}.out"
+    with out.open("w") as relay_out:
+        relay = rig.lab.popen(
+            node, [sys.executable, "-c", QMP_RELAY, str(sock), str(box.qmp_path)], stdout=relay_out
+        )
+    rig.procs.append(relay)
+    deadline = time.monotonic() + 20
+    while not sock.exists() and relay.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sock.is_socket(), out.read_text()
+    return relay, sock, out
+
+
+def test_qmp_dropped_in_ram_phase_reconnects_cancels_and_restores(rig_factory):
+    """The monitor connection drops while QEMU lives and migrates: katamaran reconnects
+    for its cleanup, so the migration is cancelled (not left to pause the VM in
+    pre-switchover for good), the settings restored and the source runs again."""
+    rig, before = held_destination(rig_factory)
+    relay, relay_sock, out = qmp_relay(rig, "a", rig.src)
+    source = rig.katamaran(
+        "a",
+        *("-mode", "source", "-qmp", str(relay_sock), "-shared-storage"),
+        *("-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5"),
+        log="source.log",
+    )
+    try:
+        wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
+        wait_migration(rig.src, "active")  # held there: the destination cannot read
+        relay.send_signal(signal.SIGUSR1)
+        assert rig.finish(source, 90) == 1, rig.log("source.log")
+    finally:
+        resume_dest(rig)
+    one_error(rig, "source.log", "during RAM copy", "connection is closed")
+    log = rig.log("source.log")
+    assert "QMP connection to" in log and "was lost; reconnected" in log, log
+    assert out.read_text().count("CONNECTED") == 2, out.read_text()
+    assert "migration aborted; source VM running" in log, log
+    assert status(rig.src) == "running"
+    wait_exit(rig.dst)
+    assert assert_at_most_one_running(rig) == ["source"]
+    assert_source_clean(rig, before)
+
+
+def test_destination_qmp_dropped_while_waiting_reconnects_and_stops_nbd(rig_factory):
+    """The destination's monitor connection drops while it waits for the source: it
+    reconnects for its cleanup, so its QEMU stops the NBD server and export it started
+    (else they would stay open to the node's network) and no listener is left."""
+    rig = rig_factory(extra_monitor=True)
+    rig.up()
+    relay, relay_sock, out = qmp_relay(rig, "b", rig.dst)
+    dest = rig.katamaran(
+        "b", *("-mode", "dest", "-qmp", str(relay_sock), "-tap", rig.tap), log="dest.log"
+    )
+    rig.wait_for_line("dest.log", "destination ready", rig.ready_timeout, dest)
+    assert watch(rig.dst, "query-block-exports"), "the destination exported nothing"
+    relay.send_signal(signal.SIGUSR1)
+    assert rig.finish(dest, 60) == 1, rig.log("dest.log")
+    one_error(rig, "dest.log", "connection is closed")
+    log = rig.log("dest.log")
+    assert "QMP connection to" in log and "was lost; reconnected" in log, log
+    assert out.read_text().count("CONNECTED") == 2, out.read_text()
+    assert watch(rig.dst, "query-block-exports") == []
+    dest_port_closed(rig, 10809, 4444)
+
+
 # Accepts connections and closes them at once: a port that is not an NBD server.
 NOT_NBD = """
 import socket, sys
@@ -502,7 +614,7 @@ os._exit(0)
 def dest_port_closed(rig: Rig, *ports: int) -> None:
     """Nothing listens on the destination node's ports any more."""
     for port in ports:
-        found = rig.lab.run("b", ["ss", "-Htln", f"sport = :{port}"], capture_output=True)
+        found = rig.lab.run("b", ["ss", "-Htlnp", f"sport = :{port}"], capture_output=True)
         assert not found.stdout.strip(), found.stdout.decode()
 
 
@@ -550,6 +662,8 @@ def test_source_qemu_killed_in_ram_phase(rig_factory):
     resume_dest(rig)  # its peer has vanished: the incoming stream ends
     assert rig.finish(dest, 60) == 1, rig.log("dest.log")
     one_error(rig, "dest.log")
+    # its cleanup meets its own QEMU exiting: said in katamaran's words, not qemu.qmp's
+    assert "QMPClient" not in rig.log("dest.log") + rig.log("source.log"), rig.log("dest.log")
     wait_exit(rig.dst)
     assert not rig.src.alive() and status(rig.dst) is None  # no copy runs: nothing to run
     dest_port_closed(rig, 4444)
