@@ -20,6 +20,7 @@ from typing import Any
 
 from pytest_katamaran.bench import grid, stats
 from pytest_katamaran.bench.run import measure
+from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES
 
 DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_ROUNDS = 3
@@ -46,6 +47,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"results directory ({DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--qemu",
+        choices=WORKLOAD_QEMU_CHOICES,
+        default="backports",
+        help="the QEMU both flows migrate: Debian backports' (default, as the harness's "
+        "pods: it has block-job-change, and 7.2's TCG migration can corrupt a guest) or "
+        "the system one",
     )
     parser.add_argument(
         "--plot-only",
@@ -94,7 +103,8 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
     """Every point, every round, both flows; `save(results)` after each point, so an
     interrupted or overlong run still leaves what it measured (meta.complete false)."""
     from pytest_katamaran.certs import lab_certs
-    from pytest_katamaran.images.guest import build_guest
+    from pytest_katamaran.images.guest import build_guest, cache_root
+    from pytest_katamaran.qemu.binary import workload_qemu
 
     points = grid.expand(args.quick)
     if args.quick:
@@ -106,11 +116,15 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
         chosen = "one-factor sweeps around the base point"
     labels = {p.label for p in points}
     guest = build_guest()
+    qemu, note = workload_qemu(args.qemu, cache_root())
+    if note:
+        say(f"bench: WARNING: {note}")
     meta: dict[str, Any] = {
         "command": "python -m pytest_katamaran.bench " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rounds": args.rounds,
-        "machine": stats.machine(),
+        "machine": stats.machine(qemu=qemu.version),
+        "qemu_binary": qemu.binary,
         "grid": chosen,
         "base": grid.BASE.as_dict(),
         "complete": False,
@@ -136,7 +150,7 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
             for r in range(args.rounds):
                 order = ("bare", "katamaran") if r % 2 == 0 else ("katamaran", "bare")
                 for flow in order:
-                    row = measure(guest, point, flow, work / f"p{n}r{r}{flow[0]}", tls_dir)
+                    row = measure(guest, point, flow, work / f"p{n}r{r}{flow[0]}", tls_dir, qemu)
                     row["round"] = r + 1
                     runs[flow].append(row)
                     say(

@@ -12,10 +12,14 @@ from pytest_katamaran.bench.observer import Observer, phases
 from pytest_katamaran.bench.stats import derive
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import Rig
+from pytest_katamaran.qemu.binary import WorkloadQemu
 
 
-def make_rig(guest: GuestImage, point: Point, workdir: Path) -> Rig:
-    """The lab for `point`: both QEMUs with a second monitor for the observer."""
+def make_rig(
+    guest: GuestImage, point: Point, workdir: Path, qemu: WorkloadQemu | None = None
+) -> Rig:
+    """The lab for `point`: both QEMUs (`qemu`, else the system's) with a second monitor
+    for the observer."""
     return Rig(
         guest,
         workdir,
@@ -27,18 +31,24 @@ def make_rig(guest: GuestImage, point: Point, workdir: Path) -> Rig:
         fill_mib=point.fill_mib,
         memory_mib=point.ram_mib,
         extra_monitor=True,
+        qemu=qemu,
     )
 
 
 def measure(
-    guest: GuestImage, point: Point, flow: str, workdir: Path, tls_dir: Path | None
+    guest: GuestImage,
+    point: Point,
+    flow: str,
+    workdir: Path,
+    tls_dir: Path | None,
+    qemu: WorkloadQemu | None = None,
 ) -> dict[str, Any]:
     """The figures of one migration, or {"error": ...} if it failed (the run goes on).
 
     Everything the rig started (QEMUs, katamaran, netns, disks) is gone on return.
     """
     workdir.mkdir(parents=True)
-    rig = make_rig(guest, point, workdir)
+    rig = make_rig(guest, point, workdir, qemu)
     try:
         rig.up()
         observer = Observer(rig.src.spec.qmp_path, rig.dst.spec.qmp_path).start()

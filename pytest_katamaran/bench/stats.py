@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 from typing import Any
 
 METRICS = (
@@ -81,22 +80,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _qemu_version() -> str:
-    try:
-        out = subprocess.run(
-            ["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.splitlines()[0].removeprefix("QEMU emulator version ").strip() if out else "?"
-
-
-def machine(accel: str = "tcg") -> dict[str, Any]:
-    """What the figures depend on: CPU, cores, QEMU, accelerator, kernel, load."""
+def machine(qemu: str, accel: str = "tcg") -> dict[str, Any]:
+    """What the figures depend on: CPU, cores, QEMU (the version the flows ran),
+    accelerator, kernel, load."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "qemu": _qemu_version(),
+        "qemu": qemu,
         "accel": accel,
         "kernel": platform.release(),
         "python": platform.python_version(),

@@ -194,3 +194,14 @@ def test_point_selects_grid_points_and_rejects_unknown_labels(capsys):
         cli.parse(["--point", "disk3-ram512-idle-nbd"])
     assert bad.value.code == 2
     assert "no grid point 'disk3-ram512-idle-nbd'" in capsys.readouterr().err
+
+
+def test_qemu_choice_defaults_to_backports_and_rejects_others(capsys):
+    from pytest_katamaran.bench import cli
+
+    assert cli.parse([]).qemu == "backports"  # the pods' QEMU: block-job-change, no 7.2 bug
+    assert cli.parse(["--qemu", "system"]).qemu == "system"
+    with pytest.raises(SystemExit) as bad:
+        cli.parse(["--qemu", "9.0"])
+    assert bad.value.code == 2
+    assert "invalid choice: '9.0'" in capsys.readouterr().err
