@@ -415,8 +415,8 @@ class DestMigration:
         """Every step runs even when an earlier one failed (a dead QEMU, a netlink error)."""
         if self.incoming:
             self.incoming.close()
-        if await self.mon.regain():  # QMP dropped, QEMU lives: its NBD server must go
-            self.progress.warn(f"QMP connection to {self.mon.path} was lost; reconnected")
+        if note := await self.mon.regain():  # QMP dropped, QEMU lives: its NBD server must go
+            self.progress.warn(note)
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [("NBD", self._stop_nbd)]
         if self.saved is not None:
             saved = self.saved

@@ -92,29 +92,19 @@ class Monitor:
         except (QMPError, OSError, EOFError):
             pass  # the peer already went away; nothing left to release
 
-    async def regain(self) -> bool:
-        """Reconnect if the connection dropped and QEMU still answers; True if it did.
+    async def regain(self) -> str | None:
+        """Reconnect if the connection dropped and QEMU still answers; the line for the
+        user when it did, None when nothing was lost or nothing answers (QEMU exited).
 
-        For cleanup, which needs QMP to undo what it set up (see :meth:`reconnect`).
+        For cleanup, which needs QMP to undo what it set up: QEMU keeps running, and
+        migrating, when its QMP client goes away, and its monitor (``server=on,wait=off``,
+        as Kata starts it) accepts the next client.  Without a new connection, cleanup
+        could not cancel a migration that would then pause the VM in ``pre-switchover``
+        for good.  Events sent in between are lost; the history keeps its positions, so
+        earlier marks stay valid.
         """
         if not self.closed:
-            return False
-        try:
-            await self.reconnect()
-        except KatamaranError:
-            return False  # QEMU is gone: each cleanup step says so
-        return True
-
-    async def reconnect(self) -> None:
-        """A new connection on the same socket after this one dropped.
-
-        QEMU keeps running, and migrating, when its QMP client goes away, and its monitor
-        (``server=on,wait=off``, as Kata starts it) accepts the next client: without a
-        new connection, cleanup could not cancel a migration that would then pause the
-        VM in ``pre-switchover`` for good.  Events sent in between are lost; the history
-        keeps its positions, so earlier marks stay valid.  Raises KatamaranError when
-        nothing answers (QEMU exited).
-        """
+            return None
         await self.close()
         self._client, self._listener = self._new_client()
         self.closed = False
@@ -122,7 +112,8 @@ class Monitor:
             await self.connect()
         except KatamaranError:
             self.closed = True
-            raise
+            return None  # QEMU is gone: each cleanup step says so
+        return f"QMP connection to {self.path} was lost; reconnected"
 
     async def _pump_events(self) -> None:
         async for event in self._listener:

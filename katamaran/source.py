@@ -913,8 +913,8 @@ class SourceMigration:
     async def _regain_monitor(self) -> None:
         """Reconnect when QMP dropped but QEMU lives: only QMP can cancel its migration
         (else it would pause the VM in pre-switchover for good) or tell the outcome."""
-        if await self.mon.regain():
-            self.progress.warn(f"QMP connection to {self.mon.path} was lost; reconnected")
+        if note := await self.mon.regain():
+            self.progress.warn(note)
 
     async def _cleanup(self) -> None:
         """Undo everything not needed any more; every step tolerates a dead QEMU, and a
