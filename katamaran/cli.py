@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "tap-drain-timeout",
             config.TAP_DRAIN_TIMEOUT,
-            "source: time the VM gets to read its tap queue before the pause",
+            "source: longest spent taking the VM's tap queue off it before the pause",
         ),
         (
             "switchover-timeout",

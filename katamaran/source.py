@@ -12,11 +12,11 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
 2. katamaran decides the switchover (QEMU's own downtime-limit drops to 1 ms, so QEMU
    pauses the VM by itself only when almost nothing is left): right after a dirty-bitmap
    sync that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
-   traffic for the VM goes into the tunnel, katamaran waits until the VM has read
-   every frame already queued on its tap (see tapqueue), then lets QEMU pause the VM
-   (by lifting QEMU's downtime-limit).  Where that is unsafe (TCG on QEMU < 9.0) or
-   there is no tap to drain, QEMU keeps -downtime-limit and katamaran only races it; if
-   QEMU pauses first, the tunnel is switched at STOP.
+   traffic for the VM goes into the tunnel, katamaran takes every frame already queued
+   on the VM's tap off it and sends it through the tunnel too (see tapqueue), then lets
+   QEMU pause the VM (by lifting QEMU's downtime-limit).  Where that is unsafe (TCG on
+   QEMU < 9.0) or there is no tap to drain, QEMU keeps -downtime-limit and katamaran
+   only races it; if QEMU pauses first, the tunnel is switched at STOP.
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -38,7 +38,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import migration, tapqueue
 from .aio import within
@@ -59,10 +59,6 @@ JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
 NBD_FD = "katamaran-nbd"
 MIGRATE_FD = "katamaran-migrate"
-THROTTLE_PARAMS = migration.THROTTLE_PARAMS
-# bytes/s while the VM drains its tap (see _ease_migration): about one page per
-# 100 ms rate-limit window, after which QEMU's migration thread sleeps out the window.
-DRAIN_MAX_BANDWIDTH = 4096
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
 
 
@@ -166,7 +162,7 @@ class SourceMigration:
         self.last_sync: int | None = None
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
-        self.saved_params: dict[str, int] = {}  # migration parameters eased for the drain
+        self.saved_params: dict[str, int] = {}  # changed while katamaran decides
         self.tls: TLSCreds | None = None
 
     async def run(self) -> Summary:
@@ -537,7 +533,7 @@ class SourceMigration:
                 # QEMU sends the last RAM and the device state holding its big lock, so
                 # QMP commands may wait for a slow destination; events still come.
                 continue
-            info = await self._poll_migration()
+            info = await self._ask("query-migrate")
             if info is None:
                 continue  # the STOP that came meanwhile is handled first
             if loop.time() >= next_show:
@@ -555,19 +551,22 @@ class SourceMigration:
             storage_bytes=self.storage_bytes,
         )
 
-    async def _poll_migration(self) -> dict | None:
-        """query-migrate for the RAM loop; None when a mirror holds QEMU too long.
+    async def _ask(self, command: str, args: dict | None = None) -> Any:
+        """A QMP command of the RAM loop; None when a running mirror holds QEMU too long.
 
         QEMU pauses the VM from its migration thread and then drains every disk holding
-        its big lock: a poll already in flight waits behind mirror writes stuck on a hung
-        destination, as long as TCP does.  Past -switchover-timeout the poll is dropped
+        its big lock: a command in flight at that moment (the poll, the mirror's
+        progress, the lifted limit) waits behind mirror writes stuck on a hung
+        destination, as long as TCP does.  Past -switchover-timeout it is dropped
         (qemu.qmp discards a late answer) and the loop reads the STOP, whose check then
-        cuts the NBD connection (_check_stop).
+        cuts the NBD connection (_check_stop).  Regression: only the poll was bounded; a
+        query-block-jobs sent just before the pause waited the 30 s QMP timeout, and the
+        cleanup's own commands as long again (1 run in 3 of the stuck-drain fault test).
         """
         if not self.mirror_started:
-            return await self.mon.execute("query-migrate")
+            return await self.mon.execute(command, args)
         try:
-            return await within(self.mon.execute("query-migrate"), self.cfg.switchover_timeout)
+            return await within(self.mon.execute(command, args), self.cfg.switchover_timeout)
         except asyncio.TimeoutError:  # the builtin only from 3.11
             return None
 
@@ -713,13 +712,18 @@ class SourceMigration:
         budget = bytes_per_ms * self.cfg.downtime_limit_ms
         if bytes_per_ms <= 0 or ram["remaining"] > budget:
             return False  # no need to ask about the mirror
-        return ram["remaining"] + await self._mirror_unsynced() <= budget
+        unsynced = await self._mirror_unsynced()
+        return unsynced is not None and ram["remaining"] + unsynced <= budget
 
-    async def _mirror_unsynced(self) -> int:
-        """Bytes the READY mirror still has to copy (len - offset), 0 without a mirror."""
+    async def _mirror_unsynced(self) -> int | None:
+        """Bytes the READY mirror still has to copy (len - offset), 0 without a mirror;
+        None if QEMU did not say in time (see _ask)."""
         if not self.mirror_started:
             return 0
-        for job in await self.mon.execute("query-block-jobs"):
+        jobs = await self._ask("query-block-jobs")
+        if jobs is None:
+            return None
+        for job in jobs:
             if job["device"] == self.job:
                 return max(0, job["len"] - job["offset"])
         return 0
@@ -742,19 +746,19 @@ class SourceMigration:
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
         paused = False
         if self.taps and self.taps.fds:
-            await self._ease_migration(info.get("cpu-throttle-percentage") or 0)
             paused = await self._drain_taps(mark)
         if not paused:
             self._release_taps()  # else the STOP handling forwards what the VM left on it
         await self._lift_switchover_limit()
 
     async def _drain_taps(self, mark: int) -> bool:
-        """Wait (at most -tap-drain-timeout) for the running VM to read its tap queues.
+        """Take what is queued on the VM's taps off them, the VM still running, and send
+        it through the tunnel (at most -tap-drain-timeout; see tapqueue for why the VM
+        is not left to read it).
 
         Returns True when QEMU paused the VM first.  An idle guest has no dirty page
         left, and QEMU then switches over by itself whatever downtime-limit says; its
-        STOP must end the wait at once: a paused VM reads nothing, so waiting on only
-        lengthened the pause (to the full 30 s in the nested e2e).
+        STOP ends the drain at once, and the STOP handling reads what is left.
         """
         assert self.taps is not None
         timeout = self.cfg.tap_drain_timeout
@@ -763,44 +767,73 @@ class SourceMigration:
         t0 = loop.time()
         paused = threading.Event()
         drain = asyncio.ensure_future(
-            asyncio.to_thread(self.taps.wait_empty, timeout, cancel=paused)
+            asyncio.to_thread(self.taps.drain, self._tunnel_packets, timeout, cancel=paused)
         )
         stop = asyncio.ensure_future(self.mon.next_event(named("STOP"), mark, timeout + 1.0))
         try:
             await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
             was_paused = stop.done() and stop.result() is not None
-            if was_paused:
-                paused.set()
-            busy = await drain
+            paused.set()
+            try:
+                done = await drain
+            except OSError as err:  # a raw socket refused: what is left waits for STOP
+                self.progress.warn(f"frames taken off {names} are lost: {err}")
+                return was_paused
         finally:
             paused.set()  # on an error too: the thread must not outlive the run
             stop.cancel()
             await asyncio.gather(drain, stop, return_exceptions=True)
         waited = (loop.time() - t0) * 1000
+        self._report_taken(done.taken, done.forwarded)
         if was_paused:
-            left = f"before it had read {', '.join(busy)}" if busy else "its tap was empty"
+            left = f"{', '.join(done.busy)} still held frames" if done.busy else "its tap was empty"
             self.progress.step(
                 f"QEMU paused the VM by itself after {waited:.0f} ms of the drain ({left}); "
-                "what it left follows through the tunnel"
+                "what is left follows through the tunnel"
             )
-        elif busy:
+        elif done.busy:
             self.progress.step(
-                f"{', '.join(busy)} still held frames for the VM after "
+                f"{', '.join(done.busy)} still held frames for the VM after "
                 f"{timeout:g} s; pausing anyway (they will follow through the tunnel)"
             )
         else:
             self.progress.step(f"{names} drained in {waited:.0f} ms")
         return was_paused
 
+    def _tunnel_packets(self, packets: list[bytes]) -> int:
+        """Send the packets for -vm-ip, taken off the VM's tap, through the tunnel (the
+        rule routes them there); returns how many were sent.  Others (another of the
+        VM's addresses, multicast) are not tunnelled: resent, they would come back to
+        the same tap."""
+        mine = [p for p in packets if tapqueue.destination(p) == self.cfg.vm_ip]
+        return tapqueue.resend(mine)
+
+    def _report_taken(self, taken: tapqueue.Leftovers, sent: int) -> None:
+        """One line for what was taken off the tap and sent on, one warning for the rest."""
+        assert self.tunnel is not None and self.taps is not None
+        taps = ", ".join(self.taps.names)
+        if sent:
+            self.progress.step(
+                f"{sent} packet(s) the VM had not read from {taps} sent through "
+                f"{self.tunnel.ifname}"
+            )
+        lost = taken.frames - taken.not_ip - sent
+        if lost:
+            self.progress.warn(
+                f"{lost} packet(s) taken off {taps} could not be forwarded (not for "
+                f"{self.cfg.vm_ip}, GSO, larger than the tunnel MTU, or malformed) and are lost"
+            )
+
     async def _lift_switchover_limit(self) -> None:
-        """Hand the pause back to QEMU (and restore what _ease_migration capped).
+        """Hand the pause back to QEMU (and restore avail-switchover-bandwidth).
 
         Not `stop`: a VM paused by a client arrives paused at the destination (QEMU
         migrates the runstate).  A huge downtime-limit makes QEMU's next convergence
         check (every ~100 ms) pass, and QEMU pauses the VM itself, as "running".
         """
         lift = {**self.saved_params, "downtime-limit": migration.MAX_DOWNTIME_LIMIT_MS}
-        await self.mon.execute("migrate-set-parameters", lift)
+        if await self._ask("migrate-set-parameters", lift) is None:
+            return  # QEMU is pausing the VM by itself, stuck: the STOP is read next
         self.saved_params = {}
 
     async def _forward_tap_leftovers(self) -> None:
@@ -812,43 +845,11 @@ class SourceMigration:
             return
         try:
             left = await asyncio.to_thread(self.taps.take_leftovers)
-            sent = await asyncio.to_thread(tapqueue.resend, left.packets)
+            sent = await asyncio.to_thread(self._tunnel_packets, left.packets)
         except OSError as err:
             self.progress.warn(f"frames left on {', '.join(self.taps.names)} are lost: {err}")
             return
-        if sent:
-            self.progress.step(
-                f"{sent} packet(s) the VM had not read from {', '.join(self.taps.names)} "
-                f"sent through {self.tunnel.ifname}"
-            )
-        lost = left.unsendable + len(left.packets) - sent
-        if lost:
-            self.progress.warn(
-                f"{lost} packet(s) left on {', '.join(self.taps.names)} could not be "
-                "forwarded (GSO, larger than the tunnel MTU, or malformed) and are lost"
-            )
-
-    async def _ease_migration(self, throttle: int) -> None:
-        """Let the running VM read its tap queue while QEMU still iterates (limit 1 ms).
-
-        - Bandwidth: with almost nothing dirty, QEMU may sync the dirty bitmap (under
-          the big QEMU lock) back to back and starve the main loop that moves the VM's
-          network I/O; at DRAIN_MAX_BANDWIDTH the migration thread sends a page, then
-          sleeps out its 100 ms window.  A likely cause of a nested TCG guest answering
-          nothing for a whole 30 s drain, not a proven one: it happened once with this
-          cap too.  What the VM leaves unread is forwarded (_forward_tap_leftovers).
-        - Auto-converge: nothing converges any more, so QEMU would keep raising the
-          throttle, up to 99 %, and the VM could not read its queue at all (also seen in
-          the nested e2e).  The next throttle step QEMU takes is capped at 1 %.
-        Both are restored when the limit is lifted, or in _cleanup.
-        """
-        params = await self.mon.execute("query-migrate-parameters")
-        keys = ("max-bandwidth", *THROTTLE_PARAMS)
-        self.saved_params.update({key: params[key] for key in keys if key in params})
-        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **dict.fromkeys(THROTTLE_PARAMS, 1)}
-        await self.mon.execute("migrate-set-parameters", eased)
-        if throttle:
-            self.progress.step(f"auto-converge throttle ({throttle}%) capped at 1% for the drain")
+        self._report_taken(left, sent)
 
     def _show_ram(self, info: dict) -> None:
         ram = info.get("ram")

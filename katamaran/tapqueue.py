@@ -1,17 +1,21 @@
-"""The source VM's tap queues: wait until the VM has read them, forward what it has not.
+"""The source VM's tap queues: take what the VM has not read, forward it through the tunnel.
 
-Why: once QEMU pauses the VM, virtio-net stops reading its tap.  Frames the kernel had
-already queued on the tap (the tun ring) would then die with the source QEMU: the tunnel
-only catches what arrives *after* the switch.  katamaran therefore switches traffic into
-the tunnel first and waits here until the still-running VM has read everything queued on
-its taps.  A VM too slow to do so within -tap-drain-timeout (seen with a nested TCG
-guest) is paused anyway, and what it left on the tap is read off it here and sent, as
-IP packets, through the tunnel after the rest.
+Why: once QEMU pauses the VM, frames the kernel had already queued on the tap (the tun
+ring) would die with the source QEMU: the tunnel only catches what arrives *after* the
+switch.  Worse, a paused QEMU still reads the first frame waiting on its tap (its tap
+handler reads before it asks whether the NIC can receive) and parks it in its own net
+queue, which is neither migrated nor reachable from outside: that frame is lost.  So the
+tap must be empty when the VM pauses, and a slow guest (nested TCG) takes tens of ms to
+empty it, long enough for QEMU to pause it by itself meanwhile (it does so whenever no
+page is dirty).  katamaran therefore switches traffic into the tunnel first, then takes
+the queued frames off the tap itself, the VM still running, and sends them, as IP
+packets, through the tunnel ahead of the newer ones (drain).  Whatever is still queued
+when the VM pauses anyway is read off and sent the same way (take_leftovers).
 
 How: QEMU's pid comes from the QMP socket (SO_PEERCRED); its tap fds are the
 `/dev/net/tun` entries of `/proc/<pid>/fd` (fdinfo names the interface); `pidfd_getfd(2)`
-gives katamaran a duplicate of each, on which poll(POLLIN) says whether a frame is still
-queued.  Nothing is read from them while the VM runs.
+gives katamaran a duplicate of each (the same queue: each frame is read by one side
+only), on which poll(POLLIN) says whether a frame is still queued.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +80,29 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
 
 @dataclass
 class Leftovers:
-    """What a paused VM had not read from its taps, oldest first."""
+    """Frames taken off the taps (the VM had not read them), oldest first."""
 
     packets: list[bytes] = field(default_factory=list)  # IP packets, checksums complete
     not_ip: int = 0  # ARP and the like: the destination announces itself anyway
     unsendable: int = 0  # IP, but a GSO super-frame or malformed: lost
+
+    @property
+    def frames(self) -> int:
+        return len(self.packets) + self.not_ip + self.unsendable
+
+    def merge(self, other: Leftovers) -> None:
+        self.packets += other.packets
+        self.not_ip += other.not_ip
+        self.unsendable += other.unsendable
+
+
+@dataclass
+class Drained:
+    """What TapQueues.drain took off the taps while the VM ran."""
+
+    taken: Leftovers = field(default_factory=Leftovers)
+    forwarded: int = 0  # packets `forward` sent on
+    busy: list[str] = field(default_factory=list)  # queues still holding frames at the end
 
 
 def _vnet_hdr_len(fd: int) -> int:
@@ -126,6 +149,16 @@ def frame_to_packet(frame: bytes, vnet_hdr_len: int) -> tuple[int, bytes | None]
         csum = _fold(packet[start:])
         packet[at : at + 2] = struct.pack("!H", csum or 0xFFFF)
     return version, bytes(packet)
+
+
+def destination(packet: bytes) -> str | None:
+    """The destination address of an IPv4/IPv6 packet, as text (None if neither)."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return socket.inet_ntop(socket.AF_INET, packet[16:20])
+    if version == 6 and len(packet) >= 40:
+        return socket.inet_ntop(socket.AF_INET6, packet[24:40])
+    return None
 
 
 def resend(packets: list[bytes]) -> int:
@@ -203,8 +236,7 @@ class TapQueues:
     ) -> list[str]:
         """Block until every queue is seen empty twice, `settle` s apart; [] on success,
         else the interfaces still holding frames when `timeout` ran out or `cancel` was
-        set (the source sets it when QEMU pauses the VM: a paused VM reads nothing, so
-        waiting on would only lengthen the pause)."""
+        set."""
         deadline = time.monotonic() + timeout
         while True:
             busy = self.queued()
@@ -217,8 +249,43 @@ class TapQueues:
                 return busy
             time.sleep(0.005)
 
+    def drain(
+        self,
+        forward: Callable[[list[bytes]], int],
+        timeout: float,
+        settle: float = 0.02,
+        cancel: threading.Event | None = None,
+    ) -> Drained:
+        """Take every frame off the taps while the VM runs, handing the IP packets to
+        `forward` as they come, until no frame has arrived for `settle` s (frames still
+        on their way through the node's qdiscs when traffic was switched land late).
+
+        `timeout` or `cancel` (set when QEMU pauses the VM: take_leftovers then reads
+        the rest) end it early, with `busy` naming the queues that still hold frames.
+        """
+        deadline = time.monotonic() + timeout
+        done = Drained()
+        while True:
+            left = self.take_leftovers()
+            done.taken.merge(left)
+            if left.packets:
+                done.forwarded += forward(left.packets)
+            now = time.monotonic()
+            if now >= deadline or (cancel is not None and cancel.is_set()):
+                done.busy = self.queued()
+                return done
+            if not self._readable(min(settle, deadline - now)):
+                return done
+
+    def _readable(self, timeout: float) -> bool:
+        """Whether a frame arrives on any queue within `timeout` s."""
+        poller = select.poll()
+        for fd in self.fds:
+            poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+
     def take_leftovers(self, limit: int = 100_000) -> Leftovers:
-        """Read every frame still queued (the VM must be paused: QEMU no longer reads)."""
+        """Read every frame queued now (QEMU may read some of them first if the VM runs)."""
         left = Leftovers()
         for fd in self.fds:
             hdr = _vnet_hdr_len(fd)

@@ -77,9 +77,9 @@ TUNABLES = (
     ),
     Tunable(
         "tap_drain",
-        30.0,
-        "source -tap-drain-timeout in seconds: a nested TCG guest throttled by "
-        "auto-converge can be seconds behind on its tap queue. Default 30",
+        2.0,
+        "source -tap-drain-timeout in seconds (katamaran takes the frames off the tap "
+        "itself, so the guest's speed does not matter). Default 2, as katamaran's",
     ),
     Tunable(
         "max_pause",
@@ -105,7 +105,7 @@ class Tuning:
     dest_hold: float | None = None
     converge_delay: float = 2.0
     writer_rate: int = 2
-    tap_drain: float = 30.0
+    tap_drain: float = 2.0
     max_pause: float = 60.0
     nested_tcg_ping_interval: float = 0.05
 

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,8 +381,17 @@ def assert_zero_drop(stats: PingStats, *, max_gap_s: float | None = None) -> Non
 # --------------------------------------------------------------------------- running
 
 
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 class LocalProcess:
-    """A local background command whose output goes to a temp file (no pipe to fill)."""
+    """A local background command whose output goes to a temp file (no pipe to fill).
+
+    The files go when :meth:`cleanup` is called, else when the object is collected or
+    the interpreter exits (weakref.finalize): a test that fails before it stops its
+    process must not leave them in /tmp."""
 
     def __init__(self, argv: Sequence[str]) -> None:
         self.argv = list(argv)
@@ -389,6 +399,7 @@ class LocalProcess:
         os.close(fd)
         self._out_path = Path(name)
         self._err_path = self._out_path.with_suffix(".err")
+        self._files = weakref.finalize(self, _unlink, self._out_path, self._err_path)
         with open(self._out_path, "wb") as out, open(self._err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err
@@ -424,8 +435,7 @@ class LocalProcess:
 
     def cleanup(self) -> None:
         """Remove the temp files once output has been consumed."""
-        for path in (self._out_path, self._err_path):
-            path.unlink(missing_ok=True)
+        self._files()
 
 
 class LocalRunner:

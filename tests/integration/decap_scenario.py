@@ -348,24 +348,33 @@ def main() -> dict[str, object]:
     with inside("dst"):
         plug.buffer()
     pinger = subprocess.Popen(
-        ["ip", "netns", "exec", "cl", "ping", "-i", "0.01", "-c", "700", "-W", "3", VM_IP],
+        ["ip", "netns", "exec", "cl", "ping", "-n", "-i", "0.01", "-c", "700", "-W", "3", VM_IP],
         stdout=subprocess.PIPE,
         text=True,
     )
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}  # s after the first ping: where a lost one fell, if any
+
+    def mark(name: str) -> None:
+        marks[name] = round(time.monotonic() - t0, 3)
+
     echos = in_echos()
     time.sleep(1.0)
     with inside("dst"):
         facts["vm_echos_while_held"] = in_echos() - echos
         echos = in_echos()
         plug.release()
+        mark("released")
         time.sleep(0.05)  # the plug hands its backlog over at once: ~100 pings in 1 s
         facts["held_at_resume"] = in_echos() - echos
     time.sleep(1.0)
     sh("ip route replace 10.8.0.9/32 dev tap0", ns="dst")  # the CNI converges
     sh(f"ip route replace 10.8.0.9/32 via {DST_IP}", ns="src")
+    mark("converged")
     time.sleep(0.5)
     with inside("src"):
         tunnel.remove()
+        mark("source_tunnel_removed")
         facts["shared_tunnel_kept"] = bool(tunnel.ipr.link_lookup(ifname=tunnel.ifname))
     with inside("dst"):
         last, still = decap.forwarded(), time.monotonic()
@@ -375,15 +384,23 @@ def main() -> dict[str, object]:
             if now != last:
                 last, still = now, time.monotonic()
         facts["tunnelled"] = last
+        mark("quiet")
         decap.unsteer()
+        mark("unsteered")
         plug.remove()
+        mark("plug_removed")
         facts["plug_drops"] = plug.drops()
         decap.teardown()
         name = facts["devices"]["tunnel"][0]  # type: ignore[index]
         facts["dst_kept_for_second"] = bool(decap.ipr.link_lookup(ifname=name))
     out, _ = pinger.communicate(timeout=60)
     m = re.search(r"(\d+) packets transmitted, (\d+) received(?:, \+(\d+) duplicates)?", out)
+    answered = {int(n) for n in re.findall(r"icmp_seq=(\d+)", out)}
     facts["hold_ping"] = {"sent": int(m[1]), "received": int(m[2]), "dups": int(m[3] or 0)}
+    facts["hold_lost"] = {
+        "seqs": sorted(set(range(1, int(m[1]) + 1)) - answered),  # ping counts from 1
+        "marks": marks,  # a lost seq n was sent about (n - 1) * 0.01 s after the first
+    }
 
     with inside("dst"):
         decap2.teardown()

@@ -66,7 +66,8 @@ def test_two_migrations_share_the_tunnel_but_nothing_else(facts):
 def test_hold_holds_and_its_end_drops_nothing_at_10ms(facts):
     assert facts["held_at_resume"] > 0 and facts["vm_echos_while_held"] == 0
     ping = facts["hold_ping"]
-    assert ping["sent"] == 700 and ping["received"] == 700 and ping["dups"] == 0, ping
+    lost = facts["hold_lost"]  # which seqs, and the phase marks (s after the first ping)
+    assert ping["sent"] == 700 and ping["received"] == 700 and ping["dups"] == 0, (ping, lost)
     assert facts["plug_drops"] == 0 and facts["tunnelled"] > facts["held_at_resume"]
 
 

@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import time
+import types
 
 import pytest
 
@@ -103,16 +104,12 @@ def test_frames_left_on_a_paused_vms_tap_are_taken_and_resent(rig_factory):
         queues.close()
 
 
-def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory):
-    """An idle guest leaves QEMU nothing to copy, so QEMU pauses it by itself while the
-    source still waits for its tap to drain.  That STOP must end the wait at once, with
-    the frames the paused VM left still watched (the STOP handling forwards them).
-
-    Regression: the wait ignored the STOP and held the paused VM for the whole
-    -tap-drain-timeout; the nested e2e in CI saw a 30.6 s downtime and lost 436 pings.
-    Here the VM is paused through QMP after the event mark the drain starts from, and
-    pings pile up on its tap, so the drain sees a paused VM with a full queue.
-    """
+def _drain_a_full_tap(rig, stop_after_mark: bool) -> tuple[bool, float, str, list[bytes], dict]:
+    """Pause the pod's VM through QMP, pile 5 pings up on its tap, run the source's
+    drain, and return (paused, seconds waited, log, packets it sent on, echo requests
+    still on the tap afterwards).  With `stop_after_mark` the STOP comes after the
+    drain's event mark, as when QEMU pauses the VM by itself during the drain; without,
+    the drain sees a VM that simply does not read (a slow guest, at its extreme)."""
     import asyncio
     import io
 
@@ -121,46 +118,93 @@ def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory):
     from katamaran.qmp import Monitor
     from katamaran.source import SourceMigration
 
-    rig = rig_factory(kata_pod=True)
-    rig.up()
     assert rig.src.pid is not None
     warm = rig.lab.run("a", ["ping", "-c", "1", "-W", "5", VM_IP], capture_output=True)
     assert warm.returncode == 0, "the VM does not answer ping"
     log = io.StringIO()
-    timeout = 30.0
+    sent: list[bytes] = []
 
-    async def drain() -> tuple[bool, float, list[str], bool]:
+    def tunnel(packets: list[bytes]) -> int:  # the tunnel the source would send through
+        sent.extend(packets)
+        return len(packets)
+
+    async def drain() -> tuple[bool, float, dict]:
         mon = Monitor(rig.src.qmp_path, 30)
         await mon.connect()
         source = SourceMigration(
-            Config(mode="source", tap_drain_timeout=timeout), mon, Progress(log)
+            Config(mode="source", vm_ip=VM_IP, tap_drain_timeout=30.0), mon, Progress(log)
         )
+        source.tunnel = types.SimpleNamespace(ifname="kmr-test", ready=True)
+        source._tunnel_packets = tunnel
         source.taps = TapQueues.of(rig.src.pid)
         try:
+            if not stop_after_mark:
+                await mon.execute("stop")
             mark = mon.mark()
-            await mon.execute("stop")
+            if stop_after_mark:
+                await mon.execute("stop")
             ping = ["ping", "-c", "5", "-i", "0.05", "-W", "1", VM_IP]
             await asyncio.to_thread(rig.lab.run, "a", ping, capture_output=True)
-            queued = source.taps.queued()
+            assert source.taps.queued() == ["tap0_kata"], "no frame waited on the tap"
             t0 = time.monotonic()
             paused = await source._drain_taps(mark)
             waited = time.monotonic() - t0
-            watching = source.taps is not None and bool(source.taps.fds)
-            return paused, waited, queued, watching
+            assert source.taps is not None and source.taps.fds, "the drain closed the watcher"
+            left = _echo_requests(source.taps.take_leftovers().packets)
+            return paused, waited, left
         finally:
             if source.taps is not None:
                 source.taps.close()
             await mon.execute("cont")
             await mon.close()
 
-    paused, waited, queued, watching = asyncio.run(drain())
-    assert watching, "the drain closed the watcher"
-    assert queued == ["tap0_kata"], "no frame waited on the paused VM's tap"
-    assert paused, log.getvalue()
-    assert waited < timeout / 3, f"the drain waited {waited:.1f} s for a paused VM"
-    assert "QEMU paused the VM by itself" in log.getvalue()
-    assert "before it had read tap0_kata" in log.getvalue()
-    assert "still held frames" not in log.getvalue()
+    paused, waited, left = asyncio.run(drain())
+    return paused, waited, log.getvalue(), sent, left
+
+
+def test_the_drain_takes_the_frames_itself_and_sends_them_on(rig_factory):
+    """The drain does not wait for the VM to read its tap: it takes the frames off it
+    and sends them on at once, in order, even from a VM that reads nothing.
+
+    Regression: the drain waited for the VM to read; a nested TCG guest took tens of ms,
+    QEMU paused it meanwhile (nothing dirty), and the paused QEMU parked the oldest
+    queued frame in its own net queue, where it died: 1 ping lost in CI's e2e.
+    """
+    rig = rig_factory(kata_pod=True)
+    rig.up()
+    paused, waited, log, sent, left = _drain_a_full_tap(rig, stop_after_mark=False)
+    echoes = _echo_requests(sent)
+    # The paused QEMU parked the first ping (see the test above); the other 4 are sent.
+    assert sorted(echoes) in ([1, 2, 3, 4, 5], [2, 3, 4, 5]), (log, echoes)
+    assert [p for p in sent if p in echoes.values()] == list(echoes.values()), "reordered"
+    assert left == {}, "frames were left on the tap"
+    assert not paused, log
+    assert waited < 5, f"the drain waited {waited:.1f} s for a VM that reads nothing"
+    assert "tap0_kata drained in" in log
+    line = f"{len(echoes)} packet(s) the VM had not read from tap0_kata sent through kmr-test"
+    assert line in log, log
+
+
+def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory):
+    """An idle guest leaves QEMU nothing to copy, so QEMU pauses it by itself while the
+    source still drains its tap.  That STOP must end the drain at once, with the frames
+    not yet taken still watched (the STOP handling forwards them).
+
+    Regression: the wait ignored the STOP and held the paused VM for the whole
+    -tap-drain-timeout; the nested e2e in CI saw a 30.6 s downtime and lost 436 pings.
+    """
+    rig = rig_factory(kata_pod=True)
+    rig.up()
+    paused, waited, log, sent, left = _drain_a_full_tap(rig, stop_after_mark=True)
+    assert paused, log
+    assert waited < 5, f"the drain waited {waited:.1f} s for a paused VM"
+    assert "QEMU paused the VM by itself" in log
+    assert "still held frames for the VM after" not in log
+    # Whether the drain took some before it saw the STOP or not: every ping is either
+    # sent on or still on the tap for the STOP handling, none twice.
+    echoes = _echo_requests(sent)
+    assert not set(echoes) & set(left), (echoes, left)
+    assert sorted({**echoes, **left}) in ([1, 2, 3, 4, 5], [2, 3, 4, 5]), (log, echoes, left)
 
 
 def test_no_tap_means_nothing_to_watch():

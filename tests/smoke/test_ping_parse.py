@@ -351,3 +351,21 @@ def test_real_local_ping_through_monitor():
     assert_zero_drop(stats)
     assert monitor.stop() is stats  # idempotent
     assert "icmp_seq=1 " in monitor.output()
+
+
+def test_a_local_process_leaves_no_file_even_if_never_cleaned_up():
+    """Regression: a test that failed before stopping its process (and the plugin
+    suite's fake katamaran, never stopped through PingMonitor) left its two output
+    files in /tmp each time: 440 katamaran-ping-* files after a day of runs."""
+    import gc
+
+    from pytest_katamaran.checks.ping import LocalProcess
+
+    proc = LocalProcess(["sh", "-c", "echo out; echo err >&2"])
+    assert proc.wait(10) == 0
+    files = [proc._out_path, proc._err_path]
+    assert proc.output() == "out\n" and proc.errors() == "err\n"
+    assert all(f.exists() for f in files)
+    del proc
+    gc.collect()
+    assert not any(f.exists() for f in files), files
