@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 SYS_PIDFD_GETFD = 438  # x86_64, arm64 and the other generic-syscall architectures
@@ -151,13 +152,13 @@ def frame_to_packet(frame: bytes, vnet_hdr_len: int) -> tuple[int, bytes | None]
     return version, bytes(packet)
 
 
-def destination(packet: bytes) -> str | None:
-    """The destination address of an IPv4/IPv6 packet, as text (None if neither)."""
+def destination(packet: bytes) -> IPv4Address | IPv6Address | None:
+    """The destination address of an IPv4/IPv6 packet (None if neither)."""
     version = packet[0] >> 4 if packet else 0
     if version == 4 and len(packet) >= 20:
-        return socket.inet_ntop(socket.AF_INET, packet[16:20])
+        return IPv4Address(packet[16:20])
     if version == 6 and len(packet) >= 40:
-        return socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        return IPv6Address(packet[24:40])
     return None
 
 

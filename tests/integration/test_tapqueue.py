@@ -13,9 +13,11 @@ import struct
 import subprocess
 import time
 import types
+from ipaddress import ip_address
 
 import pytest
 
+from katamaran import tapqueue
 from katamaran.tapqueue import TapQueues, resend, tap_fds
 from pytest_katamaran.lab.local import VM_IP, qmp
 from pytest_katamaran.net.hostlab import run_in_netns
@@ -104,7 +106,9 @@ def test_frames_left_on_a_paused_vms_tap_are_taken_and_resent(rig_factory):
         queues.close()
 
 
-def _drain_a_full_tap(rig, stop_after_mark: bool) -> tuple[bool, float, str, list[bytes], dict]:
+def _drain_a_full_tap(
+    rig, monkeypatch, stop_after_mark: bool
+) -> tuple[bool, float, str, list[bytes], dict]:
     """Pause the pod's VM through QMP, pile 5 pings up on its tap, run the source's
     drain, and return (paused, seconds waited, log, packets it sent on, echo requests
     still on the tap afterwards).  With `stop_after_mark` the STOP comes after the
@@ -124,18 +128,21 @@ def _drain_a_full_tap(rig, stop_after_mark: bool) -> tuple[bool, float, str, lis
     log = io.StringIO()
     sent: list[bytes] = []
 
-    def tunnel(packets: list[bytes]) -> int:  # the tunnel the source would send through
+    def resend(packets: list[bytes]) -> int:  # what the tunnel's rule would carry
         sent.extend(packets)
         return len(packets)
+
+    monkeypatch.setattr(tapqueue, "resend", resend)
 
     async def drain() -> tuple[bool, float, dict]:
         mon = Monitor(rig.src.qmp_path, 30)
         await mon.connect()
         source = SourceMigration(
-            Config(mode="source", vm_ip=VM_IP, tap_drain_timeout=30.0), mon, Progress(log)
+            Config(mode="source", vm_ip=ip_address(VM_IP), tap_drain_timeout=30.0),
+            mon,
+            Progress(log),
         )
         source.tunnel = types.SimpleNamespace(ifname="kmr-test", ready=True)
-        source._tunnel_packets = tunnel
         source.taps = TapQueues.of(rig.src.pid)
         try:
             if not stop_after_mark:
@@ -162,7 +169,7 @@ def _drain_a_full_tap(rig, stop_after_mark: bool) -> tuple[bool, float, str, lis
     return paused, waited, log.getvalue(), sent, left
 
 
-def test_the_drain_takes_the_frames_itself_and_sends_them_on(rig_factory):
+def test_the_drain_takes_the_frames_itself_and_sends_them_on(rig_factory, monkeypatch):
     """The drain does not wait for the VM to read its tap: it takes the frames off it
     and sends them on at once, in order, even from a VM that reads nothing.
 
@@ -172,7 +179,7 @@ def test_the_drain_takes_the_frames_itself_and_sends_them_on(rig_factory):
     """
     rig = rig_factory(kata_pod=True)
     rig.up()
-    paused, waited, log, sent, left = _drain_a_full_tap(rig, stop_after_mark=False)
+    paused, waited, log, sent, left = _drain_a_full_tap(rig, monkeypatch, stop_after_mark=False)
     echoes = _echo_requests(sent)
     # The paused QEMU parked the first ping (see the test above); the other 4 are sent.
     assert sorted(echoes) in ([1, 2, 3, 4, 5], [2, 3, 4, 5]), (log, echoes)
@@ -185,7 +192,7 @@ def test_the_drain_takes_the_frames_itself_and_sends_them_on(rig_factory):
     assert line in log, log
 
 
-def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory):
+def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory, monkeypatch):
     """An idle guest leaves QEMU nothing to copy, so QEMU pauses it by itself while the
     source still drains its tap.  That STOP must end the drain at once, with the frames
     not yet taken still watched (the STOP handling forwards them).
@@ -195,7 +202,7 @@ def test_the_drain_ends_when_qemu_pauses_the_vm_by_itself(rig_factory):
     """
     rig = rig_factory(kata_pod=True)
     rig.up()
-    paused, waited, log, sent, left = _drain_a_full_tap(rig, stop_after_mark=True)
+    paused, waited, log, sent, left = _drain_a_full_tap(rig, monkeypatch, stop_after_mark=True)
     assert paused, log
     assert waited < 5, f"the drain waited {waited:.1f} s for a paused VM"
     assert "QEMU paused the VM by itself" in log

@@ -173,3 +173,40 @@ def test_a_dropped_session_does_not_change_the_exit_code(tmp_path):
     proc.stdin.write(b"go\n")
     proc.stdin.close()
     assert proc.wait(30) == 1
+
+
+def test_only_the_vms_packets_taken_off_its_tap_go_into_the_tunnel(monkeypatch):
+    """Packets for -vm-ip are resent (the rule routes them into the tunnel); others would
+    come back to the same tap, so they are not.  -vm-ip arrives parsed (an IPv4Address
+    or IPv6Address), the packets as bytes: the two must compare as addresses.
+
+    Regression: the first version compared the text of the packet's address with the
+    parsed -vm-ip, matched nothing, and the nested e2e lost the 218 pings it took off
+    the tap ("217 packet(s) ... could not be forwarded")."""
+    import ipaddress
+    import struct
+
+    from katamaran import tapqueue
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    def ipv4(dst: str) -> bytes:
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 1, 0,
+                           ipaddress.ip_address("10.0.0.9").packed,
+                           ipaddress.ip_address(dst).packed) + bytes(8)  # fmt: skip
+
+    def ipv6(dst: str) -> bytes:
+        head = struct.pack("!IHBB", 6 << 28, 8, 58, 64)
+        return head + ipaddress.ip_address("fd00::9").packed + ipaddress.ip_address(dst).packed
+
+    sent: list[bytes] = []
+    monkeypatch.setattr(tapqueue, "resend", lambda packets: sent.extend(packets) or len(packets))
+    for vm, mine, others in (
+        ("10.244.1.5", ipv4("10.244.1.5"), [ipv4("10.244.1.6"), ipv6("fd00::5")]),
+        ("fd00::5", ipv6("fd00::5"), [ipv6("fd00::6"), ipv4("10.244.1.5"), ipv6("ff02::1")]),
+    ):
+        sent.clear()
+        cfg = Config(mode="source", vm_ip=ipaddress.ip_address(vm))
+        source = SourceMigration(cfg, None, Progress(io.StringIO()))  # type: ignore[arg-type]
+        assert source._tunnel_packets([others[0], mine, *others[1:], mine]) == 2
+        assert sent == [mine, mine], vm
