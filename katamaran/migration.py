@@ -13,7 +13,9 @@ from .qmp import Monitor
 # means the destination has the VM (and a failure there is reported, not swallowed).
 CAPABILITIES = ("events", "auto-converge", "pause-before-switchover", "return-path")
 # Every migration parameter katamaran may change (saved first, restored on every exit).
-PARAMETERS = ("downtime-limit", "max-bandwidth", "avail-switchover-bandwidth")
+# QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
+THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
+PARAMETERS = ("downtime-limit", "max-bandwidth", "avail-switchover-bandwidth", *THROTTLE_PARAMS)
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
 # 1 ms, not 0: with 0 QEMU switches over at the end of the first pass, before any sync.
 OWN_SWITCHOVER_LIMIT_MS = 1

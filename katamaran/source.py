@@ -59,6 +59,10 @@ JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
 NBD_FD = "katamaran-nbd"
 MIGRATE_FD = "katamaran-migrate"
+THROTTLE_PARAMS = migration.THROTTLE_PARAMS
+# bytes/s while the drain runs (see _ease_migration): about one page per 100 ms
+# rate-limit window, after which QEMU's migration thread sleeps out the window.
+DRAIN_MAX_BANDWIDTH = 4096
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
 
 
@@ -162,7 +166,7 @@ class SourceMigration:
         self.last_sync: int | None = None
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
-        self.saved_params: dict[str, int] = {}  # changed while katamaran decides
+        self.saved_params: dict[str, int] = {}  # changed while katamaran decides and drains
         self.tls: TLSCreds | None = None
 
     async def run(self) -> Summary:
@@ -746,6 +750,7 @@ class SourceMigration:
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
         paused = False
         if self.taps and self.taps.fds:
+            await self._ease_migration(info.get("cpu-throttle-percentage") or 0)
             paused = await self._drain_taps(mark)
         if not paused:
             self._release_taps()  # else the STOP handling forwards what the VM left on it
@@ -825,7 +830,7 @@ class SourceMigration:
             )
 
     async def _lift_switchover_limit(self) -> None:
-        """Hand the pause back to QEMU (and restore avail-switchover-bandwidth).
+        """Hand the pause back to QEMU (and restore what _ease_migration and the decision changed).
 
         Not `stop`: a VM paused by a client arrives paused at the destination (QEMU
         migrates the runstate).  A huge downtime-limit makes QEMU's next convergence
@@ -850,6 +855,29 @@ class SourceMigration:
             self.progress.warn(f"frames left on {', '.join(self.taps.names)} are lost: {err}")
             return
         self._report_taken(left, sent)
+
+    async def _ease_migration(self, throttle: int) -> None:
+        """Keep QEMU iterating, VM running, while the drain runs (limit 1 ms).
+
+        - Bandwidth: with nothing left to send QEMU pauses the VM by itself, whatever
+          the limits say, and a frame that reaches the tap at that moment (one already
+          on its way through the node when traffic was switched) is parked by QEMU and
+          lost.  At DRAIN_MAX_BANDWIDTH the migration thread sends a page, then sleeps
+          out its 100 ms window, so the pages the guest dirties meanwhile stay pending.
+          Without this cap (tried on 2026-11-30) QEMU paused the VM 12 and 30 ms into
+          the drain and the CI e2e lost 1 ping each time.
+        - Auto-converge: nothing converges any more, so QEMU would keep raising the
+          throttle, up to 99 %, and the VM could not read its queue at all (also seen in
+          the nested e2e).  The next throttle step QEMU takes is capped at 1 %.
+        Both are restored when the limit is lifted, or in _cleanup.
+        """
+        params = await self.mon.execute("query-migrate-parameters")
+        keys = ("max-bandwidth", *THROTTLE_PARAMS)
+        self.saved_params.update({key: params[key] for key in keys if key in params})
+        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **dict.fromkeys(THROTTLE_PARAMS, 1)}
+        await self.mon.execute("migrate-set-parameters", eased)
+        if throttle:
+            self.progress.step(f"auto-converge throttle ({throttle}%) capped at 1% for the drain")
 
     def _show_ram(self, info: dict) -> None:
         ram = info.get("ram")
