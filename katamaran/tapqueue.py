@@ -225,12 +225,7 @@ class TapQueues:
 
     def queued(self) -> list[str]:
         """Interfaces that still hold at least one frame for the VM."""
-        if not self.fds:
-            return []
-        poller = select.poll()
-        for fd in self.fds:
-            poller.register(fd, select.POLLIN)
-        return sorted({self.fds[fd] for fd, ev in poller.poll(0) if ev & select.POLLIN})
+        return sorted({self.fds[fd] for fd, ev in self._poll(0) if ev & select.POLLIN})
 
     def wait_empty(
         self, timeout: float, settle: float = 0.02, cancel: threading.Event | None = None
@@ -280,10 +275,16 @@ class TapQueues:
 
     def _readable(self, timeout: float) -> bool:
         """Whether a frame arrives on any queue within `timeout` s."""
+        return bool(self._poll(max(0, int(timeout * 1000))))
+
+    def _poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+        """poll(POLLIN) over every queue; [] at once when there is none."""
+        if not self.fds:
+            return []
         poller = select.poll()
         for fd in self.fds:
             poller.register(fd, select.POLLIN)
-        return bool(poller.poll(max(0, int(timeout * 1000))))
+        return poller.poll(timeout_ms)
 
     def take_leftovers(self, limit: int = 100_000) -> Leftovers:
         """Read every frame queued now (QEMU may read some of them first if the VM runs)."""
