@@ -30,7 +30,6 @@ import shutil
 import socket
 import subprocess
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .config import IPAddress
+from .names import crc
 
 T = TypeVar("T")
 
@@ -68,13 +68,9 @@ MODULES = {"ipip": "ipip", "sit": "sit", "ip6tnl": "ip6_tunnel"}
 FALLBACK = {"ipip": "tunl0", "sit": "sit0", "ip6tnl": "ip6tnl0"}
 
 
-def _crc(*parts: object) -> int:
-    return zlib.crc32("|".join(map(str, parts)).encode())
-
-
 def table_for(role: str, peer: IPAddress | None, vm_ip: IPAddress | None) -> int:
     """A route table id per (role, peer, VM): two migrations never share one."""
-    return TABLE_BASE + (_crc(role, peer, vm_ip) & TABLE_MASK)
+    return TABLE_BASE + (crc(role, peer, vm_ip) & TABLE_MASK)
 
 
 def tunnel_kind(peer: IPAddress, inner_version: int) -> str:
@@ -87,12 +83,12 @@ def tunnel_kind(peer: IPAddress, inner_version: int) -> str:
 def tunnel_name(peer: IPAddress, inner_version: int = 4) -> str:
     """`kmr-<hex>` (ipip), `kmrs-<hex>` (sit), `kmr6-<hex>` (ip6tnl): one per kind and
     peer, shared by every migration to or from that peer; at most 15 characters."""
-    return f"{KINDS[tunnel_kind(peer, inner_version)]}{_crc(peer):08x}"
+    return f"{KINDS[tunnel_kind(peer, inner_version)]}{crc(peer):08x}"
 
 
 def hold_names(peer: IPAddress | None, vm_ip: IPAddress | None) -> tuple[str, str]:
     """The destination's hold veth pair for one migration: (plugged end, tap end)."""
-    tag = f"{_crc('hold', peer, vm_ip):08x}"
+    tag = f"{crc('hold', peer, vm_ip):08x}"
     return f"kmrh-{tag}", f"kmrp-{tag}"
 
 

@@ -40,7 +40,9 @@ POD_IFNAME = "eth0"
 ETH_P_ALL = 0x0003
 TC_H_INGRESS = 0xFFFF0000
 RTNH_F_ONLINK = 0x04
-FILTER_PRIO = 1
+# 0: the kernel picks (49152 for a device's first filter), as Kata's own netlink call
+# (addRedirectTCFilter sets no priority) leaves it; katamaran's divert goes ahead of it.
+FILTER_PRIO = 0
 # errnos the kernel returns for an unknown qdisc kind, classifier or action
 _MISSING_FEATURE = (errno.ENOENT, errno.EOPNOTSUPP)
 

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,75 @@ def test_only_the_vms_packets_taken_off_its_tap_go_into_the_tunnel(monkeypatch):
         source = SourceMigration(cfg, None, Progress(io.StringIO()))  # type: ignore[arg-type]
         assert source._tunnel_packets([others[0], mine, *others[1:], mine]) == 2
         assert sent == [mine, mine], vm
+
+
+def test_divert_names_fit_and_differ_per_vm_and_tap():
+    import ipaddress
+
+    from katamaran.names import divert_names
+
+    a = divert_names(ipaddress.ip_address("10.244.1.5"), "tap0_kata")
+    b = divert_names(ipaddress.ip_address("10.244.1.6"), "tap0_kata")
+    c = divert_names(ipaddress.ip_address("10.244.1.5"), "tap1_kata")
+    assert all(len(name) <= 15 for name in (*a, *b, *c))  # IFNAMSIZ - 1
+    assert len({*a, *b, *c}) == 6 and a[0].startswith("kmrd-") and a[1].startswith("kmrq-")
+
+
+def test_the_tap_feed_is_found_by_the_mirred_target_of_a_filter():
+    """Kata's u32 filter as pyroute2 dumps it: the redirect target sits deep in nested
+    attributes; a filter without mirred (the u32 hash table entry) has none."""
+    from katamaran.divert import redirect_targets
+
+    mirred = {"attrs": [["TCA_MIRRED_PARMS", {"ifindex": 4, "eaction": 1}]]}
+    action = {"attrs": [["TCA_ACT_KIND", "mirred"], ["TCA_ACT_OPTIONS", mirred]]}
+    options = {
+        "attrs": [["TCA_U32_SEL", {}], ["TCA_U32_ACT", {"attrs": [["TCA_ACT_PRIO_1", action]]}]]
+    }
+    kata = {"info": 49152 << 16, "attrs": [["TCA_KIND", "u32"], ["TCA_OPTIONS", options]]}
+    table = {"info": 49152 << 16, "attrs": [["TCA_KIND", "u32"], ["TCA_OPTIONS", {"attrs": []}]]}
+    assert redirect_targets(kata) == [4]
+    assert redirect_targets(table) == []
+
+
+def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
+    """Unswitched first, the node would route the VM's address to the pod again, and
+    the divert would resend what it takes straight back to itself, in a loop."""
+    import asyncio
+    import ipaddress
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    calls: list[str] = []
+
+    class Divert:
+        tap, installed = "tap0_kata", True
+        stats = types.SimpleNamespace(forwarded=3, unsendable=0, other=1, not_ip=0)
+        error = None
+
+        def remove(self) -> None:
+            calls.append("give the feed back")
+
+        def close(self) -> None:
+            calls.append("close")
+
+    class Tunnel:
+        ifname = "kmr-0"
+
+        def unswitch(self) -> None:
+            calls.append("unswitch")
+
+    class Monitor:
+        async def execute(self, command: str, args: dict | None = None) -> dict:
+            calls.append(command)
+            return {"status": "running"} if command == "query-status" else {}
+
+    cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
+    out = io.StringIO()
+    source = SourceMigration(cfg, Monitor(), Progress(out))  # type: ignore[arg-type]
+    source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
+    asyncio.run(source._abort_migration())
+    assert calls[:3] == ["give the feed back", "close", "unswitch"], calls
+    said = "3 packet(s) that reached it after the switch were sent through kmr-0 (1 frame(s) not"
+    assert said in out.getvalue()
+    assert source.diverts == []
