@@ -61,7 +61,6 @@ JOB_PREFIX = "katamaran-mirror"
 NBD_NODE = "katamaran-nbd"
 NBD_FD = "katamaran-nbd"
 MIGRATE_FD = "katamaran-migrate"
-THROTTLE_PARAMS = migration.THROTTLE_PARAMS
 # bytes/s while the drain runs (see _ease_migration): about one page per 100 ms
 # rate-limit window, after which QEMU's migration thread sleeps out the window.
 DRAIN_MAX_BANDWIDTH = 4096
@@ -175,9 +174,11 @@ class SourceMigration:
         self.taps: TapQueues | None = None
         self.diverts: list[TapDivert] = []  # prepared; diverting once traffic is switched
         self.diverts_ready: asyncio.Future[None] | None = None
-        self.diverting: asyncio.Future[None] | None = None  # the STOP handling's divert
         self.switchover_started = False
+        self.stop_watch: asyncio.Future[None] | None = None  # see _watch_stop
+        self.taking: asyncio.Future[None] | None = None  # its take of the tap
         self.last_sync: int | None = None
+        self.passes = 0  # dirty syncs QEMU reported (MIGRATION_PASS)
         self.paused_at: float | None = None
         self.paused_ms: int | None = None
         self.saved_params: dict[str, int] = {}  # changed while katamaran decides and drains
@@ -453,7 +454,7 @@ class SourceMigration:
             try:
                 for what in await netlink(divert.remove_stale):
                     self.progress.warn(f"removed {what} left by an earlier run")
-                await netlink(divert.prepare, self._tunnel_packets)
+                await netlink(divert.prepare, tapqueue.resend)  # it keeps only -vm-ip's
             except Exception as err:  # noqa: BLE001 - the migration goes on without it
                 await netlink(divert.close)
                 if not isinstance(err, NetworkUnavailable):
@@ -496,9 +497,6 @@ class SourceMigration:
         """Give each tap its feed back (before the switch is undone: see divert) and say
         what was diverted."""
         await self._diverts_prepared()
-        if self.diverting is not None:
-            diverting, self.diverting = self.diverting, None
-            await asyncio.gather(diverting, return_exceptions=True)
         diverts, self.diverts = self.diverts, []
         for divert in diverts:
             diverted = divert.installed
@@ -634,6 +632,7 @@ class SourceMigration:
         finally:
             sock.close()
         mark = self.mon.mark()
+        self.stop_watch = asyncio.ensure_future(self._watch_stop(mark))
         self.migration_started = True  # from here cleanup asks QEMU, even if `migrate` failed
         await self.mon.execute("migrate", {"uri": f"fd:{MIGRATE_FD}"})
         self.pending_fds.discard(MIGRATE_FD)
@@ -658,6 +657,7 @@ class SourceMigration:
                     if await self._on_event(event):
                         break
                     continue
+                self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
                 if self.switchover_started or self.phase is Phase.COMMITTED:
                     continue
             if loop.time() >= self.deadline:
@@ -712,20 +712,14 @@ class SourceMigration:
         """React to one event; True once the migration has completed."""
         name, data = event["event"], event.get("data", {})
         if name == "STOP":
-            self.paused_at = asyncio.get_running_loop().time()
-            await self._check_stop()
-            self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
-            if self.tunnel and self.tunnel.ready:
-                await netlink(self.tunnel.switch)
-                self.progress.step(
-                    f"VM paused: traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}"
-                )
-                # not awaited: the VM is paused, and this is not on the path to the commit
-                self.diverting = asyncio.ensure_future(self._divert())
-                await self._forward_tap_leftovers()
-            else:
-                self.progress.step("VM paused")
-            self._release_taps()
+            if self.paused_at is None:
+                self.paused_at = asyncio.get_running_loop().time()
+            if self.passes >= 2:  # may be QEMU's own switchover: act before asking
+                await self._take_the_tap()
+                await self._check_stop()
+            else:  # in the first pass QEMU cannot switch over: an operator, an I/O error
+                await self._check_stop()
+                await self._take_the_tap()
             return False
         if name == "BLOCK_JOB_ERROR" and data.get("device") == self.job:
             raise KatamaranError(f"drive-mirror failed: {data.get('reason', 'I/O error')}")
@@ -750,6 +744,79 @@ class SourceMigration:
                 raise await self._uncertain(f"QEMU reported migration failed: {reason}")
             raise KatamaranError(f"QEMU reported migration failed: {reason}")
         return False
+
+    async def _watch_stop(self, mark: int) -> None:
+        """Take the tap the moment QEMU pauses the VM by itself (see _take_the_tap), even
+        while the RAM loop waits for an answer.
+
+        Why a task of its own: the loop asks QEMU after every dirty sync, and the sync
+        that finds nothing left is the one QEMU pauses the VM after, so its question is
+        usually in flight at the STOP, and QEMU answers it only at `pre-switchover`:
+        the loop reads the STOP too late.  Found by the held-drain test
+        (test_qemu_reads_no_tap_frame_between_stop_and_pre_switchover): the STOP
+        waited out the whole -switchover-timeout behind a `query-migrate`.
+        """
+        loop = asyncio.get_running_loop()
+        match = named(("STOP", "MIGRATION_PASS"))
+        while True:
+            found = await self.mon.next_event(match, mark, 3600.0)
+            if found is None:
+                continue
+            mark, event = found
+            if event["event"] == "MIGRATION_PASS":
+                self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
+                continue
+            if self.passes >= 2 and not self.switchover_started:
+                self.paused_at = loop.time()
+                self.taking = asyncio.ensure_future(self._take_tap_now())
+            return
+
+    async def _end_stop_watch(self) -> None:
+        """Stop waiting for a STOP; let a take that began run to its end (a thread reads
+        the taps: they must not be closed under it)."""
+        watch, self.stop_watch = self.stop_watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if self.taking is not None:
+            await asyncio.gather(self.taking, return_exceptions=True)
+
+    async def _take_the_tap(self) -> None:
+        """At STOP, before asking QEMU anything: switch traffic (if katamaran had not
+        yet), send what waits on the taps through the tunnel, divert their feed, and
+        send on what reached them meanwhile.
+
+        Why before: QEMU holds its big lock from the STOP until `pre-switchover` (it
+        drains and flushes the disks), so its main loop cannot read the tap meanwhile.
+        Once it runs again, the paused VM's NIC can take no frame, and QEMU parks the
+        first one it reads in its own queue, where it dies with the source.  The
+        answer to `query-status` (_check_stop) comes only after that release: asked
+        first, it left the tap to QEMU for the whole drain (in the nested e2e, QEMU
+        paused an idle VM itself before katamaran's switchover, and a ping was lost).
+        A frame read while QEMU stops the vCPUs, before the STOP event, is still
+        parked: only katamaran's own switchover (divert before the pause) avoids that.
+        """
+        if self.taking is not None:  # the STOP watch began it: the same STOP
+            taking, self.taking = self.taking, None
+            await taking
+        else:
+            await self._take_tap_now()
+
+    async def _take_tap_now(self) -> None:
+        self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
+        if self.tunnel and self.tunnel.ready:
+            await netlink(self.tunnel.switch)
+            self.progress.step(
+                f"VM paused: traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}"
+            )
+            # What waits on the tap first: the divert takes ~0.1 s on a nested node, and
+            # QEMU may run again sooner.  Then the divert, then what came meanwhile.
+            await self._forward_tap_leftovers()
+            await self._divert()  # a no-op after katamaran's own switchover
+            await self._forward_tap_leftovers()
+        else:
+            self.progress.step("VM paused")
+        self._release_taps()
 
     async def _check_stop(self) -> None:
         """A STOP is the switchover only if QEMU's migration paused the VM.
@@ -874,6 +941,8 @@ class SourceMigration:
         `mark` is the main loop's place in the event history: a STOP after it means QEMU
         paused the VM by itself meanwhile (nothing left to copy), which ends the drain.
         """
+        if self.switchover_started:
+            return  # QEMU paused the VM while the test asked it: the STOP watch has it
         self.switchover_started = True
         remaining = mib(info["ram"]["remaining"])
         draining = bool(self.taps and self.taps.fds)
@@ -1011,9 +1080,10 @@ class SourceMigration:
         Both are restored when the limit is lifted, or in _cleanup.
         """
         params = await self.mon.execute("query-migrate-parameters")
-        keys = ("max-bandwidth", *THROTTLE_PARAMS)
+        throttles = migration.THROTTLE_PARAMS
+        keys = ("max-bandwidth", *throttles)
         self.saved_params.update({key: params[key] for key in keys if key in params})
-        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **dict.fromkeys(THROTTLE_PARAMS, 1)}
+        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **dict.fromkeys(throttles, 1)}
         await self.mon.execute("migrate-set-parameters", eased)
         if throttle:
             self.progress.step(f"auto-converge throttle ({throttle}%) capped at 1% for the drain")
@@ -1087,6 +1157,7 @@ class SourceMigration:
     async def _cleanup(self) -> None:
         """Undo everything not needed any more; every step tolerates a dead QEMU, and a
         step that fails (any exception) never keeps the others from running."""
+        await self._end_stop_watch()  # before the taps close: its take may be reading them
         self._release_taps()
         await self._regain_monitor()
         steps: list[tuple[str, object]] = []
@@ -1112,7 +1183,7 @@ class SourceMigration:
                 await step()  # type: ignore[operator]
             except Exception as err:  # noqa: BLE001 - the next steps must run regardless
                 self.progress.warn(f"cleanup: {what}: {err}")
-        if self.diverts or self.diverts_ready or self.diverting:
+        if self.diverts or self.diverts_ready:
             try:
                 await self._undivert()
             except Exception as err:  # noqa: BLE001

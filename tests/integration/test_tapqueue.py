@@ -257,3 +257,67 @@ def test_switchover_mode_follows_qemu_version_and_accelerator(tmp_path):
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def _tap_reads(netns: str, tap: str) -> int:
+    """Frames user space has read off `tap` (the tun driver counts them as tx)."""
+    from pytest_katamaran.net.hostlab import ipr
+
+    with ipr(netns) as ip:
+        link = ip.get_links(ifname=tap)[0]
+        return int(link.get_attr("IFLA_STATS64")["tx_packets"])
+
+
+def test_qemu_reads_no_tap_frame_between_stop_and_pre_switchover(rig_factory):
+    """Why katamaran takes the tap at STOP before it asks QEMU anything: from the
+    migration's STOP until `pre-switchover` QEMU holds its big lock (it drains and
+    flushes the disks) and its main loop reads nothing off the tap; once it runs again,
+    it reads one frame for the paused VM and parks it, out of anyone's reach.
+
+    The drain is held deterministically: the destination's NBD goes through a relay that
+    is frozen (SIGSTOP) before the migration starts, so the mirror's in-flight writes,
+    and QEMU's drain at STOP, wait until it is thawed.
+    """
+    import signal
+    import sys
+
+    from pytest_katamaran.lab.local import wait_for_text
+    from tests.integration.test_faults import RELAY, wait_migration
+
+    rig = rig_factory(kata_pod=True, writer=True)  # the writer keeps mirror writes in flight
+    rig.up()
+    assert rig.src.pid is not None and rig.pod is not None
+    warm = rig.lab.run("a", ["ping", "-c", "1", "-W", "5", VM_IP], capture_output=True)
+    assert warm.returncode == 0, "the VM does not answer ping"
+    rig.start_dest("-nbd-port", "10810")
+    relay = rig.lab.popen("b", [sys.executable, "-c", RELAY, "10.0.0.2", "10809", "10810"])
+    rig.procs.append(relay)
+    source = rig.start_source("10.0.0.2", "-switchover-timeout", "120")
+    wait_for_text(rig.tmp / "source.log", "storage synchronized", 60, source)
+    source.send_signal(signal.SIGSTOP)  # before `migrate`: the STOP is still to come
+    relay.send_signal(signal.SIGSTOP)
+    source.send_signal(signal.SIGCONT)
+    queues = TapQueues.of(rig.src.pid)
+    try:
+        # This lab has no tunnel, so katamaran leaves the pause to QEMU and, at STOP,
+        # only says so; its query-status then waits for QEMU's big lock like anything else.
+        wait_for_text(rig.tmp / "source.log", "VM paused", 60, source)
+        reads = _tap_reads(rig.pod.netns, "tap0_kata")
+        ping = ["ping", "-c", "5", "-i", "0.05", "-W", "1", VM_IP]
+        lost = rig.lab.run("a", ping, capture_output=True, text=True)
+        assert lost.returncode != 0, f"the VM answered while QEMU was pausing it: {lost.stdout}"
+        # ping waited 1 s for the last answer: time enough for a running main loop
+        assert _tap_reads(rig.pod.netns, "tap0_kata") == reads, "QEMU read its tap while held"
+        assert queues.queued() == ["tap0_kata"], "the pings are not on the tap"
+
+        relay.send_signal(signal.SIGCONT)
+        wait_migration(rig.src, "completed", 120)
+        assert rig.finish(source, 60) == 0, rig.log("source.log")
+        # Running again, QEMU read exactly one frame for the VM it had paused, and
+        # stopped reading: that frame is parked in QEMU and dies with it.
+        assert _tap_reads(rig.pod.netns, "tap0_kata") == reads + 1
+        left = _echo_requests(queues.take_leftovers().packets)
+        assert sorted(left) in ([2, 3, 4, 5], [1, 2, 3, 4, 5]), left
+    finally:
+        queues.close()
+        relay.send_signal(signal.SIGCONT)

@@ -283,3 +283,77 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
     said = "3 packet(s) that reached it after the switch were sent through kmr-0 (1 frame(s) not"
     assert said in out.getvalue()
     assert source.diverts == []
+
+
+def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
+    """Feed one STOP to a source whose traffic katamaran had not switched yet (QEMU
+    paused the VM itself); the calls in order, and the error if it aborted."""
+    import asyncio
+    import ipaddress
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+    from katamaran.tapqueue import Leftovers
+
+    calls: list[str] = []
+
+    class Divert:
+        tap, installed = "tap0_kata", False
+
+        def divert(self) -> None:
+            calls.append("divert")
+            self.installed = True
+
+    class Tunnel:
+        ifname, ready = "kmr-0", True
+
+        def switch(self) -> None:
+            calls.append("switch")
+
+    class Taps:
+        fds, names = [7], ["tap0_kata"]
+
+        def take_leftovers(self) -> Leftovers:
+            calls.append("take the tap's frames")
+            return Leftovers()
+
+        def close(self) -> None:
+            calls.append("release the tap")
+
+    class Monitor:
+        async def execute(self, command: str, args: dict | None = None) -> dict:
+            calls.append(command)
+            return {"status": status} if command == "query-status" else {}
+
+    cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
+    source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
+    source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
+    source.taps, source.passes = Taps(), passes  # type: ignore[assignment]
+    try:
+        asyncio.run(source._on_event({"event": "STOP", "data": {}}))  # type: ignore[typeddict-item]
+    except KatamaranError as err:
+        return calls, str(err)
+    return calls, None
+
+
+def test_a_stop_after_the_first_pass_takes_the_tap_before_asking_qemu():
+    """QEMU holds its main loop from STOP to pre-switchover and parks the first frame it
+    reads after that; query-status is answered only then, so it must come last."""
+    calls, error = _stop_handling(passes=3, status="finish-migrate")
+    assert error is None
+    assert calls == [
+        "switch",
+        "take the tap's frames",
+        "divert",
+        "take the tap's frames",
+        "release the tap",
+        "query-status",
+    ], calls
+
+
+def test_a_stop_in_the_first_pass_asks_qemu_first_and_leaves_traffic_alone():
+    """QEMU cannot switch over before its first pass ends: such a STOP is an operator or
+    an I/O error, and traffic must stay with the paused VM's tap."""
+    calls, error = _stop_handling(passes=1, status="paused")
+    assert error is not None and "not by the migration" in error
+    assert calls == ["query-status"], calls
