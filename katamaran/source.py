@@ -12,11 +12,14 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
 2. katamaran decides the switchover (QEMU's own downtime-limit drops to 1 ms, so QEMU
    pauses the VM by itself only when almost nothing is left): right after a dirty-bitmap
    sync that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
-   traffic for the VM goes into the tunnel, katamaran takes every frame already queued
-   on the VM's tap off it and sends it through the tunnel too (see tapqueue), then lets
-   QEMU pause the VM (by lifting QEMU's downtime-limit).  Where that is unsafe (TCG on
-   QEMU < 9.0) or there is no tap to drain, QEMU keeps -downtime-limit and katamaran
-   only races it; if QEMU pauses first, the tunnel is switched at STOP.
+   katamaran diverts what the node sends to the VM's tap (see divert) and takes every
+   frame already queued on the tap off it (see tapqueue), keeping them (tapqueue.Hold),
+   then lets QEMU pause the VM (by lifting QEMU's downtime-limit).  At the STOP traffic
+   for the VM goes into the tunnel, the kept packets first: switched earlier, the
+   node's strict reverse-path filter would drop what the running VM sends.  Where that
+   is unsafe (TCG on QEMU < 9.0) or there is no tap to drain, QEMU keeps
+   -downtime-limit and katamaran only races it; if QEMU pauses first, the tunnel is
+   switched at STOP.
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -175,8 +178,12 @@ class SourceMigration:
         self.diverts: list[TapDivert] = []  # prepared; diverting once traffic is switched
         self.diverts_ready: asyncio.Future[None] | None = None
         self.switchover_started = False
+        self.draining = False  # katamaran's switchover is using the taps (see _watch_stop)
+        self.tap_taken = False  # at the STOP, once (_take_tap_now)
         self.stop_watch: asyncio.Future[None] | None = None  # see _watch_stop
         self.taking: asyncio.Future[None] | None = None  # its take of the tap
+        self.diverting: asyncio.Future[None] | None = None  # the take's divert, if late
+        self.hold = tapqueue.Hold()  # the VM's packets until the switch (see there)
         self.last_sync: int | None = None
         self.passes = 0  # dirty syncs QEMU reported (MIGRATION_PASS)
         self.paused_at: float | None = None
@@ -454,7 +461,7 @@ class SourceMigration:
             try:
                 for what in await netlink(divert.remove_stale):
                     self.progress.warn(f"removed {what} left by an earlier run")
-                await netlink(divert.prepare, tapqueue.resend)  # it keeps only -vm-ip's
+                await netlink(divert.prepare, self.hold)  # it keeps only -vm-ip's
             except Exception as err:  # noqa: BLE001 - the migration goes on without it
                 await netlink(divert.close)
                 if not isinstance(err, NetworkUnavailable):
@@ -497,6 +504,7 @@ class SourceMigration:
         """Give each tap its feed back (before the switch is undone: see divert) and say
         what was diverted."""
         await self._diverts_prepared()
+        await self._diverted()
         diverts, self.diverts = self.diverts, []
         for divert in diverts:
             diverted = divert.installed
@@ -508,12 +516,12 @@ class SourceMigration:
                 self._report_diverted(divert)
 
     def _report_diverted(self, divert: TapDivert) -> None:
-        stats, via = divert.stats, self.tunnel.ifname if self.tunnel else "the tunnel"
+        stats = divert.stats
         others = stats.other + stats.not_ip
         dropped = f" ({others} frame(s) not for {self.cfg.vm_ip} dropped)" if others else ""
         self.progress.step(
-            f"{divert.tap}'s feed given back; {stats.forwarded} packet(s) that reached it "
-            f"after the switch were sent through {via}{dropped}"
+            f"{divert.tap}'s feed given back; {stats.forwarded} packet(s) for "
+            f"{self.cfg.vm_ip} were diverted from it{dropped}"
         )
         if stats.unsendable or divert.error:
             error = f"; {divert.error}" if divert.error else ""
@@ -766,7 +774,7 @@ class SourceMigration:
             if event["event"] == "MIGRATION_PASS":
                 self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
                 continue
-            if self.passes >= 2 and not self.switchover_started:
+            if self.passes >= 2 and not (self.draining or self.tap_taken):
                 self.paused_at = loop.time()
                 self.taking = asyncio.ensure_future(self._take_tap_now())
             return
@@ -780,6 +788,13 @@ class SourceMigration:
             await asyncio.gather(watch, return_exceptions=True)
         if self.taking is not None:
             await asyncio.gather(self.taking, return_exceptions=True)
+        await self._diverted()
+
+    async def _diverted(self) -> None:
+        """Wait for a divert begun at STOP (see _take_tap_now) to have ended."""
+        if self.diverting is not None:
+            diverting, self.diverting = self.diverting, None
+            await asyncio.gather(diverting, return_exceptions=True)
 
     async def _take_the_tap(self) -> None:
         """At STOP, before asking QEMU anything: switch traffic (if katamaran had not
@@ -799,24 +814,48 @@ class SourceMigration:
         if self.taking is not None:  # the STOP watch began it: the same STOP
             taking, self.taking = self.taking, None
             await taking
-        else:
+        elif not self.tap_taken:
             await self._take_tap_now()
 
     async def _take_tap_now(self) -> None:
+        self.tap_taken = True
         self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
         if self.tunnel and self.tunnel.ready:
             await netlink(self.tunnel.switch)
+            try:
+                held, sent = await asyncio.to_thread(self.hold.release)
+            except OSError as err:
+                held, sent = self.hold.held, 0
+                self.progress.warn(f"packets kept for {self.tunnel.ifname} are lost: {err}")
+            first = f"; the {sent} packet(s) kept while it ran went first" if sent else ""
             self.progress.step(
-                f"VM paused: traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}"
+                f"VM paused: traffic for {self.cfg.vm_ip} now goes through "
+                f"{self.tunnel.ifname}{first}"
             )
+            if held > sent:
+                self.progress.warn(
+                    f"{held - sent} packet(s) kept for {self.tunnel.ifname} could not be sent "
+                    "(larger than the tunnel MTU) and are lost"
+                )
             # What waits on the tap first: the divert takes ~0.1 s on a nested node, and
-            # QEMU may run again sooner.  Then the divert, then what came meanwhile.
+            # QEMU may run again sooner.
             await self._forward_tap_leftovers()
-            await self._divert()  # a no-op after katamaran's own switchover
-            await self._forward_tap_leftovers()
+            if self.diverts_ready or any(not d.installed for d in self.diverts):
+                # QEMU paused the VM before katamaran's switchover: divert now, then send
+                # on what came meanwhile.  Not awaited: the pause need not wait for it
+                # (a frame QEMU reads meanwhile is parked either way).
+                self.diverting = asyncio.ensure_future(self._divert_and_take())
+                return
         else:
             self.progress.step("VM paused")
         self._release_taps()
+
+    async def _divert_and_take(self) -> None:
+        try:
+            await self._divert()
+            await self._forward_tap_leftovers()
+        finally:
+            self._release_taps()
 
     async def _check_stop(self) -> None:
         """A STOP is the switchover only if QEMU's migration paused the VM.
@@ -936,7 +975,8 @@ class SourceMigration:
         return 0
 
     async def _switchover(self, info: dict, mark: int) -> None:
-        """Tunnel first, let the running VM empty its tap queue, then pause it.
+        """Divert the tap's feed and take its queue, the VM still running (the packets are
+        kept, see tapqueue.Hold), then let QEMU pause it; traffic is switched at the STOP.
 
         `mark` is the main loop's place in the event history: a STOP after it means QEMU
         paused the VM by itself meanwhile (nothing left to copy), which ends the drain.
@@ -944,30 +984,48 @@ class SourceMigration:
         if self.switchover_started:
             return  # QEMU paused the VM while the test asked it: the STOP watch has it
         self.switchover_started = True
-        remaining = mib(info["ram"]["remaining"])
-        draining = bool(self.taps and self.taps.fds)
+        self.draining = bool(self.taps and self.taps.fds)
+        try:
+            paused = await self._divert_and_drain(info, mark)
+        finally:
+            self.draining = False  # from here a STOP is the watch's to handle at once
+        if not paused:
+            await self._lift_switchover_limit()
+
+    async def _divert_and_drain(self, info: dict, mark: int) -> bool:
+        """_switchover's first part; True when QEMU paused the VM meanwhile."""
+        draining, remaining = self.draining, mib(info["ram"]["remaining"])
+        tunnel = self.tunnel if self.tunnel and self.tunnel.ready else None
         if draining:  # first: the divert takes ~0.1 s on a nested TCG node
             await self._ease_migration(info.get("cpu-throttle-percentage") or 0)
-        if self.tunnel and self.tunnel.ready:
-            await netlink(self.tunnel.switch)
+        if tunnel and draining:
+            # The switch waits for the pause (see tapqueue.Hold): the VM's packets are
+            # kept meanwhile, its own go out as before.
+            await self._divert()
+            self.progress.step(
+                f"switchover ({remaining} of RAM left): packets for {self.cfg.vm_ip} kept "
+                f"while the VM runs; they go into {tunnel.ifname} once it is paused"
+            )
+        elif tunnel:  # no tap to take frames from: nothing to keep them from
+            await netlink(tunnel.switch)
+            self.hold.release()
             self.progress.step(
                 f"switchover ({remaining} of RAM left): traffic for {self.cfg.vm_ip} "
-                f"into {self.tunnel.ifname}"
+                f"into {tunnel.ifname}"
             )
-            await self._divert()
         else:
+            self.hold.release()
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
-        paused = False
-        if draining:
-            paused = await self._drain_taps(mark)
-        if not paused:
-            self._release_taps()  # else the STOP handling forwards what the VM left on it
-        await self._lift_switchover_limit()
+        if draining and await self._drain_taps(mark):
+            return True  # QEMU is pausing the VM already: the STOP handling comes next
+        if not tunnel:
+            self._release_taps()
+        return False
 
     async def _drain_taps(self, mark: int) -> bool:
-        """Take what is queued on the VM's taps off them, the VM still running, and send
-        it through the tunnel (at most -tap-drain-timeout; see tapqueue for why the VM
-        is not left to read it).
+        """Take what is queued on the VM's taps off them, the VM still running, and keep
+        it for the tunnel (at most -tap-drain-timeout; see tapqueue for why the VM is not
+        left to read it).
 
         Returns True when QEMU paused the VM first.  An idle guest has no dirty page
         left, and QEMU then switches over by itself whatever downtime-limit says; its
@@ -1014,12 +1072,12 @@ class SourceMigration:
         return was_paused
 
     def _tunnel_packets(self, packets: list[bytes]) -> int:
-        """Send the packets for -vm-ip, taken off the VM's tap, through the tunnel (the
-        rule routes them there); returns how many were sent.  Others (another of the
-        VM's addresses, multicast) are not tunnelled: resent, they would come back to
-        the same tap."""
+        """The packets for -vm-ip, taken off the VM's tap, for the tunnel: kept until the
+        switch, sent at once after it (see tapqueue.Hold); returns how many.  Others
+        (another of the VM's addresses, multicast) are not tunnelled: resent, they would
+        come back to the same tap."""
         mine = [p for p in packets if tapqueue.destination(p) == self.cfg.vm_ip]
-        return tapqueue.resend(mine)
+        return self.hold(mine, older=True)  # on the tap before the divert went in
 
     def _report_taken(self, taken: tapqueue.Leftovers, sent: int) -> None:
         """One line for what was taken off the tap and sent on, one warning for the rest."""
@@ -1027,8 +1085,7 @@ class SourceMigration:
         taps = ", ".join(self.taps.names)
         if sent:
             self.progress.step(
-                f"{sent} packet(s) the VM had not read from {taps} sent through "
-                f"{self.tunnel.ifname}"
+                f"{sent} packet(s) the VM had not read from {taps} taken for {self.tunnel.ifname}"
             )
         lost = taken.frames - taken.not_ip - sent
         if lost:
@@ -1183,7 +1240,7 @@ class SourceMigration:
                 await step()  # type: ignore[operator]
             except Exception as err:  # noqa: BLE001 - the next steps must run regardless
                 self.progress.warn(f"cleanup: {what}: {err}")
-        if self.diverts or self.diverts_ready:
+        if self.diverts or self.diverts_ready or self.diverting:
             try:
                 await self._undivert()
             except Exception as err:  # noqa: BLE001
@@ -1198,6 +1255,21 @@ class SourceMigration:
             except Exception as err:  # noqa: BLE001
                 self.progress.warn(f"cleanup: closing netlink: {err}")
 
+    async def _give_back(self) -> None:
+        """Given up before the switch: what was kept for the tunnel (see tapqueue.Hold) is
+        resent on the node, whose own route takes it back to the VM's tap."""
+        if self.hold.released:
+            return
+        try:
+            held, sent = await asyncio.to_thread(self.hold.release)
+        except OSError as err:
+            self.progress.warn(f"packets kept for the tunnel are lost: {err}")
+            return
+        if held:
+            self.progress.step(
+                f"{sent} of {held} packet(s) kept for the tunnel given back to the VM"
+            )
+
     async def _leave_committed(self) -> None:
         """After migrate-continue: no cancel, no `cont`; the tunnel goes back only if the
         source runs the VM again (QEMU resumes it itself when the migration fails)."""
@@ -1211,6 +1283,7 @@ class SourceMigration:
         if self.tunnel:
             await self._undivert()  # the tap's feed back before its route (see divert)
             await netlink(self.tunnel.unswitch)  # traffic back to the source VM's own route first
+            await self._give_back()
         state = (await self.mon.execute("query-migrate")).get("status")
         if state in migration.ACTIVE_STATES:
             mark = self.mon.mark()

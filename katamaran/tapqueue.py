@@ -7,10 +7,11 @@ handler reads before it asks whether the NIC can receive) and parks it in its ow
 queue, which is neither migrated nor reachable from outside: that frame is lost.  So the
 tap must be empty when the VM pauses, and a slow guest (nested TCG) takes tens of ms to
 empty it, long enough for QEMU to pause it by itself meanwhile (it does so whenever no
-page is dirty).  katamaran therefore switches traffic into the tunnel first, then takes
-the queued frames off the tap itself, the VM still running, and sends them, as IP
-packets, through the tunnel ahead of the newer ones (drain).  Whatever is still queued
-when the VM pauses anyway is read off and sent the same way (take_leftovers).
+page is dirty).  katamaran therefore diverts the tap's feed first (see divert), then takes
+the queued frames off the tap itself, the VM still running (drain), and keeps them, as
+IP packets, until QEMU pauses the VM (Hold): then traffic is switched into the tunnel
+and they go first, ahead of the newer ones.  Whatever is still queued when the VM
+pauses is read off and sent the same way (take_leftovers).
 
 How: QEMU's pid comes from the QMP socket (SO_PEERCRED); its tap fds are the
 `/dev/net/tun` entries of `/proc/<pid>/fd` (fdinfo names the interface); `pidfd_getfd(2)`
@@ -190,6 +191,57 @@ def resend(packets: list[bytes]) -> int:
         for sock in socks.values():
             sock.close()
     return sent
+
+
+class Hold:
+    """The VM's packets taken off its tap or diverted from its feed, kept until traffic
+    is switched into the tunnel (release), then sent in the order they came; after that,
+    sent at once.
+
+    Why not switch first: the switch is one policy rule, and from then on the node's
+    reverse-path check finds the VM's address "via the tunnel".  Where the pod's veth
+    has strict rp_filter (Calico's Felix sets it on every workload interface, against
+    spoofing), every packet the still-running VM sends is dropped: its answers to what
+    it read just before the switch, for as long as the drain runs.  Measured in a
+    netns pair: 2 of 2 packets from the pod's address dropped
+    (`TcpExtIPReversePathFilter`), none with rp_filter 0.  So katamaran takes the tap's
+    feed and queue while the VM runs, and switches only once QEMU has paused it.
+
+    If the migration is given up instead, release() after the switch is undone gives
+    the packets back: resent on the node, they reach the VM's tap again.
+
+    Order: frames taken off the tap (`older=True`) were queued before the divert went
+    in, so they go before every diverted one, whichever was read first (in the nested
+    e2e, a 143 ms drain beside the divert had ping count 4 replies reordered).
+    """
+
+    def __init__(self, send: Callable[[list[bytes]], int] = resend) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._older: list[bytes] = []
+        self._newer: list[bytes] = []
+        self.released = False
+
+    def __call__(self, packets: list[bytes], older: bool = False) -> int:
+        """Hold (or, once released, send) `packets`; how many were taken or sent."""
+        with self._lock:
+            if not self.released:
+                (self._older if older else self._newer).extend(packets)
+                return len(packets)
+            return self._send(packets) if packets else 0
+
+    @property
+    def held(self) -> int:
+        return len(self._older) + len(self._newer)
+
+    def release(self) -> tuple[int, int]:
+        """Send what is held, oldest first, and whatever comes later at once:
+        (held, sent)."""
+        with self._lock:
+            held = self._older + self._newer
+            self._older, self._newer = [], []
+            self.released = True
+            return len(held), self._send(held) if held else 0
 
 
 @dataclass

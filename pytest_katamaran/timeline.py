@@ -86,6 +86,7 @@ def phase_marks(migration: Mapping[str, Any]) -> list[tuple[str, float]]:
     resume = "RESUME + plug released" if migration.get("plug_released") else "RESUME"
     marks: list[tuple[str, Any]] = [
         ("mirror ready", src.get("mirror ready")),
+        ("tap's feed diverted", src.get("feed diverted")),
         ("traffic switched", src.get("tunnel switched")),
         ("STOP", src.get("STOP")),
         (resume, dst.get("RESUME (plug released)")),

@@ -114,6 +114,8 @@ def katamaran_events(
     src, dst = stamped(source_log), stamped(dest_log)
     source = {
         "mirror ready": first_stamp(src, "storage synchronized"),
+        # The divert and the tap drain come first; the switch waits for the pause.
+        "feed diverted": first_stamp(src, "feed diverted to katamaran"),
         # Only a real switch (not "switchover (...): pausing the VM" without a tunnel);
         # an idle guest QEMU pauses itself first, and the switch happens at STOP.
         "tunnel switched": first_stamp(src, "): traffic for ")

@@ -4,7 +4,8 @@ Why: katamaran's cutover has to work against the plumbing a real Calico + Kata n
 has, not a simplified bridge.  That is:
 
 * node side: veth `cali<id>` with Calico's fixed MAC ee:ee:ee:ee:ee:ee, 169.254.1.1/32,
-  proxy_arp on, and the host route `<pod-ip>/32 dev cali<id>`;
+  proxy_arp on, strict rp_filter (as Felix sets it), and the host route
+  `<pod-ip>/32 dev cali<id>`;
 * pod netns: the peer as `eth0` with `<pod-ip>/32` and `default via 169.254.1.1 onlink`;
   `tap0_kata` for QEMU; the VM NIC reuses eth0's MAC (Kata copies it);
 * Kata's default "tcfilter" model: ingress qdiscs on eth0 and tap0_kata with u32
@@ -222,6 +223,10 @@ class PodNet:
             ip.addr("add", index=cali, address=GATEWAY_IP, prefixlen=32)
             ip.link("set", index=cali, state="up")
         write_sysctl(self.node_netns, f"net/ipv4/conf/{self.host_ifname}/proxy_arp", 1)
+        # Strict reverse-path filtering, as Calico's Felix sets on every workload
+        # interface (against spoofing): a cutover that routes the VM's address elsewhere
+        # while the VM still sends has those packets dropped here (see tapqueue.Hold).
+        write_sysctl(self.node_netns, f"net/ipv4/conf/{self.host_ifname}/rp_filter", 1)
         with ipr(self.node_netns) as ip:
             cali = _link_index(ip, self.host_ifname)
             ip.route("add", dst=f"{self.pod_ip}/32", oif=cali, scope="link")

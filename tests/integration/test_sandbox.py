@@ -214,6 +214,7 @@ def test_podnet_shape_and_teardown(lab):
         assert CALICO_MAC in cali and f"{GATEWAY_IP}/32" in cali
         assert pod.host_ifname.startswith("cali") and len(pod.host_ifname) == 15
         assert read_sysctl(node, f"net/ipv4/conf/{pod.host_ifname}/proxy_arp") == "1"
+        assert read_sysctl(node, f"net/ipv4/conf/{pod.host_ifname}/rp_filter") == "1"
         assert f"{POD_IP} dev {pod.host_ifname}" in ip_out("-n", node, "route")
         eth0 = ip_out("-n", pod.netns, "addr", "show", "eth0")
         assert f"{POD_IP}/32" in eth0 and pod.mac is not None and pod.mac in eth0

@@ -176,7 +176,7 @@ def test_a_dropped_session_does_not_change_the_exit_code(tmp_path):
     assert proc.wait(30) == 1
 
 
-def test_only_the_vms_packets_taken_off_its_tap_go_into_the_tunnel(monkeypatch):
+def test_only_the_vms_packets_taken_off_its_tap_go_into_the_tunnel():
     """Packets for -vm-ip are resent (the rule routes them into the tunnel); others would
     come back to the same tap, so they are not.  -vm-ip arrives parsed (an IPv4Address
     or IPv6Address), the packets as bytes: the two must compare as addresses.
@@ -201,7 +201,6 @@ def test_only_the_vms_packets_taken_off_its_tap_go_into_the_tunnel(monkeypatch):
         return head + ipaddress.ip_address("fd00::9").packed + ipaddress.ip_address(dst).packed
 
     sent: list[bytes] = []
-    monkeypatch.setattr(tapqueue, "resend", lambda packets: sent.extend(packets) or len(packets))
     for vm, mine, others in (
         ("10.244.1.5", ipv4("10.244.1.5"), [ipv4("10.244.1.6"), ipv6("fd00::5")]),
         ("fd00::5", ipv6("fd00::5"), [ipv6("fd00::6"), ipv4("10.244.1.5"), ipv6("ff02::1")]),
@@ -209,8 +208,26 @@ def test_only_the_vms_packets_taken_off_its_tap_go_into_the_tunnel(monkeypatch):
         sent.clear()
         cfg = Config(mode="source", vm_ip=ipaddress.ip_address(vm))
         source = SourceMigration(cfg, None, Progress(io.StringIO()))  # type: ignore[arg-type]
+        source.hold = tapqueue.Hold(send=lambda packets: sent.extend(packets) or len(packets))
         assert source._tunnel_packets([others[0], mine, *others[1:], mine]) == 2
+        assert sent == [] and source.hold.held == 2, "sent before the switch"
+        assert source.hold.release() == (2, 2)
         assert sent == [mine, mine], vm
+        assert source._tunnel_packets([mine]) == 1 and sent == [mine] * 3, "kept after the switch"
+
+
+def test_kept_packets_go_out_in_order_once_released():
+    from katamaran.tapqueue import Hold
+
+    sent: list[bytes] = []
+    hold = Hold(send=lambda packets: sent.extend(packets) or len(packets) - 1)  # 1 too big
+    assert hold([b"c", b"d"]) == 2 and hold([]) == 0 and hold([b"a"], older=True) == 1
+    assert hold([b"e"]) == 1 and hold([b"b"], older=True) == 1
+    assert sent == [] and hold.held == 5
+    assert hold.release() == (5, 4)  # held, sent
+    assert sent == [b"a", b"b", b"c", b"d", b"e"] and hold.held == 0  # the tap's first
+    assert hold([b"f", b"g"]) == 1 and sent[-2:] == [b"f", b"g"]
+    assert hold.release() == (0, 0)
 
 
 def test_divert_names_fit_and_differ_per_vm_and_tap():
@@ -249,6 +266,7 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
 
     from katamaran.config import Config
     from katamaran.source import SourceMigration
+    from katamaran.tapqueue import Hold
 
     calls: list[str] = []
 
@@ -278,10 +296,13 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
     out = io.StringIO()
     source = SourceMigration(cfg, Monitor(), Progress(out))  # type: ignore[arg-type]
     source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
+    source.hold = Hold(send=lambda packets: calls.append("resend to the VM") or len(packets))
+    source.hold([b"kept while the VM ran"])
     asyncio.run(source._abort_migration())
-    assert calls[:3] == ["give the feed back", "close", "unswitch"], calls
-    said = "3 packet(s) that reached it after the switch were sent through kmr-0 (1 frame(s) not"
+    assert calls[:4] == ["give the feed back", "close", "unswitch", "resend to the VM"], calls
+    said = "3 packet(s) for 10.244.1.5 were diverted from it (1 frame(s) not"
     assert said in out.getvalue()
+    assert "1 of 1 packet(s) kept for the tunnel given back to the VM" in out.getvalue()
     assert source.diverts == []
 
 
@@ -329,8 +350,15 @@ def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
     source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
     source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
     source.taps, source.passes = Taps(), passes  # type: ignore[assignment]
+
+    async def stop() -> None:
+        try:
+            await source._on_event({"event": "STOP", "data": {}})  # type: ignore[typeddict-item]
+        finally:
+            await source._diverted()
+
     try:
-        asyncio.run(source._on_event({"event": "STOP", "data": {}}))  # type: ignore[typeddict-item]
+        asyncio.run(stop())
     except KatamaranError as err:
         return calls, str(err)
     return calls, None
@@ -341,14 +369,15 @@ def test_a_stop_after_the_first_pass_takes_the_tap_before_asking_qemu():
     reads after that; query-status is answered only then, so it must come last."""
     calls, error = _stop_handling(passes=3, status="finish-migrate")
     assert error is None
-    assert calls == [
-        "switch",
-        "take the tap's frames",
-        "divert",
-        "take the tap's frames",
-        "release the tap",
-        "query-status",
-    ], calls
+    assert calls[:2] == ["switch", "take the tap's frames"], calls
+    # The divert (~0.1 s on a nested node) runs beside the rest of the pause: then what
+    # reached the tap meanwhile is taken, and only then is the tap let go.
+    later = calls[2:]
+    assert sorted(later) == sorted(
+        ["divert", "take the tap's frames", "release the tap", "query-status"]
+    ), calls
+    took = later.index("take the tap's frames")
+    assert later.index("divert") < took < later.index("release the tap"), calls
 
 
 def test_a_stop_in_the_first_pass_asks_qemu_first_and_leaves_traffic_alone():
@@ -357,3 +386,76 @@ def test_a_stop_in_the_first_pass_asks_qemu_first_and_leaves_traffic_alone():
     calls, error = _stop_handling(passes=1, status="paused")
     assert error is not None and "not by the migration" in error
     assert calls == ["query-status"], calls
+
+
+def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_stop():
+    """Switched while the VM runs, strict rp_filter on the pod's veth (Calico's) drops
+    every packet the VM sends: so the drain keeps what it takes, the rule goes in at the
+    STOP, and what was kept goes first."""
+    import asyncio
+    import ipaddress
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+    from katamaran.tapqueue import Drained, Hold, Leftovers
+
+    calls: list[str] = []
+
+    class Divert:
+        tap, installed = "tap0_kata", False
+
+        def divert(self) -> None:
+            calls.append("divert")
+            self.installed = True
+
+    class Tunnel:
+        ifname, ready = "kmr-0", True
+
+        def switch(self) -> None:
+            calls.append("switch")
+
+    class Taps:
+        fds, names = [7], ["tap0_kata"]
+
+        def drain(self, forward, timeout, cancel=None) -> Drained:  # type: ignore[no-untyped-def]
+            calls.append("drain")
+            taken = Leftovers(packets=[b"queued"])
+            return Drained(taken=taken, forwarded=forward(taken.packets))
+
+        def take_leftovers(self) -> Leftovers:
+            return Leftovers()
+
+        def close(self) -> None:
+            calls.append("release the tap")
+
+    class Monitor:
+        timeout = 1.0
+
+        async def execute(self, command: str, args: dict | None = None) -> dict:
+            calls.append(command)
+            return {"status": "finish-migrate"} if command == "query-status" else {}
+
+        async def next_event(self, match, since, timeout):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(timeout)  # no STOP during the drain
+            return None
+
+    cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
+    source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
+    source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
+    source.taps, source.passes = Taps(), 3  # type: ignore[assignment]
+    source._tunnel_packets = lambda packets: source.hold(packets, older=True)  # type: ignore[method-assign]
+    source.hold = Hold(
+        send=lambda packets: calls.extend(f"send {p.decode()}" for p in packets) or len(packets)
+    )
+
+    async def run() -> None:
+        await source._switchover({"ram": {"remaining": 1 << 20}}, 0)
+        assert "switch" not in calls, calls  # the VM still runs: nothing switched yet
+        assert calls.index("divert") < calls.index("drain"), calls
+        assert source.hold.held == 1
+        await source._on_event({"event": "STOP", "data": {}})  # type: ignore[typeddict-item]
+
+    asyncio.run(run())
+    at_stop = calls[calls.index("switch") :]
+    assert at_stop[:2] == ["switch", "send queued"], calls
+    assert at_stop.index("query-status") > 1, calls

@@ -65,6 +65,8 @@ def ping_log(count: int = 20) -> str:
 SOURCE_LOG = "\n".join(
     [
         "[99.500000] katamaran: storage synchronized (64.1 MiB)",
+        "[100.300000] katamaran: tap0_kata's feed diverted to katamaran: frames still on their "
+        "way to it follow the rest through the tunnel",
         "[100.400000] katamaran: switchover (0.4 MiB of RAM left): traffic for 10.244.1.5 "
         "into kmr-1",
         f"[{STOP:.6f}] katamaran: VM paused: traffic for 10.244.1.5 now goes through kmr-1",
@@ -108,6 +110,7 @@ def test_events_name_every_phase_from_katamaran_lines():
     events, dest_events = katamaran_events(SOURCE_LOG, DEST_LOG)
     assert events["mirror ready"] == 99.5
     assert events["tunnel switched"] == 100.4
+    assert events["feed diverted"] == 100.3
     assert events["STOP"] == STOP
     assert dest_events["RESUME (plug released)"] == 100.6
     no_tunnel, _ = katamaran_events(
@@ -123,13 +126,14 @@ def test_phase_marks_in_time_order_with_labels():
     marks = phase_marks(migration())
     assert [label for label, _ in marks] == [
         "mirror ready",
+        "tap's feed diverted",
         "traffic switched",
         "STOP",
         "RESUME + plug released",
         "CNI converged (node-b)",
         "CNI converged (node-a)",
     ]
-    assert [at for _, at in marks] == [99.5, 100.4, STOP, 100.6, 101.0, 101.2]
+    assert [at for _, at in marks] == [99.5, 100.3, 100.4, STOP, 100.6, 101.0, 101.2]
     no_plug = {**migration(), "plug_released": None}
     assert "RESUME" in [label for label, _ in phase_marks(no_plug)]
 
