@@ -179,6 +179,7 @@ class SourceMigration:
         self.diverts_ready: asyncio.Future[None] | None = None
         self.switchover_started = False
         self.draining = False  # katamaran's switchover is using the taps (see _watch_stop)
+        self.drain_ended = asyncio.Event()
         self.tap_taken = False  # at the STOP, once (_take_tap_now)
         self.stop_watch: asyncio.Future[None] | None = None  # see _watch_stop
         self.taking: asyncio.Future[None] | None = None  # its take of the tap
@@ -754,8 +755,9 @@ class SourceMigration:
         return False
 
     async def _watch_stop(self, mark: int) -> None:
-        """Take the tap the moment QEMU pauses the VM by itself (see _take_the_tap), even
-        while the RAM loop waits for an answer.
+        """Switch traffic and take the tap (see _take_the_tap) the moment QEMU pauses the
+        VM, even while the RAM loop waits for an answer (or, in katamaran's own
+        switchover, as soon as its drain has let go of the taps).
 
         Why a task of its own: the loop asks QEMU after every dirty sync, and the sync
         that finds nothing left is the one QEMU pauses the VM after, so its question is
@@ -774,8 +776,12 @@ class SourceMigration:
             if event["event"] == "MIGRATION_PASS":
                 self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
                 continue
-            if self.passes >= 2 and not (self.draining or self.tap_taken):
-                self.paused_at = loop.time()
+            if self.passes < 2:
+                return  # not the migration's: the loop asks QEMU first
+            self.paused_at = loop.time()
+            if self.draining:
+                await self.drain_ended.wait()
+            if not self.tap_taken:
                 self.taking = asyncio.ensure_future(self._take_tap_now())
             return
 
@@ -797,9 +803,10 @@ class SourceMigration:
             await asyncio.gather(diverting, return_exceptions=True)
 
     async def _take_the_tap(self) -> None:
-        """At STOP, before asking QEMU anything: switch traffic (if katamaran had not
-        yet), send what waits on the taps through the tunnel, divert their feed, and
-        send on what reached them meanwhile.
+        """At STOP, before asking QEMU anything: switch traffic into the tunnel (what was
+        kept while the VM ran goes first, see tapqueue.Hold) and send what waits on the
+        taps; if katamaran's switchover had not diverted their feed, divert it and send
+        on what reached them meanwhile.
 
         Why before: QEMU holds its big lock from the STOP until `pre-switchover` (it
         drains and flushes the disks), so its main loop cannot read the tap meanwhile.
@@ -989,6 +996,7 @@ class SourceMigration:
             paused = await self._divert_and_drain(info, mark)
         finally:
             self.draining = False  # from here a STOP is the watch's to handle at once
+            self.drain_ended.set()
         if not paused:
             await self._lift_switchover_limit()
 
