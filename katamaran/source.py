@@ -782,6 +782,9 @@ class SourceMigration:
             if self.draining:
                 await self.drain_ended.wait()
             if not self.tap_taken:
+                # claimed now, not when the task starts: the loop must not begin its own
+                # switchover (or take) in between
+                self.tap_taken = self.switchover_started = True
                 self.taking = asyncio.ensure_future(self._take_tap_now())
             return
 

@@ -202,10 +202,10 @@ class Hold:
     reverse-path check finds the VM's address "via the tunnel".  Where the pod's veth
     has strict rp_filter (Calico's Felix sets it on every workload interface, against
     spoofing), every packet the still-running VM sends is dropped: its answers to what
-    it read just before the switch, for as long as the drain runs.  Measured in a
-    netns pair: 2 of 2 packets from the pod's address dropped
-    (`TcpExtIPReversePathFilter`), none with rp_filter 0.  So katamaran takes the tap's
-    feed and queue while the VM runs, and switches only once QEMU has paused it.
+    it read just before the switch, until QEMU pauses it.  tests/integration/test_rpf.py:
+    2 of 2 packets from the pod's address dropped (`TcpExtIPReversePathFilter`), none
+    with rp_filter 0.  So katamaran takes the tap's feed and queue while the VM runs,
+    and switches only once QEMU has paused it.
 
     If the migration is given up instead, release() after the switch is undone gives
     the packets back: resent on the node, they reach the VM's tap again.

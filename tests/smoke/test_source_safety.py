@@ -306,6 +306,49 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
     assert source.diverts == []
 
 
+class _Recording:
+    """Fakes of a divert, a tunnel and taps that only record, in order, what the source
+    asks of them."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+
+class _Divert(_Recording):
+    tap, installed = "tap0_kata", False
+
+    def divert(self) -> None:
+        self.calls.append("divert")
+        self.installed = True
+
+
+class _Tunnel(_Recording):
+    ifname, ready = "kmr-0", True
+
+    def switch(self) -> None:
+        self.calls.append("switch")
+
+
+class _Taps(_Recording):
+    fds, names = [7], ["tap0_kata"]
+
+    def drain(self, forward, timeout, cancel=None):  # type: ignore[no-untyped-def]
+        from katamaran.tapqueue import Drained, Leftovers
+
+        self.calls.append("drain")
+        taken = Leftovers(packets=[b"queued"])
+        return Drained(taken=taken, forwarded=forward(taken.packets))
+
+    def take_leftovers(self):  # type: ignore[no-untyped-def]
+        from katamaran.tapqueue import Leftovers
+
+        self.calls.append("take the tap's frames")
+        return Leftovers()
+
+    def close(self) -> None:
+        self.calls.append("release the tap")
+
+
 def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
     """Feed one STOP to a source whose traffic katamaran had not switched yet (QEMU
     paused the VM itself); the calls in order, and the error if it aborted."""
@@ -314,32 +357,9 @@ def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
 
     from katamaran.config import Config
     from katamaran.source import SourceMigration
-    from katamaran.tapqueue import Leftovers
 
     calls: list[str] = []
-
-    class Divert:
-        tap, installed = "tap0_kata", False
-
-        def divert(self) -> None:
-            calls.append("divert")
-            self.installed = True
-
-    class Tunnel:
-        ifname, ready = "kmr-0", True
-
-        def switch(self) -> None:
-            calls.append("switch")
-
-    class Taps:
-        fds, names = [7], ["tap0_kata"]
-
-        def take_leftovers(self) -> Leftovers:
-            calls.append("take the tap's frames")
-            return Leftovers()
-
-        def close(self) -> None:
-            calls.append("release the tap")
+    divert, tunnel, taps = _Divert(calls), _Tunnel(calls), _Taps(calls)
 
     class Monitor:
         async def execute(self, command: str, args: dict | None = None) -> dict:
@@ -348,8 +368,8 @@ def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
 
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
     source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
-    source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
-    source.taps, source.passes = Taps(), passes  # type: ignore[assignment]
+    source.tunnel, source.diverts = tunnel, [divert]  # type: ignore[assignment, list-item]
+    source.taps, source.passes = taps, passes  # type: ignore[assignment]
 
     async def stop() -> None:
         try:
@@ -397,36 +417,9 @@ def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_st
 
     from katamaran.config import Config
     from katamaran.source import SourceMigration
-    from katamaran.tapqueue import Drained, Hold, Leftovers
+    from katamaran.tapqueue import Hold
 
     calls: list[str] = []
-
-    class Divert:
-        tap, installed = "tap0_kata", False
-
-        def divert(self) -> None:
-            calls.append("divert")
-            self.installed = True
-
-    class Tunnel:
-        ifname, ready = "kmr-0", True
-
-        def switch(self) -> None:
-            calls.append("switch")
-
-    class Taps:
-        fds, names = [7], ["tap0_kata"]
-
-        def drain(self, forward, timeout, cancel=None) -> Drained:  # type: ignore[no-untyped-def]
-            calls.append("drain")
-            taken = Leftovers(packets=[b"queued"])
-            return Drained(taken=taken, forwarded=forward(taken.packets))
-
-        def take_leftovers(self) -> Leftovers:
-            return Leftovers()
-
-        def close(self) -> None:
-            calls.append("release the tap")
 
     class Monitor:
         timeout = 1.0
@@ -441,8 +434,8 @@ def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_st
 
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
     source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
-    source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
-    source.taps, source.passes = Taps(), 3  # type: ignore[assignment]
+    source.tunnel, source.diverts = _Tunnel(calls), [_Divert(calls)]  # type: ignore[assignment, list-item]
+    source.taps, source.passes = _Taps(calls), 3  # type: ignore[assignment]
     source._tunnel_packets = lambda packets: source.hold(packets, older=True)  # type: ignore[method-assign]
     source.hold = Hold(
         send=lambda packets: calls.extend(f"send {p.decode()}" for p in packets) or len(packets)
