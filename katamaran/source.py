@@ -180,9 +180,8 @@ class SourceMigration:
         self.switchover_started = False
         self.draining = False  # katamaran's switchover is using the taps (see _watch_stop)
         self.drain_ended = asyncio.Event()
-        self.tap_taken = False  # at the STOP, once (_take_tap_now)
         self.stop_watch: asyncio.Future[None] | None = None  # see _watch_stop
-        self.taking: asyncio.Future[None] | None = None  # its take of the tap
+        self.taking: asyncio.Future[None] | None = None  # the one take at STOP (_start_take)
         self.diverting: asyncio.Future[None] | None = None  # the take's divert, if late
         self.hold = tapqueue.Hold()  # the VM's packets until the switch (see there)
         self.last_sync: int | None = None
@@ -666,7 +665,7 @@ class SourceMigration:
                     if await self._on_event(event):
                         break
                     continue
-                self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
+                self._count_pass(event)
                 if self.switchover_started or self.phase is Phase.COMMITTED:
                     continue
             if loop.time() >= self.deadline:
@@ -724,11 +723,11 @@ class SourceMigration:
             if self.paused_at is None:
                 self.paused_at = asyncio.get_running_loop().time()
             if self.passes >= 2:  # may be QEMU's own switchover: act before asking
-                await self._take_the_tap()
+                await self._start_take()
                 await self._check_stop()
             else:  # in the first pass QEMU cannot switch over: an operator, an I/O error
                 await self._check_stop()
-                await self._take_the_tap()
+                await self._start_take()
             return False
         if name == "BLOCK_JOB_ERROR" and data.get("device") == self.job:
             raise KatamaranError(f"drive-mirror failed: {data.get('reason', 'I/O error')}")
@@ -755,7 +754,7 @@ class SourceMigration:
         return False
 
     async def _watch_stop(self, mark: int) -> None:
-        """Switch traffic and take the tap (see _take_the_tap) the moment QEMU pauses the
+        """Switch traffic and take the tap (see _take_tap_now) the moment QEMU pauses the
         VM, even while the RAM loop waits for an answer (or, in katamaran's own
         switchover, as soon as its drain has let go of the taps).
 
@@ -774,19 +773,28 @@ class SourceMigration:
                 continue
             mark, event = found
             if event["event"] == "MIGRATION_PASS":
-                self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
+                self._count_pass(event)
                 continue
             if self.passes < 2:
                 return  # not the migration's: the loop asks QEMU first
             self.paused_at = loop.time()
             if self.draining:
                 await self.drain_ended.wait()
-            if not self.tap_taken:
-                # claimed now, not when the task starts: the loop must not begin its own
-                # switchover (or take) in between
-                self.tap_taken = self.switchover_started = True
-                self.taking = asyncio.ensure_future(self._take_tap_now())
+            self._start_take()
             return
+
+    def _count_pass(self, event: Event) -> None:
+        """MIGRATION_PASS, seen by the loop and the STOP watch alike (either may be first)."""
+        self.passes = max(self.passes, event.get("data", {}).get("pass", 0))
+
+    def _start_take(self) -> asyncio.Future[None]:
+        """The one take of the tap at STOP, begun by whichever of the STOP watch and the
+        loop comes first; the other waits for it.  Claimed at once, not when the task
+        starts: the loop must not begin its own switchover in between."""
+        if self.taking is None:
+            self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
+            self.taking = asyncio.ensure_future(self._take_tap_now())
+        return self.taking
 
     async def _end_stop_watch(self) -> None:
         """Stop waiting for a STOP; let a take that began run to its end (a thread reads
@@ -805,7 +813,7 @@ class SourceMigration:
             diverting, self.diverting = self.diverting, None
             await asyncio.gather(diverting, return_exceptions=True)
 
-    async def _take_the_tap(self) -> None:
+    async def _take_tap_now(self) -> None:
         """At STOP, before asking QEMU anything: switch traffic into the tunnel (what was
         kept while the VM ran goes first, see tapqueue.Hold) and send what waits on the
         taps; if katamaran's switchover had not diverted their feed, divert it and send
@@ -821,22 +829,9 @@ class SourceMigration:
         A frame read while QEMU stops the vCPUs, before the STOP event, is still
         parked: only katamaran's own switchover (divert before the pause) avoids that.
         """
-        if self.taking is not None:  # the STOP watch began it: the same STOP
-            taking, self.taking = self.taking, None
-            await taking
-        elif not self.tap_taken:
-            await self._take_tap_now()
-
-    async def _take_tap_now(self) -> None:
-        self.tap_taken = True
-        self.switchover_started = True  # QEMU may stop the VM itself (an idle guest)
         if self.tunnel and self.tunnel.ready:
             await netlink(self.tunnel.switch)
-            try:
-                held, sent = await asyncio.to_thread(self.hold.release)
-            except OSError as err:
-                held, sent = self.hold.held, 0
-                self.progress.warn(f"packets kept for {self.tunnel.ifname} are lost: {err}")
+            held, sent = await self._release_hold(self.tunnel.ifname)
             first = f"; the {sent} packet(s) kept while it ran went first" if sent else ""
             self.progress.step(
                 f"VM paused: traffic for {self.cfg.vm_ip} now goes through "
@@ -1019,14 +1014,14 @@ class SourceMigration:
             )
         elif tunnel:  # no tap to take frames from: nothing to keep them from
             await netlink(tunnel.switch)
-            self.hold.release()
             self.progress.step(
                 f"switchover ({remaining} of RAM left): traffic for {self.cfg.vm_ip} "
                 f"into {tunnel.ifname}"
             )
         else:
-            self.hold.release()
             self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
+        if not (tunnel and draining):
+            self.hold.release()  # nothing is kept: sent as it comes (nothing held yet)
         if draining and await self._drain_taps(mark):
             return True  # QEMU is pausing the VM already: the STOP handling comes next
         if not tunnel:
@@ -1266,16 +1261,21 @@ class SourceMigration:
             except Exception as err:  # noqa: BLE001
                 self.progress.warn(f"cleanup: closing netlink: {err}")
 
+    async def _release_hold(self, what: str) -> tuple[int, int]:
+        """tapqueue.Hold.release off the event loop: (held, sent); (0, 0) with a warning
+        if the raw socket is refused (the kept packets are lost then)."""
+        try:
+            return await asyncio.to_thread(self.hold.release)
+        except OSError as err:
+            self.progress.warn(f"packets kept for {what} are lost: {err}")
+            return 0, 0
+
     async def _give_back(self) -> None:
         """Given up before the switch: what was kept for the tunnel (see tapqueue.Hold) is
         resent on the node, whose own route takes it back to the VM's tap."""
         if self.hold.released:
             return
-        try:
-            held, sent = await asyncio.to_thread(self.hold.release)
-        except OSError as err:
-            self.progress.warn(f"packets kept for the tunnel are lost: {err}")
-            return
+        held, sent = await self._release_hold("the tunnel")
         if held:
             self.progress.step(
                 f"{sent} of {held} packet(s) kept for the tunnel given back to the VM"

@@ -287,14 +287,9 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
         def unswitch(self) -> None:
             calls.append("unswitch")
 
-    class Monitor:
-        async def execute(self, command: str, args: dict | None = None) -> dict:
-            calls.append(command)
-            return {"status": "running"} if command == "query-status" else {}
-
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
     out = io.StringIO()
-    source = SourceMigration(cfg, Monitor(), Progress(out))  # type: ignore[arg-type]
+    source = SourceMigration(cfg, _Monitor(calls, "running"), Progress(out))  # type: ignore[arg-type]
     source.tunnel, source.diverts = Tunnel(), [Divert()]  # type: ignore[assignment, list-item]
     source.hold = Hold(send=lambda packets: calls.append("resend to the VM") or len(packets))
     source.hold([b"kept while the VM ran"])
@@ -349,6 +344,27 @@ class _Taps(_Recording):
         self.calls.append("release the tap")
 
 
+class _Monitor(_Recording):
+    """QMP that records each command and answers query-status with `status`; no event
+    ever comes."""
+
+    timeout = 1.0
+
+    def __init__(self, calls: list[str], status: str) -> None:
+        super().__init__(calls)
+        self.status = status
+
+    async def execute(self, command: str, args: dict | None = None) -> dict:
+        self.calls.append(command)
+        return {"status": self.status} if command == "query-status" else {}
+
+    async def next_event(self, match, since, timeout):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        await asyncio.sleep(timeout)
+        return None
+
+
 def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
     """Feed one STOP to a source whose traffic katamaran had not switched yet (QEMU
     paused the VM itself); the calls in order, and the error if it aborted."""
@@ -361,13 +377,9 @@ def _stop_handling(passes: int, status: str) -> tuple[list[str], str | None]:
     calls: list[str] = []
     divert, tunnel, taps = _Divert(calls), _Tunnel(calls), _Taps(calls)
 
-    class Monitor:
-        async def execute(self, command: str, args: dict | None = None) -> dict:
-            calls.append(command)
-            return {"status": status} if command == "query-status" else {}
-
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
-    source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
+    mon = _Monitor(calls, status)
+    source = SourceMigration(cfg, mon, Progress(io.StringIO()))  # type: ignore[arg-type]
     source.tunnel, source.diverts = tunnel, [divert]  # type: ignore[assignment, list-item]
     source.taps, source.passes = taps, passes  # type: ignore[assignment]
 
@@ -421,19 +433,9 @@ def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_st
 
     calls: list[str] = []
 
-    class Monitor:
-        timeout = 1.0
-
-        async def execute(self, command: str, args: dict | None = None) -> dict:
-            calls.append(command)
-            return {"status": "finish-migrate"} if command == "query-status" else {}
-
-        async def next_event(self, match, since, timeout):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(timeout)  # no STOP during the drain
-            return None
-
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
-    source = SourceMigration(cfg, Monitor(), Progress(io.StringIO()))  # type: ignore[arg-type]
+    mon = _Monitor(calls, "finish-migrate")
+    source = SourceMigration(cfg, mon, Progress(io.StringIO()))  # type: ignore[arg-type]
     source.tunnel, source.diverts = _Tunnel(calls), [_Divert(calls)]  # type: ignore[assignment, list-item]
     source.taps, source.passes = _Taps(calls), 3  # type: ignore[assignment]
     source._tunnel_packets = lambda packets: source.hold(packets, older=True)  # type: ignore[method-assign]
