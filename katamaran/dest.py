@@ -18,7 +18,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import migration
+from . import gate, migration
 from .config import Config, host_port
 from .errors import KatamaranError, QMPCommandError
 from .listener import MigrationListener, bound_address, open_listener
@@ -94,6 +94,7 @@ class DestMigration:
             await self.mon.execute(
                 "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
             )
+            await self._remove_gate_bitmap()
             drops = await netlink(self.plug.drops) if self.plug else 0
             if drops:
                 self.progress.warn(
@@ -404,6 +405,17 @@ class DestMigration:
             if not any(e["id"] == EXPORT_ID for e in exports):
                 return
             await asyncio.sleep(0.05)
+
+    async def _remove_gate_bitmap(self) -> None:
+        """The source's switchover gate (see gate) came with the VM: it tracks nothing,
+        but it is katamaran's, so it goes."""
+        try:
+            nodes = await gate.remove_arrived(self.mon)
+        except QMPCommandError as err:
+            self.progress.warn(f"removing the switchover gate's bitmap: {err}")
+            return
+        if nodes:
+            self.progress.step(f"switchover gate's bitmap removed from {', '.join(nodes)}")
 
     async def _quiet(self, command: str, args: dict[str, object] | None = None) -> None:
         try:

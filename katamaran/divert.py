@@ -349,27 +349,42 @@ class TapDivert:
                 self.stats.unsendable += len(packets) - sent
             return frames
 
+    def undivert(self) -> None:
+        """Give the tap its feed back, ready to divert it again (the source gives the VM
+        its packets back when RAM does not converge soon after the gate, see gate).
+        Frames already diverted are read and sent on first."""
+        self._drop_filters()
+        self._take_rest()
+        self.installed = False
+
     def remove(self) -> None:
         """Give the tap its feed back (filter first), then drop the veth.  Frames already
         diverted are read and sent on first."""
-        pod = self._pod()
-        for index in self.feeds:
-            _del_filter(pod, index)
-        self.feeds.clear()
+        self._drop_filters()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        try:
-            self.take()  # what came before the filter went
-        except OSError as err:
-            self.error = err
+        self._take_rest()
         with self._lock:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
         _quiet(self.ipr.link, "del", ifname=self.mine)  # and its peer in the pod
         self.installed = False
+
+    def _drop_filters(self) -> None:
+        pod = self._pod()
+        for index in self.feeds:
+            _del_filter(pod, index)
+        self.feeds.clear()
+
+    def _take_rest(self) -> None:
+        """What came before the filter went."""
+        try:
+            self.take()
+        except OSError as err:
+            self.error = err
 
     def close(self) -> None:
         self.ipr.close()

@@ -12,6 +12,8 @@ from .qmp import Monitor
 # destination tells the source whether it loaded the state, so the source's `completed`
 # means the destination has the VM (and a failure there is reported, not swallowed).
 CAPABILITIES = ("events", "auto-converge", "pause-before-switchover", "return-path")
+# ... and the source's switchover gate (see gate), set only where it is closed.
+SAVED_CAPABILITIES = (*CAPABILITIES, "dirty-bitmaps")
 # Every migration parameter katamaran may change (saved first, restored on every exit).
 # QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
 THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
@@ -31,7 +33,7 @@ async def snapshot(mon: Monitor) -> dict[str, dict[str, Any]]:
     caps = {c["capability"]: c["state"] for c in await mon.execute("query-migrate-capabilities")}
     params = await mon.execute("query-migrate-parameters")
     return {
-        "capabilities": {name: caps[name] for name in CAPABILITIES if name in caps},
+        "capabilities": {name: caps[name] for name in SAVED_CAPABILITIES if name in caps},
         "parameters": {name: params[name] for name in PARAMETERS if name in params},
     }
 

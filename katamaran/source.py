@@ -47,6 +47,7 @@ from . import migration, tapqueue
 from .aio import within
 from .config import Config, host_port
 from .errors import KatamaranError, OutcomeUncertain, QMPCommandError
+from .gate import SwitchoverGate, waits_at_gate
 from .lock import VMLock
 from .names import divert_names
 from .progress import Progress, mib
@@ -67,6 +68,9 @@ MIGRATE_FD = "katamaran-migrate"
 # bytes/s while the drain runs (see _ease_migration): about one page per 100 ms
 # rate-limit window, after which QEMU's migration thread sleeps out the window.
 DRAIN_MAX_BANDWIDTH = 4096
+# How long the VM's packets may be kept after the gate (see gate) while RAM converges;
+# an idle guest converged at the next pass in the nested e2e, well within this.
+GATE_HOLD_S = 2.0
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
 
 
@@ -190,6 +194,9 @@ class SourceMigration:
         self.paused_ms: int | None = None
         self.saved_params: dict[str, int] = {}  # changed while katamaran decides and drains
         self.tls: TLSCreds | None = None
+        self.gate: SwitchoverGate | None = None  # see gate
+        self.no_gate = ""  # why there is none
+        self.held_at: float | None = None  # loop time the gate's hold began (see _hold_at_gate)
 
     async def run(self) -> Summary:
         try:
@@ -213,6 +220,7 @@ class SourceMigration:
             self.tls = TLSCreds(self.mon, self.cfg)
             await self.tls.add()
         mirror = None
+        await self._place_gate()
         if not self.cfg.shared_storage:
             self.phase = Phase.MIRROR
             mirror = await self._mirror()
@@ -423,6 +431,7 @@ class SourceMigration:
         katamaran only races QEMU's identical test.
         """
         if not (self.taps and self.taps.fds):
+            await self._remove_gate()  # nothing to take from the tap before the pause
             return  # nothing to drain: QEMU's own timing is as good
         if not await migration.tcg_dirty_tracking_is_reliable(self.mon):
             self.progress.step(
@@ -442,6 +451,42 @@ class SourceMigration:
             self.saved_params[key] = params[key]
             limit[key] = migration.OWN_SWITCHOVER_BANDWIDTH
         await self.mon.execute("migrate-set-parameters", limit)
+        if "avail-switchover-bandwidth" in limit and self.cfg.vm_ip:
+            await self._close_gate()
+
+    async def _place_gate(self) -> None:
+        """The gate's bitmap goes on the drive before the mirror starts (see
+        SwitchoverGate.place); the gate is closed at the decision, where it applies."""
+        if not self.cfg.vm_ip:
+            return  # nothing can be diverted
+        params = await self.mon.execute("query-migrate-parameters")
+        if "avail-switchover-bandwidth" not in params:
+            return  # QEMU < 8.2: no 1-byte threshold for the gate to hold
+        if not await migration.tcg_dirty_tracking_is_reliable(self.mon):
+            return  # the decision is left to QEMU there
+        try:
+            self.gate, self.no_gate = await SwitchoverGate.place(self.mon, self.cfg.drive_id)
+        except QMPCommandError as err:
+            self.no_gate = str(err)
+
+    async def _close_gate(self) -> None:
+        """Hold QEMU after its first pass until katamaran has taken the tap (see gate)."""
+        if self.gate is not None:
+            try:
+                await self.gate.close()
+                return
+            except QMPCommandError as err:
+                self.no_gate = str(err)
+            await self._remove_gate()
+        self.progress.step(
+            f"no switchover gate ({self.no_gate}): if QEMU pauses an idle VM before "
+            "katamaran diverts its tap, a frame QEMU reads as it pauses it is lost"
+        )
+
+    async def _remove_gate(self) -> None:
+        if self.gate is not None:
+            await self.gate.remove()
+            self.gate = None
 
     def _release_taps(self) -> None:
         if self.taps:
@@ -682,6 +727,15 @@ class SourceMigration:
             info = await self._ask("query-migrate")
             if info is None:
                 continue  # the STOP that came meanwhile is handled first
+            if self.gate and not self.gate.opened and waits_at_gate(info):
+                await self._hold_at_gate(info, mark)
+                continue
+            if (
+                self.held_at is not None
+                and not self.switchover_started
+                and loop.time() - self.held_at > GATE_HOLD_S
+            ):
+                await self._give_back_early()
             if loop.time() >= next_show:
                 self._show_ram(info)
                 next_show = loop.time() + 1.0
@@ -989,17 +1043,57 @@ class SourceMigration:
         if self.switchover_started:
             return  # QEMU paused the VM while the test asked it: the STOP watch has it
         self.switchover_started = True
+        if self.held_at is not None:  # the tap's feed and queue were taken at the gate
+            remaining = mib(info["ram"]["remaining"])
+            self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
+            await self._lift_switchover_limit()
+            return
+        if not await self._take_feed(info, mark, "switchover"):
+            await self._lift_switchover_limit()
+
+    async def _hold_at_gate(self, info: dict, mark: int) -> None:
+        """QEMU has sent the first pass and waits at the gate (see gate): take the tap's
+        feed and queue, the VM running (its packets are kept until the pause), then let
+        QEMU go on at full bandwidth.  The cap _take_feed sets first also ends QEMU's
+        spinning at the gate."""
+        assert self.gate is not None
+        what = "first RAM pass sent, QEMU held at the switchover gate"
+        if await self._take_feed(info, mark, what):
+            return  # paused by something else (QEMU cannot pass the gate): the STOP check
+        keys = ("max-bandwidth", *migration.THROTTLE_PARAMS)
+        eased = {key: self.saved_params.pop(key) for key in keys if key in self.saved_params}
+        opened = {**eased, "downtime-limit": self.gate.open_limit()}
+        await self.mon.execute("migrate-set-parameters", opened)
+        self.gate.opened = True
+        self.held_at = asyncio.get_running_loop().time()
+
+    async def _give_back_early(self) -> None:
+        """RAM has not converged GATE_HOLD_S after the gate: the VM gets its feed and the
+        kept packets back and runs on until katamaran's switchover takes them again
+        (where QEMU may pause an idle VM first, see gate)."""
+        for divert in self.diverts:
+            await netlink(divert.undivert)
+        _, sent = await self._release_hold("the VM")
+        self.hold.keep()
+        self.held_at = None
+        self.progress.step(
+            f"RAM not converged {GATE_HOLD_S:g} s after the gate: the VM's feed and "
+            f"{sent} kept packet(s) given back until the switchover"
+        )
+
+    async def _take_feed(self, info: dict, mark: int, what: str) -> bool:
+        """Divert and drain the taps (see _divert_and_drain) with the STOP watch told
+        (see _watch_stop); True when the VM was paused meanwhile."""
         self.draining = bool(self.taps and self.taps.fds)
+        self.drain_ended.clear()
         try:
-            paused = await self._divert_and_drain(info, mark)
+            return await self._divert_and_drain(info, mark, what)
         finally:
             self.draining = False  # from here a STOP is the watch's to handle at once
             self.drain_ended.set()
-        if not paused:
-            await self._lift_switchover_limit()
 
-    async def _divert_and_drain(self, info: dict, mark: int) -> bool:
-        """_switchover's first part; True when QEMU paused the VM meanwhile."""
+    async def _divert_and_drain(self, info: dict, mark: int, what: str) -> bool:
+        """_take_feed's work; True when QEMU paused the VM meanwhile."""
         draining, remaining = self.draining, mib(info["ram"]["remaining"])
         tunnel = self.tunnel if self.tunnel and self.tunnel.ready else None
         if draining:  # first: the divert takes ~0.1 s on a nested TCG node
@@ -1009,17 +1103,17 @@ class SourceMigration:
             # kept meanwhile, its own go out as before.
             await self._divert()
             self.progress.step(
-                f"switchover ({remaining} of RAM left): packets for {self.cfg.vm_ip} kept "
+                f"{what} ({remaining} of RAM left): packets for {self.cfg.vm_ip} kept "
                 f"while the VM runs; they go into {tunnel.ifname} once it is paused"
             )
         elif tunnel:  # no tap to take frames from: nothing to keep them from
             await netlink(tunnel.switch)
             self.progress.step(
-                f"switchover ({remaining} of RAM left): traffic for {self.cfg.vm_ip} "
+                f"{what} ({remaining} of RAM left): traffic for {self.cfg.vm_ip} "
                 f"into {tunnel.ifname}"
             )
         else:
-            self.progress.step(f"switchover ({remaining} of RAM left): pausing the VM")
+            self.progress.step(f"{what} ({remaining} of RAM left): pausing the VM")
         if not (tunnel and draining):
             self.hold.release()  # nothing is kept: sent as it comes (nothing held yet)
         if draining and await self._drain_taps(mark):
@@ -1235,6 +1329,8 @@ class SourceMigration:
             steps.append((f"removing {NBD_NODE}", self._drop_nbd_node))
         if self.pending_fds:
             steps.append(("closing passed fds", self._close_pending_fds))
+        if self.gate:
+            steps.append(("removing the switchover gate's bitmap", self._remove_gate))
         steps.append(("restoring migration settings", self._restore_settings))
         if self.tls:
             steps.append(("removing the TLS credentials", self.tls.remove))

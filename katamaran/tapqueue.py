@@ -243,6 +243,11 @@ class Hold:
             self.released = True
             return len(held), self._send(held) if held else 0
 
+    def keep(self) -> None:
+        """Keep again what comes from now on (after a release that gave packets back)."""
+        with self._lock:
+            self.released = False
+
 
 @dataclass
 class TapQueues:

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import types
 from pathlib import Path
 
 import pytest
 
+from pytest_katamaran.images.guest import cache_root
 from pytest_katamaran.lab.local import Rig
+from pytest_katamaran.qemu.binary import WorkloadQemu, backports_qemu
 
 
 @pytest.fixture
@@ -35,3 +38,14 @@ def node_lab_config(tmp_path_factory) -> types.SimpleNamespace:
         keep_on_failure=False,
         results_dir=tmp_path_factory.mktemp("results"),
     )
+
+
+@pytest.fixture(scope="session")
+def qemu_backports() -> WorkloadQemu:
+    """Debian backports' QEMU (10.0 here), unpacked into the harness cache as the two-node
+    e2e's workload is: what the host's 7.2 lacks (block-job-change, 8.2+;
+    avail-switchover-bandwidth, 8.2+)."""
+    try:
+        return backports_qemu(cache_root())
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"needs Debian backports' QEMU (8.2+) in the harness cache: {err}")

@@ -14,20 +14,10 @@ import pytest
 
 from katamaran import migration
 from katamaran.qmp import Monitor
-from pytest_katamaran.images.guest import cache_root
 from pytest_katamaran.lab.local import qmp, wait_for_text
-from pytest_katamaran.qemu.binary import SYSTEM_QEMU, backports_qemu
+from pytest_katamaran.qemu.binary import SYSTEM_QEMU
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture(scope="module")
-def qemu_with_job_change():
-    try:
-        qemu = backports_qemu(cache_root())
-    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-        pytest.skip(f"needs Debian backports' QEMU (8.2+, block-job-change) in the cache: {err}")
-    return qemu
 
 
 def ask(binary: str, tmp_path, *commands: str) -> list:
@@ -59,18 +49,18 @@ def ask(binary: str, tmp_path, *commands: str) -> list:
         proc.wait()
 
 
-def test_query_commands_decides_the_switch(qemu_with_job_change, tmp_path):
+def test_query_commands_decides_the_switch(qemu_backports, tmp_path):
     """The decision follows the QEMU actually asked: 7.2 cannot switch, 10.0 can."""
-    for binary in (SYSTEM_QEMU, qemu_with_job_change.binary):
+    for binary in (SYSTEM_QEMU, qemu_backports.binary):
         version, commands = ask(binary, tmp_path, "query-version", "query-commands")
         at_least_8_2 = (version["qemu"]["major"], version["qemu"]["minor"]) >= (8, 2)
         assert migration.can_switch_copy_mode(commands) is at_least_8_2, version
 
 
-def test_auto_copy_mode_goes_write_blocking_and_loses_no_write(rig_factory, qemu_with_job_change):
+def test_auto_copy_mode_goes_write_blocking_and_loses_no_write(rig_factory, qemu_backports):
     """A disk-writing guest on QEMU 10: the mirror is switched once READY, every write the
     guest had acknowledged is on the destination disk, and the job was actively synced."""
-    rig = rig_factory(writer=True, qemu=qemu_with_job_change, extra_monitor=True)
+    rig = rig_factory(writer=True, qemu=qemu_backports, extra_monitor=True)
     rig.up()
     wait_for_text(rig.src.console_log, "ACK ", 60)
     dest = rig.start_dest()

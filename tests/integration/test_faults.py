@@ -311,8 +311,12 @@ def test_sigterm_after_commit_never_runs_twice(rig_factory, outcome):
         source.send_signal(signal.SIGTERM)
         wait_for_text(rig.tmp / "source.log", "not cancelling", 30, source)
         assert source.poll() is None, rig.log("source.log")
-        assert watch(rig.src, "query-migrate")["status"] == "device"  # not cancelled
-        assert status(rig.src) == "finish-migrate"  # not resumed
+        # Not asked of QEMU here: sending the device state to a frozen destination, it
+        # may hold its big lock, and a monitor then does not even greet (a 20 s timeout
+        # in 1 run of 7 under -n 2).  What katamaran did is in its log; QEMU's state is
+        # checked below, once the destination runs again.
+        tail = rig.log("source.log").split("not cancelling", 1)[1]
+        assert "migration aborted" not in tail, tail
         if outcome == "dest-dies":
             kill(rig.dst, signal.SIGKILL)
     finally:

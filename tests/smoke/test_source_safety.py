@@ -316,6 +316,10 @@ class _Divert(_Recording):
         self.calls.append("divert")
         self.installed = True
 
+    def undivert(self) -> None:
+        self.calls.append("undivert")
+        self.installed = False
+
 
 class _Tunnel(_Recording):
     ifname, ready = "kmr-0", True
@@ -454,3 +458,94 @@ def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_st
     at_stop = calls[calls.index("switch") :]
     assert at_stop[:2] == ["switch", "send queued"], calls
     assert at_stop.index("query-status") > 1, calls
+
+
+class _ParamMonitor(_Monitor):
+    """_Monitor that also keeps what migrate-set-parameters set, and has parameters."""
+
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__(calls, "finish-migrate")
+        self.set: list[dict] = []
+
+    async def execute(self, command: str, args: dict | None = None) -> dict:
+        await super().execute(command, args)
+        if command == "migrate-set-parameters":
+            self.set.append(dict(args or {}))
+        if command == "query-migrate-parameters":
+            return {"max-bandwidth": 1 << 62, "cpu-throttle-initial": 20, "max-cpu-throttle": 99}
+        return {"status": self.status} if command == "query-status" else {}
+
+
+def _gated_source(calls: list[str]):  # type: ignore[no-untyped-def]
+    """A source whose QEMU waits at the switchover gate, with fakes that record."""
+    import ipaddress
+
+    from katamaran.config import Config
+    from katamaran.gate import SwitchoverGate
+    from katamaran.source import SourceMigration
+    from katamaran.tapqueue import Hold
+
+    cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
+    mon = _ParamMonitor(calls)
+    source = SourceMigration(cfg, mon, Progress(io.StringIO()))  # type: ignore[arg-type]
+    source.tunnel, source.diverts = _Tunnel(calls), [_Divert(calls)]  # type: ignore[assignment, list-item]
+    source.taps = _Taps(calls)  # type: ignore[assignment]
+    source.gate = SwitchoverGate(mon, "disk0", pending=1)  # type: ignore[arg-type]
+    source._tunnel_packets = lambda packets: source.hold(packets, older=True)  # type: ignore[method-assign]
+    source.hold = Hold(
+        send=lambda packets: calls.extend(f"send {p.decode()}" for p in packets) or len(packets)
+    )
+    return source, mon
+
+
+def test_at_the_gate_the_tap_is_taken_before_qemu_may_sync_again():
+    """QEMU waits at the gate (see katamaran/gate.py): bandwidth capped (it spins there),
+    the tap's feed diverted and its queue kept, and only then the gate opened, with the
+    bandwidth back, in one command.  The later switchover only lets QEMU pause the VM;
+    the switch still waits for the STOP."""
+    import asyncio
+
+    calls: list[str] = []
+    source, mon = _gated_source(calls)
+
+    async def run() -> None:
+        await source._hold_at_gate({"ram": {"remaining": 0}}, 0)
+        assert "switch" not in calls, calls
+        assert calls.index("divert") < calls.index("drain"), calls
+        cap, opened = mon.set
+        assert cap["max-bandwidth"] == 4096, cap
+        assert opened == {
+            "max-bandwidth": 1 << 62,
+            "cpu-throttle-initial": 20,
+            "max-cpu-throttle": 99,
+            "downtime-limit": 2,
+        }, opened
+        assert calls[-1] == "migrate-set-parameters" and calls.index("drain") < len(calls) - 1
+        assert source.gate is not None and source.gate.opened and source.held_at is not None
+        assert source.hold.held == 1
+        before = len(calls)
+        await source._switchover({"ram": {"remaining": 4096}}, 0)
+        assert calls[before:] == ["migrate-set-parameters"], calls[before:]
+        assert mon.set[-1]["downtime-limit"] == 2_000_000
+        await source._on_event({"event": "STOP", "data": {}})  # type: ignore[typeddict-item]
+
+    source.passes = 2
+    asyncio.run(run())
+    at_stop = calls[calls.index("switch") :]
+    assert at_stop[:2] == ["switch", "send queued"], calls
+
+
+def test_not_converged_after_the_gate_gives_the_vm_its_packets_and_feed_back():
+    """A guest that keeps dirtying RAM: its packets are not kept for more than
+    GATE_HOLD_S; the feed comes back first, then the kept packets, and what comes after
+    is kept again only at katamaran's switchover."""
+    import asyncio
+
+    calls: list[str] = []
+    source, _ = _gated_source(calls)
+    source.hold([b"kept"])
+    source.held_at = 0.0
+    asyncio.run(source._give_back_early())
+    assert calls == ["undivert", "send kept"], calls
+    assert source.held_at is None and not source.hold.released
+    assert source.hold([b"later"]) == 1 and calls == ["undivert", "send kept"]
