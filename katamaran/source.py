@@ -36,10 +36,11 @@ left it and exits 3 (OutcomeUncertain): the operator decides which side runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -1071,11 +1072,12 @@ class SourceMigration:
         """RAM has not converged GATE_HOLD_S after the gate: the VM gets its feed and the
         kept packets back and runs on until katamaran's switchover takes them again
         (where QEMU may pause an idle VM first, see gate)."""
-        for divert in self.diverts:
-            await netlink(divert.undivert)
-        _, sent = await self._release_hold("the VM")
-        self.hold.keep()
-        self.held_at = None
+        async with self._using_taps():  # a STOP meanwhile is taken once this is done
+            for divert in self.diverts:
+                await netlink(divert.undivert)
+            _, sent = await self._release_hold("the VM")
+            self.hold.keep()
+            self.held_at = None
         self.progress.step(
             f"RAM not converged {GATE_HOLD_S:g} s after the gate: the VM's feed and "
             f"{sent} kept packet(s) given back until the switchover"
@@ -1084,10 +1086,17 @@ class SourceMigration:
     async def _take_feed(self, info: dict, mark: int, what: str) -> bool:
         """Divert and drain the taps (see _divert_and_drain) with the STOP watch told
         (see _watch_stop); True when the VM was paused meanwhile."""
+        async with self._using_taps():
+            return await self._divert_and_drain(info, mark, what)
+
+    @contextlib.asynccontextmanager
+    async def _using_taps(self) -> AsyncIterator[None]:
+        """katamaran's own work on the taps and their feed: a STOP that comes meanwhile
+        waits for it to end (see _watch_stop); the take at STOP would race it."""
         self.draining = bool(self.taps and self.taps.fds)
         self.drain_ended.clear()
         try:
-            return await self._divert_and_drain(info, mark, what)
+            yield
         finally:
             self.draining = False  # from here a STOP is the watch's to handle at once
             self.drain_ended.set()

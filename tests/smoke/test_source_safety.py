@@ -535,6 +535,10 @@ def test_at_the_gate_the_tap_is_taken_before_qemu_may_sync_again():
     assert at_stop[:2] == ["switch", "send queued"], calls
 
 
+async def _release(source):  # type: ignore[no-untyped-def]
+    return source.hold.release()
+
+
 def test_not_converged_after_the_gate_gives_the_vm_its_packets_and_feed_back():
     """A guest that keeps dirtying RAM: its packets are not kept for more than
     GATE_HOLD_S; the feed comes back first, then the kept packets, and what comes after
@@ -545,7 +549,11 @@ def test_not_converged_after_the_gate_gives_the_vm_its_packets_and_feed_back():
     source, _ = _gated_source(calls)
     source.hold([b"kept"])
     source.held_at = 0.0
+    seen: list[bool] = []
+    source._release_hold = lambda what: (seen.append(source.draining), _release(source))[1]  # type: ignore[method-assign]
     asyncio.run(source._give_back_early())
     assert calls == ["undivert", "send kept"], calls
+    # a STOP meanwhile waits (see _watch_stop): the take would re-divert under it
+    assert seen == [True] and not source.draining and source.drain_ended.is_set()
     assert source.held_at is None and not source.hold.released
     assert source.hold([b"later"]) == 1 and calls == ["undivert", "send kept"]
