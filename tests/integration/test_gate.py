@@ -83,7 +83,9 @@ async def _mirror(src: Monitor, tmp: Path) -> None:
     await src.wait_event(lambda e: e["event"] == "BLOCK_JOB_READY", 60, mark)
 
 
-async def _migrate(qemu: WorkloadQemu, tmp: Path, gated: bool, mirror: bool = False) -> dict:
+async def _migrate(
+    qemu: WorkloadQemu, tmp: Path, gated: bool, mirror: bool = False, cancel: bool = False
+) -> dict:
     """Migrate the idle VM with katamaran's decision settings; what was seen."""
     seen: dict = {"held": []}
     procs = [_start(qemu, tmp, "src"), _start(qemu, tmp, "dst", "-incoming", "defer")]
@@ -124,6 +126,17 @@ async def _migrate(qemu: WorkloadQemu, tmp: Path, gated: bool, mirror: bool = Fa
                 seen["held"].append((gate.waits_at_gate(info), status))
                 await asyncio.sleep(0.1)
             seen["stops_while_held"] = sum(e["event"] == "STOP" for e in src.history[mark:])
+            if cancel:  # katamaran's abort at the gate, then its cleanup
+                await src.execute("migrate_cancel")
+                while (await _migration(src))["status"] != "cancelled":
+                    assert time.monotonic() < deadline + HELD_S, "migrate_cancel did not end it"
+                    await asyncio.sleep(0.05)
+                await closed.remove()
+                caps = [{"capability": gate.CAPABILITY, "state": False}]
+                await src.execute("migrate-set-capabilities", {"capabilities": caps})
+                seen["src_left"] = await _bitmaps(src)
+                seen["status"] = (await src.execute("query-status"))["status"]
+                return seen
             await src.execute("migrate-set-parameters", {"downtime-limit": closed.open_limit()})
         deadline = time.monotonic() + 60
         while (info := await _migration(src))["status"] != "completed":
@@ -166,3 +179,14 @@ def test_without_the_gate_qemu_pauses_the_idle_vm_right_after_its_first_pass(
     nobody raises the limit: QEMU completes by itself within a sync or two."""
     seen = asyncio.run(_migrate(qemu_backports, tmp_path, gated=False))
     assert seen["syncs"] <= 3, seen
+
+
+def test_a_migration_cancelled_at_the_gate_leaves_the_vm_running_and_no_bitmap(
+    qemu_backports, tmp_path
+):
+    """katamaran's abort while QEMU waits at the gate (a signal, a timeout): QEMU lets the
+    bitmap go once the migration is cancelled, and the capability can be put back."""
+    seen = asyncio.run(_migrate(qemu_backports, tmp_path, gated=True, cancel=True))
+    assert all(at for at, _ in seen["held"]), seen["held"]
+    assert seen["status"] == "running"
+    assert gate.BITMAP not in seen["src_left"], seen["src_left"]
