@@ -14,10 +14,12 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
    sync that leaves no more RAM than fits in -downtime-limit at the measured bandwidth,
    katamaran diverts what the node sends to the VM's tap (see divert) and takes every
    frame already queued on the tap off it (see tapqueue), keeping them (tapqueue.Hold),
-   then lets QEMU pause the VM (by lifting QEMU's downtime-limit).  At the STOP traffic
-   for the VM goes into the tunnel, the kept packets first: switched earlier, the
-   node's strict reverse-path filter would drop what the running VM sends.  Where that
-   is unsafe (TCG on QEMU < 9.0) or there is no tap to drain, QEMU keeps
+   then lets QEMU pause the VM (by lifting QEMU's downtime-limit).  On QEMU 8.2+ the
+   switchover gate (see gate) keeps QEMU from pausing an idle VM itself before that:
+   the divert and drain then happen at the end of the first pass, and the gate opens.
+   At the STOP traffic for the VM goes into the tunnel, the kept packets first: switched
+   earlier, the node's strict reverse-path filter would drop what the running VM sends.
+   Where that is unsafe (TCG on QEMU < 9.0) or there is no tap to drain, QEMU keeps
    -downtime-limit and katamaran only races it; if QEMU pauses first, the tunnel is
    switched at STOP.
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
