@@ -71,6 +71,7 @@ MIGRATE_FD = "katamaran-migrate"
 # bytes/s while the drain runs (see _ease_migration): about one page per 100 ms
 # rate-limit window, after which QEMU's migration thread sleeps out the window.
 DRAIN_MAX_BANDWIDTH = 4096
+EASED_PARAMS = ("max-bandwidth", *migration.THROTTLE_PARAMS)  # what _ease_migration changes
 # How long the VM's packets may be kept after the gate (see gate) while RAM converges;
 # an idle guest converged at the next pass in the nested e2e, well within this.
 GATE_HOLD_S = 2.0
@@ -1063,9 +1064,9 @@ class SourceMigration:
         what = "first RAM pass sent, QEMU held at the switchover gate"
         if await self._take_feed(info, mark, what):
             return  # paused by something else (QEMU cannot pass the gate): the STOP check
-        keys = ("max-bandwidth", *migration.THROTTLE_PARAMS)
-        eased = {key: self.saved_params.pop(key) for key in keys if key in self.saved_params}
-        opened = {**eased, "downtime-limit": self.gate.open_limit()}
+        saved = self.saved_params
+        back = {key: saved.pop(key) for key in EASED_PARAMS if key in saved}
+        opened = {**back, "downtime-limit": self.gate.open_limit()}
         await self.mon.execute("migrate-set-parameters", opened)
         self.gate.opened = True
         self.held_at = asyncio.get_running_loop().time()
@@ -1248,10 +1249,9 @@ class SourceMigration:
         Both are restored when the limit is lifted, or in _cleanup.
         """
         params = await self.mon.execute("query-migrate-parameters")
-        throttles = migration.THROTTLE_PARAMS
-        keys = ("max-bandwidth", *throttles)
-        self.saved_params.update({key: params[key] for key in keys if key in params})
-        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **dict.fromkeys(throttles, 1)}
+        self.saved_params.update({key: params[key] for key in EASED_PARAMS if key in params})
+        throttles = dict.fromkeys(migration.THROTTLE_PARAMS, 1)
+        eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **throttles}
         await self.mon.execute("migrate-set-parameters", eased)
         if throttle:
             self.progress.step(f"auto-converge throttle ({throttle}%) capped at 1% for the drain")

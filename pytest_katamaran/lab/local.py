@@ -53,6 +53,17 @@ def qmp(path: Path, command: str, timeout: float = 60, **args: object) -> Any:
     return asyncio.run(once())
 
 
+def wait_for_path(path: Path, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until `path` exists (a QEMU's QMP socket); fails at once if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{path} never appeared: its process exited ({proc.returncode})")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
 def wait_for_text(
     path: Path, text: str, timeout: float, proc: subprocess.Popen | None = None
 ) -> None:

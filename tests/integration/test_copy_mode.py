@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 
 import pytest
 
 from katamaran import migration
 from katamaran.qmp import Monitor
-from pytest_katamaran.lab.local import qmp, wait_for_text
+from pytest_katamaran.lab.local import qmp, wait_for_path, wait_for_text
 from pytest_katamaran.qemu.binary import SYSTEM_QEMU
 
 pytestmark = pytest.mark.qemu
@@ -30,10 +29,7 @@ def ask(binary: str, tmp_path, *commands: str) -> list:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, f"{binary} did not start"
-            time.sleep(0.05)
+        wait_for_path(sock, 30, proc)
 
         async def run() -> list:
             mon = Monitor(sock, 30)

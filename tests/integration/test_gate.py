@@ -20,6 +20,7 @@ import pytest
 from katamaran import gate, migration
 from katamaran.qmp import Monitor
 from katamaran.source import DRAIN_MAX_BANDWIDTH
+from pytest_katamaran.lab.local import wait_for_path
 from pytest_katamaran.qemu.binary import WorkloadQemu
 
 pytestmark = pytest.mark.qemu
@@ -45,10 +46,7 @@ def _start(qemu: WorkloadQemu, tmp: Path, name: str, *extra: str) -> subprocess.
 
 async def _connect(tmp: Path, name: str) -> Monitor:
     sock = tmp / f"{name}.sock"
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, f"QEMU {name} made no QMP socket"
-        await asyncio.sleep(0.05)
+    wait_for_path(sock, 30)
     mon = Monitor(sock, 30)
     await mon.connect()
     return mon

@@ -19,7 +19,7 @@ import pytest
 
 from katamaran import tapqueue
 from katamaran.tapqueue import TapQueues, resend, tap_fds
-from pytest_katamaran.lab.local import VM_IP, qmp
+from pytest_katamaran.lab.local import VM_IP, qmp, wait_for_path
 from pytest_katamaran.net.hostlab import run_in_netns
 
 pytestmark = pytest.mark.qemu
@@ -224,7 +224,6 @@ def test_no_tap_means_nothing_to_watch():
 def test_switchover_mode_follows_qemu_version_and_accelerator(tmp_path):
     """katamaran decides the pause only where extra RAM passes are safe (KVM or 9.0+)."""
     import asyncio
-    import time
 
     from katamaran import migration
     from katamaran.qmp import Monitor
@@ -237,9 +236,7 @@ def test_switchover_mode_follows_qemu_version_and_accelerator(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_path(sock, 30, qemu)
 
         async def ask() -> tuple[bool, tuple[int, int]]:
             mon = Monitor(sock, 30)
