@@ -281,8 +281,11 @@ async def run(cfg: Config, progress: Progress, running: _Running | None = None) 
     from .qmp import Monitor
 
     running = running or _Running()
+    mon = Monitor(cfg.qmp, cfg.qmp_timeout)
+    # A wrong -qmp is told as such, not as "another katamaran" running on the same wrong
+    # path (two smoke tests' CLI runs on /nonexistent/qmp.sock met in the lock under -n 2).
+    mon.check_path()
     with VMLock(cfg.qmp) as lock:  # before connecting: a refused run touches nothing
-        mon = Monitor(cfg.qmp, cfg.qmp_timeout)
         await mon.connect()
         progress.step(f"connected to QMP at {cfg.qmp} ({cfg.mode} mode)")
         try:

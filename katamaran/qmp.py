@@ -50,8 +50,8 @@ class Monitor:
         client.register_listener(listener)
         return client, listener
 
-    async def connect(self) -> None:
-        """Connect and negotiate; any failure names the socket path."""
+    def check_path(self) -> None:
+        """The socket is there: a one-line error for a wrong -qmp, before anything else."""
         if not self.path.exists():
             raise KatamaranError(
                 f"Failed to connect to QMP socket {self.path}: no such file "
@@ -59,6 +59,10 @@ class Monitor:
             )
         if not self.path.is_socket():
             raise KatamaranError(f"Failed to connect to QMP socket {self.path}: not a socket")
+
+    async def connect(self) -> None:
+        """Connect and negotiate; any failure names the socket path."""
+        self.check_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.path))
