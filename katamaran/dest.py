@@ -410,7 +410,7 @@ class DestMigration:
         """The source's switchover gate (see gate) came with the VM: it tracks nothing,
         but it is katamaran's, so it goes."""
         try:
-            nodes = await gate.remove_arrived(self.mon)
+            nodes = await gate.remove_all(self.mon)
         except QMPCommandError as err:
             self.progress.warn(f"removing the switchover gate's bitmap: {err}")
             return

@@ -24,7 +24,7 @@ Costs.  While QEMU waits at the gate its migration thread spins, writing a few b
 end-of-section markers per turn (~10 MB/s measured on this machine): katamaran caps the
 bandwidth as soon as it sees the gate (Source._hold_at_gate).  The bitmap is disabled
 (it tracks nothing).  The destination gets it on the node of the same name and its
-katamaran removes it at RESUME (`remove_arrived`); a destination without that node
+katamaran removes it at RESUME (`remove_all`); a destination without that node
 drops it with one line in its QEMU log, and the migration goes on.
 """
 
@@ -118,8 +118,10 @@ class SwitchoverGate:
                 raise
 
 
-async def remove_arrived(mon: Monitor) -> list[str]:
-    """On the destination: remove the gate's bitmap that came with the VM; the nodes."""
+async def remove_all(mon: Monitor) -> list[str]:
+    """Remove every gate bitmap on this QEMU; the nodes it was on.  On the destination:
+    the one that came with the VM.  On a source: one a killed katamaran left (not while
+    a migration runs: QEMU keeps it busy until the migration has ended)."""
     removed = []
     for node in await mon.execute("query-named-block-nodes", {"flat": True}):
         if BITMAP in _bitmap_names(node):

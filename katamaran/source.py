@@ -51,6 +51,7 @@ from .aio import within
 from .config import Config, host_port
 from .errors import KatamaranError, OutcomeUncertain, QMPCommandError
 from .gate import SwitchoverGate, waits_at_gate
+from .gate import remove_all as remove_gate_bitmaps
 from .lock import VMLock
 from .names import divert_names
 from .progress import Progress, mib
@@ -312,6 +313,9 @@ class SourceMigration:
             if job["device"] == self.job:
                 await self._cancel_job(force=True)
                 recovered.append(f"cancelled block job {self.job}")
+        # After the cancel: a killed run's gate bitmap is busy while its migration runs.
+        for node in await remove_gate_bitmaps(self.mon):
+            recovered.append(f"removed the switchover gate's bitmap from {node}")
         nodes = await self.mon.execute("query-named-block-nodes", {"flat": True})
         if any(node.get("node-name") == NBD_NODE for node in nodes):
             await self.mon.execute("blockdev-del", {"node-name": NBD_NODE})
@@ -1284,11 +1288,25 @@ class SourceMigration:
             await self.mon.wait_event(ended, self.cfg.switchover_timeout, mark)
             return
         except TimeoutError:
-            self._cut_nbd()  # requests stuck on a hung destination would hold the cancel
+            # Requests stuck on a hung destination would hold the cancel for as long as
+            # TCP retries: end the connection under them.
+            self._cut_nbd()
+            await self._yank_nbd()
         try:
             await self.mon.wait_event(ended, self.mon.timeout, mark)
         except TimeoutError:
             pass
+
+    async def _yank_nbd(self) -> None:
+        """QEMU's own cut of the NBD node's connection (`yank`, QEMU 6.0+): the one way
+        for a re-run, which has no copy of a killed run's socket (_cut_nbd), to end a
+        mirror stuck on a hung destination (test_sigkill_in_mirror_phase_then_rerun_recovers:
+        without it the cancel waited 30 s and `blockdev-del` failed, node in use)."""
+        node = {"type": "block-node", "node-name": NBD_NODE}
+        try:
+            await within(self.mon.execute("yank", {"instances": [node]}), self.mon.timeout)
+        except (KatamaranError, asyncio.TimeoutError):
+            pass  # no yank (QEMU < 6.0), no such node, or QEMU too busy: the wait decides
 
     async def _drop_nbd_node(self) -> None:
         if self.nbd_added:
@@ -1345,14 +1363,17 @@ class SourceMigration:
         steps.append(("restoring migration settings", self._restore_settings))
         if self.tls:
             steps.append(("removing the TLS credentials", self.tls.remove))
-        if self.nbd_sock is not None:
-            self.nbd_sock.close()
-            self.nbd_sock = None
         for what, step in steps:
             try:
                 await step()  # type: ignore[operator]
             except Exception as err:  # noqa: BLE001 - the next steps must run regardless
                 self.progress.warn(f"cleanup: {what}: {err}")
+        # Only now: the job's cancel above may need to cut it (_cancel_job).  Closed before
+        # the steps, a cancel stuck on a hung destination left the job running in QEMU
+        # after katamaran exited (test_signal_in_mirror_phase_cancels_and_restores).
+        if self.nbd_sock is not None:
+            self.nbd_sock.close()
+            self.nbd_sock = None
         if self.diverts or self.diverts_ready or self.diverting:
             try:
                 await self._undivert()

@@ -149,7 +149,7 @@ async def _migrate(
         seen["syncs"] = info["ram"]["dirty-sync-count"]
         seen["elapsed_ms"] = info.get("total-time")
         if closed is not None:
-            seen["dest_removed"] = await gate.remove_arrived(dst)
+            seen["dest_removed"] = await gate.remove_all(dst)
             seen["dest_left"] = await _bitmaps(dst)
             await closed.remove()
             seen["src_left"] = await _bitmaps(src)
