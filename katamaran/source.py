@@ -149,10 +149,18 @@ def connect_to(cfg: Config, port: int, what: str, timeout: float) -> socket.sock
 
     QEMU may live in a pod namespace whose ingress Kata redirects into the VM's tap
     (tcfilter); a socket made here keeps the migration streams out of that path.
+
+    Handed over blocking, as QEMU's own `tcp:` sockets are (create_connection's timeout
+    leaves it non-blocking): QEMU's migration thread writes the socket as it finds it,
+    and on a non-blocking one the VM's pause grew by about 10 ms (STOP -> destination
+    RESUME, QEMU 10.0, 512 MiB guest and disk: 23.6 ms against the bare sequence's
+    11.0, median of 6 rounds; 11.8 against 11.3 with blocking sockets).
     """
     assert cfg.dest_ip is not None
     try:
-        return socket.create_connection((str(cfg.dest_ip), port), timeout=timeout)
+        sock = socket.create_connection((str(cfg.dest_ip), port), timeout=timeout)
+        sock.settimeout(None)
+        return sock
     except OSError as err:
         raise KatamaranError(
             f"{what}: cannot connect to {host_port(cfg.dest_ip, port)}: {err.strerror or err}"

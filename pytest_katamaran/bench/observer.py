@@ -103,6 +103,12 @@ def phases(seen: Observed) -> dict[str, float | None]:
     first migration event on the source (mirror created, else migration setup) ->
     destination RESUME.  downtime_ms and the RAM bytes are QEMU's own (query-migrate);
     disk bytes are what the mirror job reports at its end.
+
+    Where the pause goes (with `pause-before-switchover`; None without it): stop_pause_ms,
+    STOP -> `pre-switchover` (QEMU stops the vCPUs, drains and flushes the disks);
+    switchover_ms, `pre-switchover` -> `device` (the controller's part: its wake-up, the
+    mirror's end, `migrate-continue`); send_load_ms, `device` -> destination RESUME (the
+    last RAM and the device state sent, loaded, the VM started).
     """
     src, dst = seen.source, seen.dest
     created = _first(src, "JOB_STATUS_CHANGE", status="created")
@@ -111,6 +117,8 @@ def phases(seen: Observed) -> dict[str, float | None]:
     active = _first(src, "MIGRATION", status="active")
     stop = _first(src, "STOP", after=active or 0.0)
     resume = _first(dst, "RESUME", after=stop or 0.0) if stop else None
+    paused = _first(src, "MIGRATION", after=stop or 0.0, status="pre-switchover") if stop else None
+    device = _first(src, "MIGRATION", after=paused or 0.0, status="device") if paused else None
     start = created if created is not None else setup
     disk_bytes = 0
     for event in src:
@@ -126,6 +134,9 @@ def phases(seen: Observed) -> dict[str, float | None]:
         "storage_sync_s": gap(created, ready),
         "ram_s": gap(active, stop),
         "stop_resume_ms": gap(stop, resume, 1000),
+        "stop_pause_ms": gap(stop, paused, 1000),
+        "switchover_ms": gap(paused, device, 1000),
+        "send_load_ms": gap(device, resume, 1000),
         "migration_s": gap(start, resume),
         "downtime_ms": qm.get("downtime"),
         "ram_bytes": ram.get("transferred"),

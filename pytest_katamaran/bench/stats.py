@@ -15,6 +15,9 @@ METRICS = (
     "ram_s",
     "downtime_ms",
     "stop_resume_ms",
+    "stop_pause_ms",
+    "switchover_ms",
+    "send_load_ms",
     "ram_bytes",
     "disk_bytes",
     "cpu_s",
@@ -127,6 +130,12 @@ def markdown(results: dict[str, Any]) -> str:
         "| katamaran STOP→RESUME ms |",
         "|---|---|---|---|---|",
     ]
+    rows_split = [
+        "| point | STOP→pre-switchover ms (bare / katamaran) "
+        "| pre-switchover→device ms (bare / katamaran) "
+        "| device→RESUME ms (bare / katamaran) |",
+        "|---|---|---|---|",
+    ]
     rows_fixed = [
         "| point | start-up s | destination ready s | after RESUME s | tunnel hold s "
         "| CPU s (both processes) |",
@@ -150,9 +159,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_cell(b.get('stop_resume_ms'), digits=0)} "
             f"| {_cell(k.get('stop_resume_ms'), digits=0)} |"
         )
+        rows_split.append(
+            f"| {label} | "
+            + " | ".join(
+                f"{_cell(b.get(m), digits=1)} / {_cell(k.get(m), digits=1)}"
+                for m in ("stop_pause_ms", "switchover_ms", "send_load_ms")
+            )
+            + " |"
+        )
         rows_fixed.append(
             f"| {label} | {_cell(k.get('startup_s'))} | {_cell(k.get('dest_prep_s'))} "
             f"| {_cell(k.get('tail_s'))} | {_cell(k.get('tunnel_hold_s'))} "
             f"| {_cell(k.get('cpu_s'))} |"
         )
-    return "\n\n".join("\n".join(t) for t in (rows_time, rows_pause, rows_fixed)) + "\n"
+    tables = (rows_time, rows_pause, rows_split, rows_fixed)
+    return "\n\n".join("\n".join(t) for t in tables) + "\n"

@@ -405,6 +405,30 @@ def test_signal_at_pre_switchover_cancels_and_resumes_source(rig_factory, sig):
     assert_source_clean(rig, before)
 
 
+def test_destination_qemu_killed_at_pre_switchover(rig_factory):
+    """The destination QEMU dies while the source waits in `pre-switchover` (VM paused):
+    whatever katamaran reads first (the failure or the pause), the source VM runs again,
+    and it says so.  Before the commit the migration is cancelled (exit 1); committed,
+    QEMU fails it and resumes the source itself (exit 3, the error saying so)."""
+    rig, before, source = hold_at_pre_switchover(rig_factory)
+    kill(rig.dst, signal.SIGKILL)
+    wait_exit(rig.dst)
+    assert not rig.dst.alive()
+    source.send_signal(signal.SIGCONT)
+    rc = rig.finish(source, 90)
+    log = rig.log("source.log")
+    if "point of no return" in log:
+        assert rc == 3, log
+        line = one_error(rig, "source.log", "after migrate-continue")
+        assert "QEMU resumed the VM on the source itself" in line, line
+    else:
+        assert rc == 1, log
+        one_error(rig, "source.log", "migration failed")
+    assert status(rig.src) == "running"
+    assert assert_at_most_one_running(rig) == ["source"]
+    assert_source_clean(rig, before)
+
+
 @pytest.mark.parametrize("outcome", ["dest-continues", "dest-dies"])
 def test_sigterm_after_commit_never_runs_twice(rig_factory, outcome):
     rig, before, source = hold_at_pre_switchover(rig_factory)

@@ -337,7 +337,7 @@ def test_tuning_options_and_ini_keys_in_help(pytester: pytest.Pytester):
 def test_tuning_defaults(pytester: pytest.Pytester):
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest("-s")
-    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.05 auto backports"])
+    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.01 auto backports"])
 
 
 def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
@@ -349,7 +349,7 @@ def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
     result = pytester.runpytest(
         "-s", "--tunnel-hold=20", "--dest-hold=21", "--workload-qemu=system"
     )
-    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.05 sandbox system"])
+    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 sandbox system"])
     result.stdout.fnmatch_lines(["katamaran: kata=sandbox workload-qemu=system tunnel-hold=20s*"])
 
 

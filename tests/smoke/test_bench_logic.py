@@ -55,7 +55,9 @@ def test_phases_from_qemu_events():
             ev("MIGRATION", 102.6, status="setup"),
             ev("MIGRATION", 102.7, status="active"),
             ev("STOP", 104.2),
+            ev("MIGRATION", 104.206, status="pre-switchover"),
             ev("BLOCK_JOB_COMPLETED", 104.21, device="m", len=1 << 20, offset=1 << 20),
+            ev("MIGRATION", 104.209, status="device"),
             ev("MIGRATION", 104.3, status="completed"),
         ],
         dest=[ev("RESUME", 99.0), ev("RESUME", 104.225)],  # the boot's RESUME is not it
@@ -65,6 +67,10 @@ def test_phases_from_qemu_events():
     assert got["storage_sync_s"] == pytest.approx(2.5)
     assert got["ram_s"] == pytest.approx(1.5)
     assert got["stop_resume_ms"] == pytest.approx(25.0)
+    # where the pause went: QEMU's stop, the controller's part, send and load
+    assert got["stop_pause_ms"] == pytest.approx(6.0)
+    assert got["switchover_ms"] == pytest.approx(3.0)
+    assert got["send_load_ms"] == pytest.approx(16.0)
     assert got["migration_s"] == pytest.approx(4.225)
     assert (got["downtime_ms"], got["ram_bytes"], got["disk_bytes"]) == (20, 12345, 1 << 20)
 
@@ -82,6 +88,8 @@ def test_phases_shared_storage_start_at_migration_setup_and_missing_resume_is_no
     assert got["storage_sync_s"] is None and got["disk_bytes"] == 0
     assert got["ram_s"] == pytest.approx(0.9)
     assert got["stop_resume_ms"] is None and got["migration_s"] is None
+    # no pause-before-switchover (the bare shared-storage flow): no split of the pause
+    assert got["stop_pause_ms"] is got["switchover_ms"] is got["send_load_ms"] is None
 
 
 def test_summary_medians_spread_failures_and_ratios():
@@ -118,9 +126,27 @@ def test_derived_fixed_cost_and_tail():
 
 def small_results() -> dict:
     runs = {
-        "bare": [{"total_s": 1.0, "migration_s": 0.9, "downtime_ms": 10, "stop_resume_ms": 12}],
+        "bare": [
+            {
+                "total_s": 1.0,
+                "migration_s": 0.9,
+                "downtime_ms": 10,
+                "stop_resume_ms": 12,
+                "stop_pause_ms": 5.0,
+                "switchover_ms": 2.5,
+                "send_load_ms": 4.5,
+            }
+        ],
         "katamaran": [
-            {"total_s": 1.5, "migration_s": 0.95, "downtime_ms": 11, "stop_resume_ms": 13}
+            {
+                "total_s": 1.5,
+                "migration_s": 0.95,
+                "downtime_ms": 11,
+                "stop_resume_ms": 13,
+                "stop_pause_ms": 6.0,
+                "switchover_ms": 3.0,
+                "send_load_ms": 4.0,
+            }
         ],
     }
     points = []
@@ -153,6 +179,8 @@ def test_markdown_tables_show_median_spread_and_ratio():
     text = stats.markdown(small_results())
     assert "| disk64-ram128-idle-nbd | 1.00 (1.00–1.00) | 1.50 (1.50–1.50) | 1.50× |" in text
     assert "| disk256-ram128-idle-nbd | 10 (10–10) | 11 (11–11) | 12 (12–12) | 13 (13–13) |" in text
+    split = "| disk64-ram128-idle-nbd | 5.0 (5.0–5.0) / 6.0 (6.0–6.0) | 2.5 (2.5–2.5) / 3.0"
+    assert split in text, text
 
 
 def test_cli_rounds_and_plot_only(tmp_path):
