@@ -91,7 +91,7 @@ TUNABLES = (
         "nested_tcg_ping_interval",
         0.01,
         "ping interval towards a nested TCG pod when --ping-interval is not given. "
-        "Default 0.01, the guide's 10 ms (8 of 8 e2e cases zero-drop here since the "
+        "Default 0.01, the guide's 10 ms (10 of 10 e2e cases zero-drop here since the "
         "switchover gate); raise it where the nested pod cannot answer 100 pings/s",
     ),
 )
