@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,22 @@ def assert_at_most_one_running(rig: Rig) -> list[str]:
     return running
 
 
+def rerun(rig: Rig, *storage: str) -> str:
+    """A second katamaran on the source VM, towards an address where nothing listens
+    (so it recovers what it finds and then fails to connect): exit 1; its one
+    `recovered` line."""
+    second = rig.katamaran(
+        "a",
+        *("-mode", "source", "-qmp", str(rig.src.qmp_path), *storage),
+        *("-dest-ip", UNREACHABLE, "-vm-ip", "10.244.1.5"),
+        log="rerun.log",
+    )
+    assert rig.finish(second, 60) == 1, rig.log("rerun.log")
+    warnings = [ln for ln in rig.log("rerun.log").splitlines() if "recovered" in ln]
+    assert len(warnings) == 1, rig.log("rerun.log")
+    return warnings[0]
+
+
 def held_destination(rig_factory, **rig_args: object) -> tuple[Rig, tuple[dict, dict, int]]:
     """A lab whose destination is ready and then SIGSTOPped: no migration can progress."""
     rig = rig_factory(shared=True, extra_monitor=True, **rig_args)
@@ -211,19 +228,11 @@ def test_sigkill_in_ram_phase_then_rerun_recovers(rig_factory):
         source.kill()
         rig.finish(source, 30)
         assert watch(rig.src, "query-migrate")["status"] == "active"  # left behind
-        rerun = rig.katamaran(
-            "a",
-            *("-mode", "source", "-qmp", str(rig.src.qmp_path), "-shared-storage"),
-            *("-dest-ip", UNREACHABLE, "-vm-ip", "10.244.1.5"),
-            log="rerun.log",
-        )
-        assert rig.finish(rerun, 60) == 1, rig.log("rerun.log")
+        line = rerun(rig, "-shared-storage")
     finally:
         resume_dest(rig)
-    warnings = [ln for ln in rig.log("rerun.log").splitlines() if "recovered" in ln]
-    assert len(warnings) == 1, rig.log("rerun.log")
-    assert "cancelled its migration (active)" in warnings[0], warnings[0]
-    assert "restored" in warnings[0] and "downtime-limit" in warnings[0], warnings[0]
+    assert "cancelled its migration (active)" in line, line
+    assert "restored" in line and "downtime-limit" in line, line
     one_error(rig, "rerun.log", "during RAM copy", f"{UNREACHABLE}:4444")
     assert status(rig.src) == "running"
     wait_exit(rig.dst)
@@ -273,17 +282,9 @@ def test_rerun_removes_a_dead_runs_switchover_gate(rig_factory, qemu_backports):
     assert waits_at_gate(info), f"QEMU never waited at the gate: {info}"
     watch(rig.src, "migrate-set-parameters", **{"max-bandwidth": 1 << 20})  # as katamaran
     assert gate_bitmaps(rig.src) == [node]
-    rerun = rig.katamaran(
-        "a",
-        *("-mode", "source", "-qmp", str(rig.src.qmp_path), "-shared-storage"),
-        *("-dest-ip", UNREACHABLE, "-vm-ip", "10.244.1.5"),
-        log="rerun.log",
-    )
-    assert rig.finish(rerun, 60) == 1, rig.log("rerun.log")
-    warnings = [ln for ln in rig.log("rerun.log").splitlines() if "recovered" in ln]
-    assert len(warnings) == 1, rig.log("rerun.log")
-    assert "cancelled its migration (active)" in warnings[0], warnings[0]
-    assert f"removed the switchover gate's bitmap from {node}" in warnings[0], warnings[0]
+    line = rerun(rig, "-shared-storage")
+    assert "cancelled its migration (active)" in line, line
+    assert f"removed the switchover gate's bitmap from {node}" in line, line
     one_error(rig, "rerun.log", f"{UNREACHABLE}:4444")
     assert status(rig.src) == "running"
     assert gate_bitmaps(rig.src) == []
@@ -366,17 +367,9 @@ def test_sigkill_at_pre_switchover_then_rerun_resumes_source(rig_factory):
     source.kill()
     rig.finish(source, 30)
     assert status(rig.src) == "finish-migrate"  # paused, as a killed katamaran leaves it
-    rerun = rig.katamaran(
-        "a",
-        *("-mode", "source", "-qmp", str(rig.src.qmp_path), "-shared-storage"),
-        *("-dest-ip", UNREACHABLE, "-vm-ip", "10.244.1.5"),
-        log="rerun.log",
-    )
-    assert rig.finish(rerun, 60) == 1, rig.log("rerun.log")
-    warnings = [ln for ln in rig.log("rerun.log").splitlines() if "recovered" in ln]
-    assert len(warnings) == 1, rig.log("rerun.log")
-    assert "cancelled its migration (pre-switchover)" in warnings[0], warnings[0]
-    assert "(VM running)" in warnings[0], warnings[0]
+    line = rerun(rig, "-shared-storage")
+    assert "cancelled its migration (pre-switchover)" in line, line
+    assert "(VM running)" in line, line
     assert status(rig.src) == "running"
     wait_exit(rig.dst)  # the destination never got the device state: it does not run
     assert status(rig.dst) != "running"
@@ -751,9 +744,21 @@ def dest_port_closed(rig: Rig, *ports: int) -> None:
         assert not found.stdout.strip(), found.stdout.decode()
 
 
-def test_destination_qemu_killed_mid_mirror(rig_factory):
-    """The destination's NBD connection closes while the mirror copies (its QEMU killed
-    by PID): the mirror fails, the source cancels and runs, nothing is left on it."""
+@dataclass
+class HeldMirror:
+    """A source katamaran held in the disk mirror: a relay in front of the destination's
+    NBD server (port 10809, the server itself on 10810) stops forwarding after 1 MiB, so
+    the job never gets READY."""
+
+    rig: Rig
+    before: tuple[dict, dict, int]
+    source: subprocess.Popen
+    dest: subprocess.Popen
+    relay: subprocess.Popen
+    relay_out: Path
+
+
+def mirror_phase(rig_factory) -> HeldMirror:
     rig = rig_factory(extra_monitor=True)
     rig.up()
     before = settings(rig.src)
@@ -772,43 +777,24 @@ def test_destination_qemu_killed_mid_mirror(rig_factory):
     wait_for_text(rig.tmp / "source.log", "over NBD", 30, source)
     jobs = watch(rig.src, "query-block-jobs")
     assert [job["ready"] for job in jobs] == [False], jobs  # held mid-copy
+    return HeldMirror(rig, before, source, dest, relay, out)
+
+
+def test_destination_qemu_killed_mid_mirror(rig_factory):
+    """The destination's NBD connection closes while the mirror copies (its QEMU killed
+    by PID): the mirror fails, the source cancels and runs, nothing is left on it."""
+    held = mirror_phase(rig_factory)
+    rig, source, dest = held.rig, held.source, held.dest
     kill(rig.dst, signal.SIGKILL)
-    wait_for_text(out, "DESTINATION CLOSED", 30, relay)
+    wait_for_text(held.relay_out, "DESTINATION CLOSED", 30, held.relay)
     assert rig.finish(source, 60) == 1, rig.log("source.log")
     one_error(rig, "source.log", "during the disk mirror: drive-mirror failed: I/O error")
     assert "migrating RAM" not in rig.log("source.log")  # never got past the mirror
     assert status(rig.src) == "running"
-    assert_source_clean(rig, before)
+    assert_source_clean(rig, held.before)
     assert rig.finish(dest, 60) == 1, rig.log("dest.log")
     one_error(rig, "dest.log")
     dest_port_closed(rig, 10810, 4444)
-
-
-def mirror_phase(
-    rig_factory,
-) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen, subprocess.Popen]:
-    """A source katamaran held in the disk mirror: a relay in front of the destination's
-    NBD server stops forwarding after 1 MiB, so the job never gets READY.  Returns the
-    source and the destination katamaran."""
-    rig = rig_factory(extra_monitor=True)
-    rig.up()
-    before = settings(rig.src)
-    dest = rig.start_dest("-nbd-port", "10810")
-    out = rig.tmp / "relay.out"
-    with out.open("w") as relay_out:
-        relay = rig.lab.popen(
-            "b",
-            [sys.executable, "-c", HELD_RELAY, "10.0.0.2", "10809", "10810", str(1 << 20)],
-            stdout=relay_out,
-        )
-    rig.procs.append(relay)
-    wait_for_port(rig, "b", 10809)
-    source = rig.start_source()
-    wait_for_text(out, "HELD", 60, relay)
-    wait_for_text(rig.tmp / "source.log", "over NBD", 30, source)
-    jobs = watch(rig.src, "query-block-jobs")
-    assert [job["ready"] for job in jobs] == [False], jobs  # held mid-copy
-    return rig, before, source, dest
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=SIGNAL_IDS)
@@ -816,7 +802,8 @@ def test_signal_in_mirror_phase_cancels_and_restores(rig_factory, sig):
     """A signal while the disk is copied: the job is cancelled, the NBD node removed, the
     VM never stopped; then the same signal to the waiting destination withdraws its
     listeners and its NBD export."""
-    rig, before, source, dest = mirror_phase(rig_factory)
+    held = mirror_phase(rig_factory)
+    rig, before, source, dest = held.rig, held.before, held.source, held.dest
     source.send_signal(sig)
     assert rig.finish(source, 60) == 130, rig.log("source.log")
     one_error(rig, "source.log", f"interrupted by {sig.name} during the disk mirror")
@@ -836,21 +823,14 @@ def test_signal_in_mirror_phase_cancels_and_restores(rig_factory, sig):
 def test_sigkill_in_mirror_phase_then_rerun_recovers(rig_factory):
     """katamaran killed while the mirror copies: QEMU keeps the job and its NBD node; a
     re-run cancels the job, removes the node, restores the settings."""
-    rig, before, source, _ = mirror_phase(rig_factory)
+    held = mirror_phase(rig_factory)
+    rig, before, source = held.rig, held.before, held.source
     source.kill()
     rig.finish(source, 30)
     assert [job["device"] for job in watch(rig.src, "query-block-jobs")], "no job left"
-    rerun = rig.katamaran(
-        "a",
-        *("-mode", "source", "-qmp", str(rig.src.qmp_path)),
-        *("-dest-ip", UNREACHABLE, "-vm-ip", "10.244.1.5"),
-        log="rerun.log",
-    )
-    assert rig.finish(rerun, 60) == 1, rig.log("rerun.log")
-    warnings = [ln for ln in rig.log("rerun.log").splitlines() if "recovered" in ln]
-    assert len(warnings) == 1, rig.log("rerun.log")
-    assert "cancelled block job" in warnings[0] and "removed node" in warnings[0], warnings[0]
-    assert "(VM running)" in warnings[0], warnings[0]
+    line = rerun(rig)
+    assert "cancelled block job" in line and "removed node" in line, line
+    assert "(VM running)" in line, line
     one_error(rig, "rerun.log", f"{UNREACHABLE}:10809")
     assert status(rig.src) == "running"
     assert_source_clean(rig, before)
