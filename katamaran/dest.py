@@ -19,8 +19,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import gate, migration
+from .aio import within
 from .config import Config, host_port
-from .errors import KatamaranError, QMPCommandError
+from .errors import KatamaranError, QMPClosed, QMPCommandError
 from .listener import MigrationListener, bound_address, open_listener
 from .network import (
     DestDecap,
@@ -58,6 +59,11 @@ class DestMigration:
         # capabilities/parameters before this run changed them: put back at cleanup, so
         # the VM's next migration (by any tool) does not inherit pause-before-switchover
         self.saved: dict[str, dict[str, Any]] | None = None
+        # Set once the VM runs here: from then on a signal only shortens the hold
+        # (the first ends its fixed part, the next its wait for a quiet tunnel).
+        self.resumed = False
+        self.hold_cut = asyncio.Event()
+        self.quiet_cut = asyncio.Event()
 
     async def run(self) -> None:
         try:
@@ -84,6 +90,7 @@ class DestMigration:
                 + "; waiting for the VM"
             )
             await self._wait_resume(mark)
+            self.resumed = True
             if self.plug:
                 held = await netlink(self.plug.backlog)
                 await netlink(self.plug.release)
@@ -104,15 +111,18 @@ class DestMigration:
             self.progress.step(f"migration received in {self.progress.elapsed():.2f} s")
             if self.decap and self.decap.rules:
                 await self._hold_until_quiet()
+            await self._check_alive()
         finally:
             await self._cleanup()
 
     async def _check_state(self) -> None:
         status = await migration.vm_status(self.mon)
         if status != "inmigrate":
+            removed = await self._remove_stale_network()
+            note = f" (removed a killed run's {', '.join(removed)})" if removed else ""
             raise KatamaranError(
                 f"QEMU at {self.mon.path} is {status}, not waiting for an incoming migration "
-                "(start the destination QEMU with -incoming defer)"
+                f"(start the destination QEMU with -incoming defer){note}"
             )
         exports = await self.mon.execute("query-block-exports")
         if any(e["id"] == EXPORT_ID for e in exports):
@@ -129,6 +139,23 @@ class DestMigration:
             host_port(a["host"], int(a["port"])) if a.get("type") == "inet" else str(a)
             for a in addresses
         )
+
+    async def _remove_stale_network(self) -> list[str]:
+        """A run killed after the VM arrived (in the tunnel hold) left its rules, hold
+        veth and tunnel: a re-run with the same flags finds the VM running and removes
+        them before it refuses.  The node-wide sysctls it changed stay as it set them: their
+        old values were kept in its memory only."""
+        if not self.cfg.tap:
+            return []
+        try:
+            decap = await netlink(DestDecap, self.cfg.tap, "", self.cfg.vm_ip, self.cfg.source_ip)
+            try:
+                return await netlink(decap.remove_stale)
+            finally:
+                await netlink(decap.close)
+        except (NetworkUnavailable, NetlinkError, OSError) as err:
+            self.progress.warn(f"looking for a killed run's decapsulation: {err}")
+            return []
 
     async def _prepare_network(self) -> None:
         if not self.cfg.tap:
@@ -213,7 +240,7 @@ class DestMigration:
         more), the source has stopped tunnelling.
         """
         assert self.decap is not None
-        await asyncio.sleep(self.cfg.tunnel_hold)
+        await self._wait_unless(self.hold_cut, self.cfg.tunnel_hold)
         loop = asyncio.get_running_loop()
         start = loop.time()
         last, still_since = await netlink(self.decap.forwarded), start
@@ -224,7 +251,14 @@ class DestMigration:
                     "removing the decapsulation anyway"
                 )
                 break
-            await asyncio.sleep(0.1)
+            if await self._wait_unless(self.quiet_cut, 0.1):
+                if self.mon.closed:
+                    return  # _check_alive says what happened
+                self.progress.step(
+                    f"decapsulation removed before the tunnel was quiet ({last} packet(s) "
+                    "tunnelled in all)"
+                )
+                return
             now = await netlink(self.decap.forwarded)
             if now != last:
                 last, still_since = now, loop.time()
@@ -232,6 +266,56 @@ class DestMigration:
             f"tunnel quiet for {DECAP_QUIET:g} s ({last} packet(s) tunnelled in all): "
             "decapsulation removed"
         )
+
+    async def _wait_unless(self, cut: asyncio.Event, seconds: float) -> bool:
+        """Wait `seconds`; True as soon as `cut` is set (a signal, see on_signal) or the
+        QMP connection is gone (QEMU exited: nothing left to hold packets for)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not (cut.is_set() or self.mon.closed):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await within(cut.wait(), min(remaining, 0.2))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    async def _check_alive(self) -> None:
+        """QEMU died after the VM resumed here: neither side runs the VM any more (the
+        source QEMU is `postmigrate`).  Exit 1 saying so, not 0."""
+        try:
+            await migration.vm_status(self.mon)
+        except QMPClosed as err:
+            raise KatamaranError(
+                f"after the VM resumed here: the destination QEMU is gone ({err}); the VM "
+                "runs on neither node (its source QEMU is postmigrate)"
+            ) from None
+
+    def on_signal(self, name: str) -> bool:
+        """Whether a SIGINT/SIGTERM/SIGHUP may cancel the run now (cli's handler asks).
+
+        Until the VM runs here, yes: cleanup stops the NBD server and the listeners, and
+        the source cancels (its streams break) unless it has committed.  Once the VM
+        runs here the migration is done and the run ends normally (exit 0), as on the
+        source; but the source may still tunnel the VM's packets (its hold runs on its
+        own clock), and removing the decapsulation then would drop them.  So the first
+        signal ends the fixed hold and keeps decapsulating until the tunnel is quiet
+        (at most DECAP_MAX_WAIT s); a second one removes it at once.
+        """
+        if not self.resumed:
+            return True
+        if not self.hold_cut.is_set():
+            self.hold_cut.set()
+            self.progress.warn(
+                f"{name}: the VM runs here; tunnel hold cut short: decapsulating only until "
+                "the source's tunnel is quiet (signal again to stop now)"
+            )
+        else:
+            self.quiet_cut.set()
+            self.progress.warn(f"{name}: removing the decapsulation now")
+        return False
 
     async def _start_nbd(self) -> None:
         """QEMU's NBD server on a listening socket katamaran made (see listener.py).

@@ -155,7 +155,7 @@ def _users(ipr: IPRoute, ifname: str, index: int) -> int:
     count = 0
     for family in (socket.AF_INET, socket.AF_INET6):
         for rule in ipr.get_rules(family=family):
-            if _ours(_rule_table(rule)) and rule.get_attr("FRA_IFNAME") == ifname:
+            if _ours(_rule_table(rule)) and rule.get_attr("FRA_IIFNAME") == ifname:
                 count += 1
         for route in ipr.get_routes(family=family):
             if _ours(route.get_attr("RTA_TABLE")) and route.get_attr("RTA_OIF") == index:
@@ -459,9 +459,14 @@ class DestDecap:
         removed = []
         for version in (4, 6):
             for rule in self.ipr.get_rules(family=_family(version)):
-                if _rule_table(rule) in (self.table, self.rpf_table):
+                table = _rule_table(rule)
+                if table in (self.table, self.rpf_table):
                     _quiet(self.ipr.rule, "del", **self._rule_from(rule, version))
-                    removed.append(f"rule iif {rule.get_attr('FRA_IFNAME')} (table {self.table})")
+                    removed.append(f"rule iif {rule.get_attr('FRA_IIFNAME')} (table {table})")
+            for table in (self.table, self.rpf_table):  # they keep a tunnel in use
+                route = {"dst": "default", "table": table, "family": _family(version)}
+                if _quiet(self.ipr.route, "del", **route):
+                    removed.append(f"route table {table}")
         if self.ipr.link_lookup(ifname=self.hold):
             _quiet(self.ipr.link, "del", ifname=self.hold)
             removed.append(f"hold veth {self.hold}")
@@ -479,8 +484,8 @@ class DestDecap:
             "table": _rule_table(rule),
             "priority": rule.get_attr("FRA_PRIORITY"),  # type: ignore[attr-defined]
         }
-        if rule.get_attr("FRA_IFNAME"):  # type: ignore[attr-defined]
-            args["iifname"] = rule.get_attr("FRA_IFNAME")  # type: ignore[attr-defined]
+        if rule.get_attr("FRA_IIFNAME"):  # type: ignore[attr-defined]
+            args["iifname"] = rule.get_attr("FRA_IIFNAME")  # type: ignore[attr-defined]
         if rule.get_attr("FRA_DST"):  # type: ignore[attr-defined]
             args["dst"] = rule.get_attr("FRA_DST")  # type: ignore[attr-defined]
             args["dst_len"] = rule["dst_len"]  # type: ignore[index]

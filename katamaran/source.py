@@ -300,11 +300,13 @@ class SourceMigration:
         state = (await self.mon.execute("query-migrate")).get("status")
         earlier = self.lock.load_state() if self.lock else None
         if status == "postmigrate" or state == "completed":
-            note = ""
+            done = []
             if earlier and await migration.restore(self.mon, earlier):
-                note = " (restored the migration settings a killed katamaran had changed)"
+                done.append("restored the migration settings a killed katamaran had changed")
             if self.lock:
                 self.lock.clear_state()
+            done += await self._remove_stale_network()
+            note = f" ({'; '.join(done)})" if done else ""
             raise KatamaranError(f"QEMU at {self.mon.path} has already migrated away{note}")
         if state in ("device", "postcopy-active"):
             raise OutcomeUncertain(
@@ -353,6 +355,29 @@ class SourceMigration:
                 f"drive-mirror failed: no drive {self.cfg.drive_id!r} in this VM "
                 f"(drives: {', '.join(sorted(d for d in drives if d)) or 'none'})"
             )
+
+    async def _remove_stale_network(self) -> list[str]:
+        """A run killed in the tunnel hold left its rule sending the VM's address into the
+        tunnel, ahead of the CNI's routes: until removed, this node's traffic to the VM
+        goes to a destination that no longer decapsulates it.  Removed on the refusal
+        path of a migrated-away VM (the path such a re-run takes), with its divert."""
+        removed = [f"removed {what}" for what in await self._remove_stale_diverts()]
+        if self.cfg.dest_ip is None or self.cfg.vm_ip is None:
+            return removed
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        from .network import NetworkUnavailable, SourceTunnel
+
+        try:
+            tunnel = await netlink(SourceTunnel, self.cfg.dest_ip, self.cfg.vm_ip)
+            try:
+                stale = await netlink(tunnel.remove_stale)
+            finally:
+                await netlink(tunnel.close)
+        except (NetworkUnavailable, NetlinkError, OSError) as err:
+            self.progress.warn(f"looking for a killed run's tunnel rule: {err}")
+            return removed
+        return removed + [f"removed {what}" for what in stale]
 
     async def _remove_stale_diverts(self) -> list[str]:
         """A killed run's divert keeps the VM's traffic from its tap: removed before the

@@ -30,13 +30,11 @@ import os
 import platform
 import re
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +48,6 @@ TUNNEL_HOLD = 5.0  # katamaran's default (config.TUNNEL_HOLD), the same on both 
 CONVERGE_DELAY = 2.0  # after `migration completed`, as the e2e's default --converge-delay
 MAX_PAUSE = 30.0  # the plug holds this long a pause's pings (as the e2e)
 RELEASED_RE = re.compile(r"released (\d+) held packet")
-
-
-class PingRateError(RuntimeError):
-    """The benchmark could not be run (no node image, the inner run failed)."""
 
 
 # --------------------------------------------------------------------------- inside the node
@@ -232,42 +226,20 @@ def run(
     timeout: float = 3600.0,
 ) -> dict[str, Any]:
     """Boot one lab node, run the scenario in it, return its figures (plus this machine's)."""
-    from pytest_katamaran.backend.qemu import QemuNodes
     from pytest_katamaran.images.guest import build_guest, cache_root
-    from pytest_katamaran.images.node import NodeImageError
+    from pytest_katamaran.lab.node import run_in_node
     from pytest_katamaran.qemu.binary import workload_qemu
 
     guest = build_guest()
     qemu, note = workload_qemu("backports", cache_root())
-    config = types.SimpleNamespace(
-        node_image="debian",
-        accel="tcg",
-        keep_on_failure=False,
-        results_dir=results_dir or Path(tempfile.mkdtemp(prefix="kmr-pingrate-results-")),
-    )
-    lab = QemuNodes(config, roles=("a",))
     started = dt.datetime.now(dt.timezone.utc)
-    try:
-        lab.start()
-    except NodeImageError as err:
-        raise PingRateError(f"no Debian node image: {err}") from None
     inner = [
-        "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "pytest_katamaran.bench.ping_rate",
+        "-m", "pytest_katamaran.bench.ping_rate",
         "--inside", "--interval", f"{interval:g}", "--baseline-seconds", f"{baseline_seconds:g}",
         "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
         "--qemu", qemu.binary, "--qemu-datadir", qemu.datadir,
     ]  # fmt: skip
-    try:
-        proc = lab.node_a.ssh.start(shlex.join(inner), sudo=True)
-        rc = _relay(proc, timeout)
-        out, err = proc.output(), proc.errors()
-    finally:
-        lab.stop()
-    lines = out.strip().splitlines()
-    if rc != 0 or not lines:
-        last = (err.strip().splitlines() or ["(no output)"])[-1]
-        raise PingRateError(f"the run inside the lab node failed ({rc}): {last}")
-    facts = json.loads(lines[-1])
+    facts = run_in_node(inner, results_dir=results_dir, timeout=timeout)
     facts.update(
         interval_s=interval,
         rate_per_s=round(1.0 / interval),
@@ -282,22 +254,6 @@ def run(
         },
     )
     return facts
-
-
-def _relay(proc: Any, timeout: float) -> int | None:
-    """Wait for the inner run, passing its progress (stderr) on as it comes."""
-    deadline, shown = time.monotonic() + timeout, 0
-    while True:
-        rc = proc.wait(1.0)
-        err = proc.errors()
-        if len(err) > shown:
-            sys.stderr.write(err[shown:])
-            shown = len(err)
-        if rc is not None:
-            return rc
-        if time.monotonic() > deadline:
-            proc.stop()
-            raise PingRateError(f"the run inside the lab node took over {timeout:g} s")
 
 
 def describe(facts: dict[str, Any]) -> str:
@@ -369,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("ping_rate: must run as root (the lab node and its networks)", file=sys.stderr)
         return 2
+    from pytest_katamaran.lab.node import NodeRunError
+
     try:
         facts = run(args.interval, baseline_seconds=args.baseline_seconds)
-    except PingRateError as err:
+    except NodeRunError as err:
         print(f"ping_rate: {err}", file=sys.stderr)
         return 1
     print(describe(facts))

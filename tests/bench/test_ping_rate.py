@@ -27,14 +27,13 @@ INTERVAL = 0.01
 def facts(tmp_path_factory):
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
-    from pytest_katamaran.bench.ping_rate import PingRateError, run
+    from pytest_katamaran.bench.ping_rate import run
+    from pytest_katamaran.lab.node import NoNodeImage
 
     try:
         return run(INTERVAL, baseline_seconds=5.0, results_dir=tmp_path_factory.mktemp("nodes"))
-    except PingRateError as err:
-        if "no Debian node image" in str(err):
-            pytest.skip(str(err))
-        raise
+    except NoNodeImage as err:
+        pytest.skip(str(err))
 
 
 def test_guest_answers_the_rate_without_migration(facts, record_property):

@@ -9,7 +9,6 @@ for the tap), and katamaran.network's own classes in the order source.py/dest.py
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,26 +16,16 @@ import pytest
 pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-decap-node")]
 
 SCENARIO = Path(__file__).with_name("decap_scenario.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def facts(node_lab_config):
-    from pytest_katamaran.backend.qemu import QemuNodes
-    from pytest_katamaran.images.node import NodeImageError
+    from pytest_katamaran.lab.node import NoNodeImage, run_in_node
 
-    lab = QemuNodes(node_lab_config, roles=("a",))
-    try:
-        lab.start()
-    except NodeImageError as err:
-        pytest.skip(f"no Debian node image: {err}")
-    try:
-        run = lab.node_a.ssh.run(  # check=True: a failing scenario raises with its stderr
-            f"cd {REPO} && sudo env PYTHONPATH={REPO} python3 {SCENARIO}", timeout=480
-        )
-    finally:
-        lab.stop()
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    try:  # a failing scenario raises NodeRunError with its last stderr line
+        return run_in_node([str(SCENARIO)], results_dir=node_lab_config.results_dir, timeout=480)
+    except NoNodeImage as err:
+        pytest.skip(str(err))
 
 
 def test_scoped_setup_without_warnings(facts):

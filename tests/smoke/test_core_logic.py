@@ -278,3 +278,43 @@ def test_within_times_out_with_asyncio_timeouterror_and_returns_results():
         return got, False
 
     assert asyncio.run(scenario()) == (7, True)
+
+
+def test_destination_signals_before_resume_cancel_after_it_shorten_the_hold():
+    """Before the VM runs here a signal cancels (cleanup); after, the first ends the fixed
+    hold only (the source may still tunnel), the next the wait for a quiet tunnel."""
+    import io
+    import types
+
+    from katamaran.dest import DestMigration
+    from katamaran.progress import Progress
+
+    out = io.StringIO()
+    cfg = parse_args(["-mode", "dest", "-qmp", "/run/q.sock", "-tap", "tap0"])
+    dest = DestMigration(cfg, types.SimpleNamespace(closed=False), Progress(out))
+    assert dest.on_signal("SIGTERM") is True and out.getvalue() == ""
+    dest.resumed = True
+    assert dest.on_signal("SIGTERM") is False
+    assert dest.hold_cut.is_set() and not dest.quiet_cut.is_set()
+    assert "decapsulating only until the source's tunnel is quiet" in out.getvalue()
+    assert dest.on_signal("SIGINT") is False
+    assert dest.quiet_cut.is_set()
+    assert "removing the decapsulation now" in out.getvalue()
+
+
+def test_destination_hold_wait_ends_when_qemu_is_gone():
+    import types
+
+    from katamaran.dest import DestMigration
+    from katamaran.progress import Progress
+
+    cfg = parse_args(["-mode", "dest", "-qmp", "/run/q.sock"])
+    mon = types.SimpleNamespace(closed=False)
+    dest = DestMigration(cfg, mon, Progress())
+
+    async def waits() -> tuple[bool, bool]:
+        timed_out = await dest._wait_unless(dest.hold_cut, 0.05)
+        mon.closed = True
+        return timed_out, await dest._wait_unless(dest.hold_cut, 30.0)
+
+    assert asyncio.run(asyncio.wait_for(waits(), 5)) == (False, True)

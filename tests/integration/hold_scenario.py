@@ -1,0 +1,280 @@
+"""Faults in the tunnel hold, with the real cutover, run as root inside a Debian-kernel node.
+
+Why a script: the hold needs ipip and sch_plug, which this host's kernel lacks, so
+test_hold_faults.py boots one lab node (pytest_katamaran.lab.node) and runs this there.
+Each case is one real migration in `locallab.Rig` (two netns nodes, a Kata-shaped pod on
+node a, QEMU from the command line, katamaran's CLI on both sides at the default 5 s
+hold, the CNI step 2 s after `migration completed`) with a client pinging the VM every
+10 ms through it, and one fault once the hold has begun: a signal to either katamaran,
+a SIGKILL followed by a re-run with the same flags, the destination QEMU killed.
+
+Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep.
+Prints one JSON object: per case the exit codes, both logs, both QEMUs' states, the
+ping's figures and what each node's network (links, rules, routes, qdiscs, sysctls)
+holds afterwards that it did not hold before; the test asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pytest_katamaran.bench.ping_rate import CONVERGE_DELAY, DEST_IP, SOURCE_IP, Client
+from pytest_katamaran.checks.ping import PingMonitor
+from pytest_katamaran.images.guest import GuestImage
+from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text
+from pytest_katamaran.migration import plug_limit
+from pytest_katamaran.qemu.binary import WorkloadQemu
+
+INTERVAL = 0.01
+HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
+SYSCTL_RE = r"forwarding|rp_filter|ip_forward|accept_local"
+
+
+def _say(message: str) -> None:
+    print(f"hold_scenario: {message}", file=sys.stderr, flush=True)
+
+
+def _sh(netns: str, *argv: str) -> str:
+    done = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True)
+    return done.stdout
+
+
+def network_state(netns: str) -> set[str]:
+    """What katamaran may add or change in a netns, one line per item (no counters)."""
+    lines = {f"link {ln.split(':')[1].strip().split('@')[0]}" for ln in
+             _sh(netns, "ip", "-o", "link", "show").splitlines() if ":" in ln}  # fmt: skip
+    for family in ("-4", "-6"):
+        lines |= {
+            f"rule{family} {ln.strip()}" for ln in _sh(netns, "ip", family, "rule").splitlines()
+        }
+        routes = _sh(netns, "ip", family, "route", "show", "table", "all").splitlines()
+        # the main table's routes to the VM are the CNI's step, not katamaran's
+        lines |= {f"route{family} {ln.strip()}" for ln in routes
+                  if not (VM_IP in ln and "table" not in ln)}  # fmt: skip
+    lines |= {f"qdisc {ln.strip()}" for ln in _sh(netns, "tc", "qdisc", "show").splitlines()}
+    for ln in _sh(netns, "sysctl", "-a").splitlines():
+        name = ln.split("=")[0].strip()
+        if any(part in name for part in SYSCTL_RE.split("|")):
+            lines.add(f"sysctl {ln.strip()}")
+    # IPv6 link-local routes come and go with DAD on the lab's own links; a tap whose
+    # QEMU died is `linkdown`: neither is katamaran's (its links are listed by name)
+    return {ln.replace(" linkdown", "") for ln in lines if "fe80:" not in ln}
+
+
+class Case:
+    """One migration under ping with one fault in the hold; `facts` holds what was seen."""
+
+    def __init__(self, name: str, rig: Rig, client: Client) -> None:
+        self.name, self.rig, self.client = name, rig, client
+        self.netns = {"a": rig.lab.a.netns, "b": rig.lab.b.netns}
+        if rig.pod is not None:
+            self.netns["pod"] = rig.pod.netns
+        self.before = {node: network_state(ns) for node, ns in self.netns.items()}
+        self.facts: dict[str, Any] = {"case": name}
+        self.t0 = time.monotonic()
+
+    def stamp(self, what: str) -> None:
+        self.facts.setdefault("marks", {})[what] = round(time.monotonic() - self.t0, 2)
+
+    def katamaran(self, side: str, log: str) -> subprocess.Popen:
+        """katamaran with the flags the e2e gives it (a re-run gets the very same)."""
+        rig = self.rig
+        if side == "source":
+            args = ["-mode", "source", "-qmp", str(rig.src.qmp_path), "-dest-ip", DEST_IP]
+            args += ["-vm-ip", VM_IP, "-tunnel-hold", HOLD]
+            return rig.katamaran("a", *args, log=log)
+        args = ["-mode", "dest", "-qmp", str(rig.dst.qmp_path), "-tap", rig.tap]
+        args += ["-vm-ip", VM_IP, "-source-ip", SOURCE_IP, "-tunnel-hold", HOLD]
+        args += ["-plug-limit", str(plug_limit(30.0, INTERVAL))]
+        return rig.katamaran("b", *args, log=log)
+
+    def converge(self) -> None:
+        """The CNI's step: node b routes the VM to its tap, node a routes it to node b."""
+        assert self.rig.dest_tap is not None
+        self.rig.dest_tap.add_pod_route()
+        self.rig.lab.run("a", ["ip", "route", "replace", f"{VM_IP}/32", "via", DEST_IP], check=True)
+        self.stamp("converged")
+
+    def left(self) -> dict[str, dict[str, list[str]]]:
+        """Per node: lines present now and not before (`added`), and the other way."""
+        out = {}
+        for node, ns in self.netns.items():
+            now = network_state(ns)
+            out[node] = {
+                "added": sorted(now - self.before[node]),
+                "removed": sorted(self.before[node] - now),
+            }
+        return out
+
+    def status(self, side: str) -> str:
+        box = self.rig.src if side == "source" else self.rig.dst
+        if not box.alive():
+            return "dead"
+        return self.rig.status(box)
+
+
+def run_case(name: str, rig: Rig, client: Client, fault: Callable[[Case, dict], None]) -> dict:
+    """Migrate under ping; `fault(case, procs)` runs once the source's hold has begun."""
+    case = Case(name, rig, client)
+    mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns).start()
+    try:
+        mon.wait_replies(10, timeout=300)
+        procs = {"dest": case.katamaran("dest", "dest.log")}
+        rig.wait_for_line("dest.log", "destination ready", rig.ready_timeout, procs["dest"])
+        procs["source"] = case.katamaran("source", "source.log")
+        wait_for_text(rig.tmp / "source.log", "holding tunnel", 900, procs["source"])
+        case.stamp("source hold began")
+        fault(case, procs)
+        for side in ("source", "dest"):
+            case.facts[f"{side}_rc"] = rig.finish(procs[side], 300)
+        case.stamp("both exited")
+        stats = mon.finish(catch_up_s=30.0, settle_s=1.0)
+    finally:
+        mon.stop()  # idempotent
+    ping = stats.as_dict()
+    ping.pop("in_flight", None)
+    case.facts.update(
+        ping=ping,
+        source_status=case.status("source"),
+        dest_status=case.status("dest"),
+        left=case.left(),
+        logs={
+            name: rig.log(name).splitlines()
+            for name in sorted(os.listdir(rig.tmp))
+            if name.endswith(".log")
+        },  # fmt: skip
+    )
+    return case.facts
+
+
+def signal_source(sig: signal.Signals) -> Callable[[Case, dict], None]:
+    def fault(case: Case, procs: dict) -> None:
+        time.sleep(CONVERGE_DELAY)  # the CNI converges mid-hold, as in the e2e
+        case.converge()
+        procs["source"].send_signal(sig)
+        case.stamp(f"{sig.name} to the source")
+        case.facts["source_rc_after_signal_s"] = _exited_within(procs["source"], 30)
+
+    return fault
+
+
+def signal_dest(sig: signal.Signals) -> Callable[[Case, dict], None]:
+    def fault(case: Case, procs: dict) -> None:
+        wait_for_text(case.rig.tmp / "dest.log", "migration received", 60, procs["dest"])
+        time.sleep(CONVERGE_DELAY)
+        case.converge()
+        procs["dest"].send_signal(sig)
+        case.stamp(f"{sig.name} to the destination")
+        case.facts["dest_rc_after_signal_s"] = _exited_within(procs["dest"], 30)
+
+    return fault
+
+
+def sigkill_source_then_rerun(case: Case, procs: dict) -> None:
+    """SIGKILL in the hold leaves the rule that tunnels the VM's address; the re-run
+    (same flags, at once, as an operator's retry) must remove it before it refuses."""
+    time.sleep(CONVERGE_DELAY)
+    case.converge()
+    procs["source"].kill()
+    procs["source"].wait()
+    case.stamp("SIGKILL to the source")
+    case.facts["left_after_kill"] = case.left()
+    rerun = case.katamaran("source", "source-rerun.log")
+    case.facts["rerun_rc"] = case.rig.finish(rerun, 120)
+    case.stamp("re-run exited")
+
+
+def sigkill_dest_then_rerun(case: Case, procs: dict) -> None:
+    wait_for_text(case.rig.tmp / "dest.log", "migration received", 60, procs["dest"])
+    time.sleep(CONVERGE_DELAY)
+    case.converge()
+    procs["dest"].kill()
+    procs["dest"].wait()
+    case.stamp("SIGKILL to the destination")
+    # the source's hold ends first: until then its tunnel still carries the VM's packets
+    case.facts["source_rc_first"] = case.rig.finish(procs["source"], 120)
+    case.facts["left_after_kill"] = case.left()
+    rerun = case.katamaran("dest", "dest-rerun.log")
+    case.facts["rerun_rc"] = case.rig.finish(rerun, 120)
+    case.stamp("re-run exited")
+
+
+def kill_dest_qemu(case: Case, procs: dict) -> None:
+    time.sleep(CONVERGE_DELAY)
+    case.converge()
+    pid = case.rig.dst.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the QEMU this scenario started, by its PID
+    case.stamp("destination QEMU killed")
+
+
+def _exited_within(proc: subprocess.Popen, timeout: float) -> float | None:
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    return round(time.monotonic() - t0, 2)
+
+
+CASES: dict[str, Callable[[Case, dict], None]] = {
+    "sigint-source": signal_source(signal.SIGINT),
+    "sigterm-source": signal_source(signal.SIGTERM),
+    "sighup-source": signal_source(signal.SIGHUP),
+    "sigkill-source-rerun": sigkill_source_then_rerun,
+    "sigterm-dest": signal_dest(signal.SIGTERM),
+    "sighup-dest": signal_dest(signal.SIGHUP),
+    "sigkill-dest-rerun": sigkill_dest_then_rerun,
+    "dest-qemu-killed": kill_dest_qemu,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
+        parser.add_argument(name, default="")
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    guest = GuestImage(Path(args.kernel), Path(args.initrd), "")
+    qemu = WorkloadQemu(args.qemu, args.qemu_datadir, "")
+    subprocess.run(["modprobe", "tun"], check=False)
+    results = {}
+    for name in args.cases.split(","):
+        tmp = Path(tempfile.mkdtemp(prefix=f"kmr-hold-{name}-"))
+        rig = Rig(guest, tmp, kata_pod=True, qemu=qemu, boot_timeout=1800.0, ready_timeout=600.0)
+        client = Client(rig.lab.a.netns, rig.lab.b.netns)
+        t0 = time.monotonic()
+        try:
+            rig.up()
+            client.up()
+            _say(f"{name}: nested guest up in {time.monotonic() - t0:.0f} s")
+            results[name] = run_case(name, rig, client, CASES[name])
+        except Exception as err:  # noqa: BLE001 - one case's failure is that case's fact
+            results[name] = {"case": name, "error": f"{type(err).__name__}: {err}"[:4000]}
+        finally:
+            client.down()
+            rig.down()
+            shutil.rmtree(tmp, ignore_errors=True)
+        facts = results[name]
+        _say(
+            f"{name}: exit source {facts.get('source_rc')} dest {facts.get('dest_rc')}, "
+            f"lost {facts.get('ping', {}).get('lost_count')}, {facts.get('error', 'no error')}"
+            f" ({time.monotonic() - t0:.0f} s)"
+        )
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

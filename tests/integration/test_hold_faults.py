@@ -1,0 +1,129 @@
+"""Faults in the tunnel hold, with the real cutover: signals, SIGKILL and a re-run, a dead
+destination QEMU; each side exits as documented and leaves nothing on either node.
+
+Why a node VM: the hold needs ipip and sch_plug, which this host's kernel lacks.  One lab
+node (Debian kernel over this host's root, TCG) boots; hold_scenario.py runs there as
+root, one real migration per case (nested guest, both katamaran CLIs at the default
+hold, a client pinging the VM every 10 ms, the CNI step mid-hold) and one fault each,
+placed by the line katamaran prints when its hold begins.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.xdist_group("katamaran-decap-node"),  # one lab node at a time
+    pytest.mark.timeout(3600),
+]
+
+SCENARIO = __file__.replace("test_hold_faults.py", "hold_scenario.py")
+SIGNAL_CASES = ["sigint-source", "sigterm-source", "sighup-source"]
+DEST_SIGNAL_CASES = ["sigterm-dest", "sighup-dest"]
+
+
+@pytest.fixture(scope="module")
+def cases(node_lab_config, qemu_backports):
+    from pytest_katamaran.images.guest import build_guest
+    from pytest_katamaran.lab.node import NoNodeImage, run_in_node
+
+    guest = build_guest()
+    args = [SCENARIO, "--kernel", str(guest.kernel), "--initrd", str(guest.initrd)]
+    args += ["--qemu", qemu_backports.binary, "--qemu-datadir", qemu_backports.datadir]
+    try:
+        return run_in_node(args, results_dir=node_lab_config.results_dir, timeout=3000)
+    except NoNodeImage as err:
+        pytest.skip(str(err))
+
+
+def case_facts(cases: dict, name: str) -> dict:
+    facts = cases[name]
+    assert "error" not in facts, facts["error"]
+    return facts
+
+
+def kernel_leftovers(left: dict, *, sysctls: bool = True) -> dict:
+    """Per node, what katamaran added or removed and did not put back."""
+    out = {}
+    for node, diff in left.items():
+        lines = diff["added"] + diff["removed"]
+        if not sysctls:
+            lines = [ln for ln in lines if not ln.startswith("sysctl ")]
+        if lines:
+            out[node] = lines
+    return out
+
+
+def log_text(facts: dict, name: str) -> str:
+    return "\n".join(facts["logs"].get(name, []))
+
+
+@pytest.mark.parametrize("name", SIGNAL_CASES)
+def test_signal_to_the_source_in_the_hold_cuts_it_short(cases, name):
+    facts = case_facts(cases, name)
+    source_log = log_text(facts, "source.log")
+    assert "tunnel hold cut short; the migration has completed" in source_log
+    assert facts["source_rc"] == 0, source_log[-2000:]
+    assert facts["source_rc_after_signal_s"] is not None  # it did not sit out the hold
+    assert facts["dest_rc"] == 0, log_text(facts, "dest.log")[-2000:]
+    assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "running")
+    assert kernel_leftovers(facts["left"]) == {}
+    # the CNI had converged: nothing needed the tunnel any more
+    assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]
+
+
+def test_sigkill_in_the_source_hold_then_rerun_removes_the_tunnel_rule(cases):
+    facts = case_facts(cases, "sigkill-source-rerun")
+    killed = kernel_leftovers(facts["left_after_kill"])
+    # the killed run's rule still sent the VM's address into the tunnel, ahead of the CNI
+    assert any(ln.startswith("rule-4 90:") for ln in killed.get("a", [])), killed
+    rerun = log_text(facts, "source-rerun.log")
+    assert facts["rerun_rc"] == 1, rerun
+    assert "has already migrated away" in rerun and "removed rule to 10.244.1.5" in rerun
+    assert facts["dest_rc"] == 0, log_text(facts, "dest.log")[-2000:]
+    assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "running")
+    assert kernel_leftovers(facts["left"]) == {}
+    assert facts["ping"]["lost_count"] == 0, facts["ping"]
+
+
+@pytest.mark.parametrize("name", DEST_SIGNAL_CASES)
+def test_signal_to_the_destination_in_the_hold_waits_for_a_quiet_tunnel(cases, name):
+    facts = case_facts(cases, name)
+    dest_log = log_text(facts, "dest.log")
+    assert "tunnel hold cut short: decapsulating only until the source's tunnel" in dest_log
+    assert "decapsulation removed" in dest_log
+    assert facts["dest_rc"] == 0, dest_log[-2000:]
+    assert facts["dest_rc_after_signal_s"] is not None
+    assert facts["source_rc"] == 0, log_text(facts, "source.log")[-2000:]
+    assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "running")
+    assert kernel_leftovers(facts["left"]) == {}
+    # it kept decapsulating what the source still tunnelled until the source's hold ended
+    assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]
+
+
+def test_sigkill_in_the_destination_hold_then_rerun_removes_its_network(cases):
+    facts = case_facts(cases, "sigkill-dest-rerun")
+    killed = kernel_leftovers(facts["left_after_kill"], sysctls=False)
+    assert any("kmrh-" in ln for ln in killed.get("b", [])), killed  # the hold veth stayed
+    rerun = log_text(facts, "dest-rerun.log")
+    assert facts["rerun_rc"] == 1, rerun
+    assert "not waiting for an incoming migration" in rerun
+    assert "removed a killed run's" in rerun and "hold veth kmrh-" in rerun
+    assert facts["source_rc_first"] == 0
+    assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "running")
+    # links, rules, routes, qdiscs gone; the node-wide sysctls the killed run changed stay
+    # (their old values died with it): documented in the README
+    assert kernel_leftovers(facts["left"], sysctls=False) == {}
+    # the killed run's decapsulation kept working until the source's hold ended
+    assert facts["ping"]["lost_count"] == 0, facts["ping"]
+
+
+def test_destination_qemu_killed_in_the_hold(cases):
+    facts = case_facts(cases, "dest-qemu-killed")
+    assert facts["source_rc"] == 0, log_text(facts, "source.log")[-2000:]
+    assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "dead")
+    assert kernel_leftovers(facts["left"]) == {}
+    dest_log = log_text(facts, "dest.log")
+    assert facts["dest_rc"] == 1, dest_log[-2000:]
+    assert "after the VM resumed here: the destination QEMU is gone" in dest_log
