@@ -25,7 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import paramiko
+
 from pytest_katamaran.agent.client import (
+    clock_offset,
     describe_logs,
     katamaran_events,
     parse_summary,
@@ -37,7 +40,7 @@ from pytest_katamaran.checks.ping import PingMonitor
 from pytest_katamaran.config import Tuning
 from pytest_katamaran.errors import HarnessError, PodError
 from pytest_katamaran.pod import DISK_DIR, DISK_SIZE, KataPod, PodLab
-from pytest_katamaran.ssh import RemoteProcess
+from pytest_katamaran.ssh import CommandFailed, RemoteProcess
 
 PING_FRAME = 98  # bytes sch_plug counts per 56-byte-payload ICMP echo (Ethernet frame)
 DEST_READY_TIMEOUT = 300.0
@@ -112,6 +115,9 @@ class MigrationResult:
     dest_events: dict[str, float | None] = field(default_factory=dict)  # target's clock
     converged: dict[str, float] = field(default_factory=dict)
     hold_end: float | None = None  # source node's clock: when its tunnel went away
+    # the target's clock minus the source node's (measured after the run), and how sure
+    dest_clock_offset_s: float | None = None
+    clock_uncertainty_s: float | None = None
     plug_released: str | None = None
     problems: list[str] = field(default_factory=list)
     diagnostics: str = ""  # gathered at failure time, while the VMs still ran
@@ -173,6 +179,8 @@ class MigrationResult:
             "events_source": self.events,
             "events_dest": self.dest_events,
             "converged_at": self.converged,
+            "dest_clock_offset_s": self.dest_clock_offset_s,
+            "clock_uncertainty_s": self.clock_uncertainty_s,
             "plug_released": self.plug_released,
             "problems": self.problems,
             "katamaran_source_log": self.source_log,
@@ -346,6 +354,7 @@ class _Run:
             }
         res.source_rc = self.src_proc.wait(t.tunnel_hold + 300)
         res.dest_rc = self.dst_proc.wait(t.dest_hold_s + 300)
+        self.measure_clocks()
         if self.ping is not None:
             # The migration is over: what the harness's own checks below cost a slow
             # nested guest (node-agent calls on a TCG node) is not the migration's.
@@ -354,6 +363,18 @@ class _Run:
         res.pod = self.dest_pod
         self.collect_logs()
         self.check()
+
+    def measure_clocks(self) -> None:
+        """The target's clock against the source node's, for the timeline (see
+        clock_offset); a node that cannot say leaves the stamps as they are."""
+        res = self.result
+        try:
+            off_a, err_a = clock_offset(self.a.node.ssh)
+            off_b, err_b = clock_offset(self.b.node.ssh)
+        except (OSError, ValueError, CommandFailed, paramiko.SSHException):
+            return  # not the migration's failure: the timeline says it is uncorrected
+        res.dest_clock_offset_s = round(off_b - off_a, 6)
+        res.clock_uncertainty_s = round(err_a + err_b, 6)
 
     def collect_logs(self) -> None:
         res = self.result
@@ -384,8 +405,9 @@ class _Run:
             problems.append("the source never held a tunnel")
         else:
             res.hold_end = hold + t.tunnel_hold
-            # Both nodes take their time from this host at boot: B's clock against A's.
+            shift = {self.to.name: res.dest_clock_offset_s or 0.0}  # B's stamps on A's clock
             for name, at in res.converged.items():
+                at -= shift.get(name, 0.0)
                 if at >= res.hold_end:
                     problems.append(
                         f"{name} converged {at - hold:.2f} s into a {t.tunnel_hold:g} s "

@@ -83,6 +83,13 @@ def phase_marks(migration: Mapping[str, Any]) -> list[tuple[str, float]]:
         )
         src = {**src_log, **{k: v for k, v in src.items() if v is not None}}
         dst = {**dst_log, **{k: v for k, v in dst.items() if v is not None}}
+    # The target's stamps onto the source node's clock (the ping's too: it runs there).
+    shift = float(migration.get("dest_clock_offset_s") or 0.0)
+    dst = {k: (v - shift if v is not None else None) for k, v in dst.items()}
+    converged = dict(migration.get("converged_at") or {})
+    target = migration.get("dest_node")
+    if target in converged:
+        converged[target] = float(converged[target]) - shift
     resume = "RESUME + plug released" if migration.get("plug_released") else "RESUME"
     marks: list[tuple[str, Any]] = [
         ("mirror ready", src.get("mirror ready")),
@@ -91,7 +98,7 @@ def phase_marks(migration: Mapping[str, Any]) -> list[tuple[str, float]]:
         ("STOP", src.get("STOP")),
         (resume, dst.get("RESUME (plug released)")),
     ]
-    for node, at in (migration.get("converged_at") or {}).items():
+    for node, at in converged.items():
         marks.append((f"CNI converged ({node})", at))
     found = [(label, float(at)) for label, at in marks if at is not None]
     return sorted(found, key=lambda mark: mark[1])
@@ -306,9 +313,17 @@ def timeline_path(json_path: Path) -> Path:
 def clock_note(migration: Mapping[str, Any]) -> str:
     """Which clock each stamp is on, when source and destination are different machines."""
     src, dst = migration.get("source_node"), migration.get("dest_node")
+    offset, error = migration.get("dest_clock_offset_s"), migration.get("clock_uncertainty_s")
+    if offset is None:
+        return (
+            f"Clocks: ping and STOP/switch stamps on the pinging node and {src}; RESUME and "
+            f"{dst}'s convergence on {dst}'s clock, uncorrected (the lab's nodes set their "
+            "clocks from the host at boot)."
+        )
     return (
-        f"Clocks: ping and STOP/switch stamps on the pinging node and {src}; RESUME and "
-        f"{dst}'s convergence on {dst} (the lab's nodes set their clocks from the host at boot)."
+        f"Clocks: every stamp on {src}'s (the ping's, STOP, the switch); RESUME and {dst}'s "
+        f"convergence moved from {dst}'s by {-offset * 1000:+.0f} ms (offset read over ssh "
+        f"after the run, ±{(error or 0) * 1000:.0f} ms)."
     )
 
 

@@ -8,6 +8,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KATAMARAN_REPO"
 katamaran_python
-"$KATAMARAN_PY" -m pytest -n 2 -p no:cacheprovider -rs "$@"
+"$KATAMARAN_PY" -m pytest -n 2 --dist loadgroup -p no:cacheprovider -rs "$@"
 "$KATAMARAN_PY" -m pytest tests/e2e --nodes=qemu -p no:cacheprovider -rs \
     --session-timeout="${E2E_SESSION_TIMEOUT:-1800}" "$@"

@@ -84,6 +84,28 @@ class NodeSide:
         return self.node.ssh.start(self.command("katamaran", "--", *args), sudo=True)
 
 
+def clock_offset(ssh: Any, samples: int = 5) -> tuple[float, float]:
+    """(node clock - this host's clock, uncertainty), both in seconds.
+
+    Why: each node stamps its own lines (STOP and the switch on the source, RESUME on
+    the destination), and a TCG node's clock drifts from the host's by tens to hundreds
+    of ms after boot: a timeline that mixes them can draw RESUME before STOP.  Each
+    sample reads the node's clock once between two of this host's; the node's reading
+    lies within that round trip, so the sample with the shortest one is kept and half
+    of it is the uncertainty.
+    """
+    best: tuple[float, float] | None = None
+    for _ in range(samples):
+        t0 = time.time()
+        out = ssh.run("date +%s.%N", timeout=10).stdout.strip()
+        t1 = time.time()
+        half = (t1 - t0) / 2
+        if best is None or half < best[1]:
+            best = (float(out) - (t0 + half), half)
+    assert best is not None, "samples must be at least 1"
+    return best
+
+
 def stamped(text: str) -> list[tuple[float, str]]:
     """(node time, message) for every stamped line of a nodeside-wrapped katamaran log."""
     out = []

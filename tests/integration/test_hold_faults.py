@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.xdist_group("katamaran-decap-node"),  # one lab node at a time
+    pytest.mark.xdist_group("katamaran-lab-nodes"),  # one lab at a time, one worker
     pytest.mark.timeout(3600),
 ]
 

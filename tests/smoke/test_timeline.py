@@ -138,6 +138,35 @@ def test_phase_marks_in_time_order_with_labels():
     assert "RESUME" in [label for label, _ in phase_marks(no_plug)]
 
 
+def test_target_stamps_move_onto_the_source_clock():
+    """node-b's clock 250 ms behind node-a's: its stamps move 250 ms later (RESUME from
+    100.6 to 100.85); node-a's stay; the note says by how much and how sure."""
+    from pytest_katamaran.timeline import clock_note
+
+    behind = {**migration(), "dest_clock_offset_s": -0.25, "clock_uncertainty_s": 0.004}
+    marks = dict(phase_marks(behind))
+    assert marks["RESUME + plug released"] == pytest.approx(100.85)
+    assert marks["CNI converged (node-b)"] == pytest.approx(101.25)
+    assert marks["CNI converged (node-a)"] == 101.2  # the source node's own: unchanged
+    assert marks["STOP"] == STOP
+    assert "moved from node-b's by +250 ms" in clock_note(behind)
+    assert "±4 ms" in clock_note(behind)
+    assert "uncorrected" in clock_note(migration())
+
+
+def test_clock_offset_keeps_the_shortest_round_trip(monkeypatch):
+    from types import SimpleNamespace
+
+    from pytest_katamaran.agent import client
+
+    host = iter([10.0, 10.4, 20.0, 20.02, 30.0, 30.2])  # round trips 0.4, 0.02, 0.2 s
+    monkeypatch.setattr(client.time, "time", lambda: next(host))
+    node = iter(["10.5", "20.51", "31.0"])  # the node runs 0.5 s ahead
+    ssh = SimpleNamespace(run=lambda cmd, timeout: SimpleNamespace(stdout=next(node) + "\n"))
+    offset, error = client.clock_offset(ssh, samples=3)
+    assert offset == pytest.approx(0.5) and error == pytest.approx(0.01)
+
+
 def test_send_times_and_lost_positions():
     stats = parse_ping_output(ping_log(), INTERVAL)
     assert stats.lost == list(LOST)
