@@ -16,7 +16,7 @@ import pytest
 # Not in the default run (testpaths): a lab node plus a nested boot take 10-30 min here.
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.xdist_group("katamaran-pingrate-node"),
+    pytest.mark.lab_nodes,
     pytest.mark.timeout(3600),
 ]
 

@@ -193,6 +193,23 @@ def sigkill_source_then_rerun(case: Case, procs: dict) -> None:
     rerun = case.katamaran("source", "source-rerun.log")
     case.facts["rerun_rc"] = case.rig.finish(rerun, 120)
     case.stamp("re-run exited")
+    case.facts["ping_after_rerun"] = ping_now(case.client, 3.0)
+
+
+def ping_now(client: Client, seconds: float) -> dict[str, Any]:
+    """A second ping from the client for `seconds`: does the VM answer now?  (Until a
+    re-run removes a killed source's rule, the VM's packets from node a go into the
+    tunnel; whether the destination still decapsulates them then depends on how long
+    the re-run took, so the first ping's losses are a fact, not the check.)"""
+    mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns).start()
+    try:
+        time.sleep(seconds)
+        stats = mon.finish(catch_up_s=10.0, settle_s=0.0)
+    finally:
+        mon.stop()
+    out = stats.as_dict()
+    out.pop("in_flight", None)
+    return out
 
 
 def sigkill_dest_then_rerun(case: Case, procs: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-lab-nodes")]
+pytestmark = [pytest.mark.qemu, pytest.mark.lab_nodes]
 
 SCENARIO = Path(__file__).with_name("decap_scenario.py")
 

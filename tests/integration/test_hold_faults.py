@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.xdist_group("katamaran-lab-nodes"),  # one lab at a time, one worker
+    pytest.mark.lab_nodes,  # run-tests.sh runs these one module at a time, after the rest
     pytest.mark.timeout(3600),
 ]
 
@@ -73,7 +73,7 @@ def test_signal_to_the_source_in_the_hold_cuts_it_short(cases, name):
     assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]
 
 
-def test_sigkill_in_the_source_hold_then_rerun_removes_the_tunnel_rule(cases):
+def test_sigkill_in_the_source_hold_then_rerun_removes_the_tunnel_rule(cases, record_property):
     facts = case_facts(cases, "sigkill-source-rerun")
     killed = kernel_leftovers(facts["left_after_kill"])
     # the killed run's rule still sent the VM's address into the tunnel, ahead of the CNI
@@ -84,7 +84,12 @@ def test_sigkill_in_the_source_hold_then_rerun_removes_the_tunnel_rule(cases):
     assert facts["dest_rc"] == 0, log_text(facts, "dest.log")[-2000:]
     assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "running")
     assert kernel_leftovers(facts["left"]) == {}
-    assert facts["ping"]["lost_count"] == 0, facts["ping"]
+    # Until the re-run, node a's packets for the VM went into the tunnel: lost once the
+    # destination stopped decapsulating (at most 60 s after its hold), so how many depends
+    # on how soon the re-run came (0 of 1808 here alone, 1303 of 6992 under a second lab).
+    record_property("lost_before_rerun", facts["ping"]["description"])
+    after = facts["ping_after_rerun"]
+    assert after["sent"] > 0 and after["lost_count"] == 0, after  # the way is clear again
 
 
 @pytest.mark.parametrize("name", DEST_SIGNAL_CASES)

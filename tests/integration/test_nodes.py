@@ -19,9 +19,9 @@ import pytest
 from pytest_katamaran.backend.qemu import QemuNodes
 from pytest_katamaran.qemu.node import TESTENV_LINK_PORT, TESTENV_SSH_PORTS, port_busy
 
-# one lab per module; with --dist loadgroup every module that boots lab nodes shares one
-# worker (one boot per module, never two labs at once: 2 cores here)
-pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("katamaran-lab-nodes")]
+# one lab per module; run-tests.sh runs the lab_nodes modules without xdist, after the
+# rest (one boot per module, never two labs at once: 2 cores here)
+pytestmark = [pytest.mark.qemu, pytest.mark.lab_nodes]
 
 REPO = Path(__file__).resolve().parents[2]
 
