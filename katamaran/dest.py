@@ -306,7 +306,9 @@ class DestMigration:
         """
         if not self.resumed:
             return True
-        if not self.hold_cut.is_set():
+        if self.decap is None or not self.decap.rules:
+            self.progress.warn(f"{name}: the VM runs here; finishing (no tunnel to hold)")
+        elif not self.hold_cut.is_set():
             self.hold_cut.set()
             self.progress.warn(
                 f"{name}: the VM runs here; tunnel hold cut short: decapsulating only until "

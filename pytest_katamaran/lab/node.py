@@ -36,6 +36,7 @@ def run_in_node(
     return the JSON object it printed last."""
     from pytest_katamaran.backend.qemu import QemuNodes
     from pytest_katamaran.images.node import NodeImageError
+    from pytest_katamaran.pluginstate import serial_tails
 
     config = types.SimpleNamespace(
         node_image="debian",
@@ -48,17 +49,22 @@ def run_in_node(
         lab.start()
     except NodeImageError as err:
         raise NoNodeImage(f"no Debian node image: {err}") from None
-    inner = ["env", f"PYTHONPATH={REPO}", sys.executable, *args]
+    command = shlex.join(["env", f"PYTHONPATH={REPO}", sys.executable, *args])
+    serial = ""
     try:
-        proc = lab.node_a.ssh.start(shlex.join(inner), sudo=True)
+        proc = lab.node_a.ssh.start(command, sudo=True)
         rc = _relay(proc, timeout)
         out, err = proc.output(), proc.errors()
+        lines = out.strip().splitlines()
+        if rc != 0 or not lines:  # read while the node's log is still there
+            serial = "\n\n".join(f"{title}:\n{text}" for title, text in serial_tails(lab))
     finally:
         lab.stop()
-    lines = out.strip().splitlines()
     if rc != 0 or not lines:
         last = (err.strip().splitlines() or ["(no output)"])[-1]
-        raise NodeRunError(f"the run inside the lab node failed ({rc}): {last}")
+        raise NodeRunError(
+            f"the run inside the lab node failed ({rc}): {last}\ncommand: {command}\n{serial}"
+        )
     return json.loads(lines[-1])
 
 

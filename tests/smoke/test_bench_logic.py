@@ -233,3 +233,47 @@ def test_qemu_choice_defaults_to_backports_and_rejects_others(capsys):
         cli.parse(["--qemu", "9.0"])
     assert bad.value.code == 2
     assert "invalid choice: '9.0'" in capsys.readouterr().err
+
+
+def test_run_in_node_failure_names_the_command_and_the_serial_log(monkeypatch, tmp_path):
+    """A failing command inside the lab node: its last stderr line, the command and the
+    node's serial tail, and the node stopped (the boot itself is faked here)."""
+    from types import SimpleNamespace
+
+    import pytest_katamaran.backend.qemu as backend
+    from pytest_katamaran.lab import node
+
+    serial = tmp_path / "node-a.serial.log"
+    serial.write_text("[  1.0] booted\n[  9.9] oom-killer: killed python3\n")
+    stopped = []
+
+    class Proc:
+        def wait(self, timeout):
+            return 1
+
+        def output(self):
+            return ""
+
+        def errors(self):
+            return "progress\nboom: no such thing\n"
+
+    class Lab:
+        def __init__(self, config, roles):
+            self.node_a = SimpleNamespace(ssh=SimpleNamespace(start=lambda cmd, sudo: Proc()))
+
+        def start(self):
+            pass
+
+        def serial_logs(self):
+            return {"node-a": serial}
+
+        def stop(self):
+            stopped.append(True)
+
+    monkeypatch.setattr(backend, "QemuNodes", Lab)
+    with pytest.raises(node.NodeRunError) as err:
+        node.run_in_node(["scenario.py", "--x"], results_dir=tmp_path, timeout=5)
+    text = str(err.value)
+    assert text.startswith("the run inside the lab node failed (1): boom: no such thing")
+    assert "scenario.py --x" in text and "oom-killer: killed python3" in text
+    assert stopped == [True]

@@ -294,6 +294,9 @@ def test_destination_signals_before_resume_cancel_after_it_shorten_the_hold():
     dest = DestMigration(cfg, types.SimpleNamespace(closed=False), Progress(out))
     assert dest.on_signal("SIGTERM") is True and out.getvalue() == ""
     dest.resumed = True
+    assert dest.on_signal("SIGHUP") is False  # no decapsulation: nothing to hold
+    assert "finishing (no tunnel to hold)" in out.getvalue() and not dest.hold_cut.is_set()
+    dest.decap = types.SimpleNamespace(rules=[{"table": 1}])
     assert dest.on_signal("SIGTERM") is False
     assert dest.hold_cut.is_set() and not dest.quiet_cut.is_set()
     assert "decapsulating only until the source's tunnel is quiet" in out.getvalue()

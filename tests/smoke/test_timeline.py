@@ -154,17 +154,28 @@ def test_target_stamps_move_onto_the_source_clock():
     assert "uncorrected" in clock_note(migration())
 
 
-def test_clock_offset_keeps_the_shortest_round_trip(monkeypatch):
-    from types import SimpleNamespace
+def test_clock_offset_keeps_the_shortest_round_trip():
+    from pytest_katamaran.agent.client import best_offset
 
-    from pytest_katamaran.agent import client
-
-    host = iter([10.0, 10.4, 20.0, 20.02, 30.0, 30.2])  # round trips 0.4, 0.02, 0.2 s
-    monkeypatch.setattr(client.time, "time", lambda: next(host))
-    node = iter(["10.5", "20.51", "31.0"])  # the node runs 0.5 s ahead
-    ssh = SimpleNamespace(run=lambda cmd, timeout: SimpleNamespace(stdout=next(node) + "\n"))
-    offset, error = client.clock_offset(ssh, samples=3)
+    # round trips 0.4, 0.02, 0.2 s; the node runs 0.5 s ahead
+    readings = [(10.0, 10.5, 10.4), (20.0, 20.51, 20.02), (30.0, 31.0, 30.2)]
+    offset, error = best_offset(readings)
     assert offset == pytest.approx(0.5) and error == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        best_offset([])
+
+
+def test_clock_loop_answers_each_line_with_the_time():
+    """The node-side loop, run here: one reading per line, from bash alone."""
+    import subprocess
+    import time
+
+    from pytest_katamaran.agent.client import CLOCK_LOOP
+
+    t0 = time.time()
+    out = subprocess.run(CLOCK_LOOP, shell=True, input="\n\n", capture_output=True, text=True)
+    readings = [float(line) for line in out.stdout.split()]
+    assert len(readings) == 2 and t0 - 1 < readings[0] <= readings[1] < time.time() + 1
 
 
 def test_send_times_and_lost_positions():
