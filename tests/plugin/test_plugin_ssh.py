@@ -18,7 +18,7 @@ from pytest_katamaran.ssh import CommandFailed, CommandTimeout, SSHClient, gener
 
 
 def _client(sshd, key: Path, **kw) -> SSHClient:
-    return SSHClient("127.0.0.1", sshd.port, "root", key, connect_timeout=5, **kw)
+    return SSHClient("127.0.0.1", sshd.port, "root", key, connect_timeout=30, **kw)
 
 
 def _free_port() -> int:
