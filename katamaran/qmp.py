@@ -31,6 +31,10 @@ _PEERCRED = (socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
+class _NotAGreeting(Exception):
+    """QEMU's first message was not the QMP greeting (see Monitor.connect)."""
+
+
 class Monitor:
     """A QMP connection to one QEMU, with its event history."""
 
@@ -61,7 +65,25 @@ class Monitor:
             raise KatamaranError(f"Failed to connect to QMP socket {self.path}: not a socket")
 
     async def connect(self) -> None:
-        """Connect and negotiate; any failure names the socket path."""
+        """Connect and negotiate; any failure names the socket path.
+
+        A first message that is no greeting is tried again (twice): QEMU 10 was seen
+        sending a client that connected while a mirror ran something else first ("Did
+        not understand Greeting"; once in a CI run), and a reconnect during a migration
+        (regain) must not fail on it.
+        """
+        for attempt in range(3):
+            try:
+                return await self._connect_once()
+            except _NotAGreeting:
+                await self.close()
+                self._client, self._listener = self._new_client()
+                if attempt == 2:
+                    raise KatamaranError(
+                        f"Failed to connect to QMP socket {self.path}: no QMP greeting in 3 tries"
+                    ) from None
+
+    async def _connect_once(self) -> None:
         self.check_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -79,6 +101,8 @@ class Monitor:
             ) from None
         except (QMPError, OSError) as err:
             sock.close()
+            if "Greeting" in str(err):
+                raise _NotAGreeting from None
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise KatamaranError(f"Failed to connect to QMP socket {self.path}: {reason}") from None
         self._tasks = [
