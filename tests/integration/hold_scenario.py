@@ -29,7 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pytest_katamaran.bench.ping_rate import CONVERGE_DELAY, DEST_IP, SOURCE_IP, Client
+from pytest_katamaran.bench.ping_rate import (
+    CONVERGE_DELAY,
+    DEST_IP,
+    SOURCE_IP,
+    Client,
+    answer_rate,
+)
 from pytest_katamaran.checks.ping import PingMonitor
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text
@@ -193,23 +199,10 @@ def sigkill_source_then_rerun(case: Case, procs: dict) -> None:
     rerun = case.katamaran("source", "source-rerun.log")
     case.facts["rerun_rc"] = case.rig.finish(rerun, 120)
     case.stamp("re-run exited")
-    case.facts["ping_after_rerun"] = ping_now(case.client, 3.0)
-
-
-def ping_now(client: Client, seconds: float) -> dict[str, Any]:
-    """A second ping from the client for `seconds`: does the VM answer now?  (Until a
-    re-run removes a killed source's rule, the VM's packets from node a go into the
-    tunnel; whether the destination still decapsulates them then depends on how long
-    the re-run took, so the first ping's losses are a fact, not the check.)"""
-    mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns).start()
-    try:
-        time.sleep(seconds)
-        stats = mon.finish(catch_up_s=10.0, settle_s=0.0)
-    finally:
-        mon.stop()
-    out = stats.as_dict()
-    out.pop("in_flight", None)
-    return out
+    # Does the VM answer now?  (Until the re-run removed the rule, node a's packets went into
+    # the tunnel; whether the destination still decapsulated them depends on how long the
+    # re-run took, so the first ping's losses are a fact, not the check.)
+    case.facts["ping_after_rerun"] = answer_rate(VM_IP, INTERVAL, case.client.netns, 3.0)
 
 
 def sigkill_dest_then_rerun(case: Case, procs: dict) -> None:
