@@ -299,7 +299,7 @@ async def run(cfg: Config, progress: Progress, running: _Running | None = None) 
             else:
                 from .dest import DestMigration
 
-                running.side = DestMigration(cfg, mon, progress)
+                running.side = DestMigration(cfg, mon, progress, lock)
                 await running.side.run()
         finally:
             await mon.close()

@@ -23,6 +23,7 @@ from .aio import within
 from .config import Config, host_port
 from .errors import KatamaranError, QMPClosed, QMPCommandError
 from .listener import MigrationListener, bound_address, open_listener
+from .lock import VMLock
 from .network import (
     DestDecap,
     NetworkUnavailable,
@@ -41,13 +42,17 @@ NBD_FD = "katamaran-nbd-listener"  # getfd names, consumed by nbd-server-start /
 MIGRATION_FD = "katamaran-migration"
 DECAP_QUIET = 1.0  # after the hold: decapsulate until no tunnelled packet came for this long
 DECAP_MAX_WAIT = 60.0  # ...but at most this much longer
+SYSCTL_JOURNAL = "sysctls"  # the lock's state part holding the changed sysctls
 
 
 class DestMigration:
-    def __init__(self, cfg: Config, mon: Monitor, progress: Progress) -> None:
+    def __init__(
+        self, cfg: Config, mon: Monitor, progress: Progress, lock: VMLock | None = None
+    ) -> None:
         self.cfg = cfg
         self.mon = mon
         self.progress = progress
+        self.lock = lock  # held by the caller; keeps the journal of changed sysctls
         self.decap: DestDecap | None = None
         self.plug: PlugQdisc | None = None
         self.nbd_running = False
@@ -143,14 +148,15 @@ class DestMigration:
     async def _remove_stale_network(self) -> list[str]:
         """A run killed after the VM arrived (in the tunnel hold) left its rules, hold
         veth and tunnel: a re-run with the same flags finds the VM running and removes
-        them before it refuses.  The node-wide sysctls it changed stay as it set them: their
-        old values were kept in its memory only."""
+        them before it refuses, and puts back the sysctls it changed (their old values
+        are in its journal next to the VM's lock)."""
         if not self.cfg.tap:
             return []
         try:
-            decap = await netlink(DestDecap, self.cfg.tap, "", self.cfg.vm_ip, self.cfg.source_ip)
+            decap = await self._new_decap("")
             try:
-                return await netlink(decap.remove_stale)
+                removed = await netlink(decap.remove_stale)
+                return removed + await netlink(decap.restore_sysctls, self._stale_sysctls())
             finally:
                 await netlink(decap.close)
         except (NetworkUnavailable, NetlinkError, OSError) as err:
@@ -166,12 +172,14 @@ class DestMigration:
         mac = await self._vm_mac()
         if mac is None:
             return
-        self.decap = await netlink(DestDecap, self.cfg.tap, mac, self.cfg.vm_ip, self.cfg.source_ip)
+        self.decap = await self._new_decap(mac)
         scope = self.decap.scope()
         if scope:
             self.progress.warn(scope)
         try:
             for what in await netlink(self.decap.remove_stale):
+                self.progress.warn(f"removed {what} left by an earlier run")
+            for what in await netlink(self.decap.restore_sysctls, self._stale_sysctls()):
                 self.progress.warn(f"removed {what} left by an earlier run")
             for warning in await netlink(self.decap.setup):
                 self.progress.warn(warning)
@@ -214,6 +222,26 @@ class DestMigration:
             if self.plug is not None:
                 await netlink(self.plug.close)
             self.plug = None
+
+    async def _new_decap(self, mac: str) -> DestDecap:
+        decap = await netlink(DestDecap, self.cfg.tap, mac, self.cfg.vm_ip, self.cfg.source_ip)
+        decap.journal = self._journal_sysctls
+        return decap
+
+    def _stale_sysctls(self) -> dict[str, str]:
+        """The sysctls an earlier run changed and did not put back (it was killed)."""
+        found = self.lock.load_state(SYSCTL_JOURNAL) if self.lock else None
+        if not isinstance(found, dict):
+            return {}
+        return {str(k): str(v) for k, v in found.items()}
+
+    def _journal_sysctls(self, changed: dict[str, str]) -> None:
+        if self.lock is None:
+            return
+        if changed:
+            self.lock.save_state(changed, SYSCTL_JOURNAL)
+        else:
+            self.lock.clear_state(SYSCTL_JOURNAL)
 
     def _tap_exists(self) -> bool:
         with IPRoute() as ipr:

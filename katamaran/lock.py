@@ -5,7 +5,8 @@ leftover and tear it down.  The lock also proves that whatever a run finds on th
 (a migration paused in `pre-switchover`, a block job, changed migration settings) was
 left by a katamaran that is gone, so it may be recovered.  The migration settings a run
 is about to change are written next to the lock (`<key>.json`) before the change, so
-the run after a SIGKILL can put back the values from before the killed run.
+the run after a SIGKILL can put back the values from before the killed run; the
+destination does the same for the sysctls it changes (`<key>.sysctls.json`).
 """
 
 from __future__ import annotations
@@ -76,23 +77,25 @@ class VMLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    # Saved QEMU settings (see module docstring); only touched while the lock is held.
-    @property
-    def _state(self) -> Path:
+    # Saved state (see module docstring); only touched while the lock is held.  `part`
+    # names the file next to the lock: "" for the source's QEMU settings, "sysctls" for
+    # the destination's changed sysctls.
+    def _state(self, part: str = "") -> Path:
         assert self.path is not None, "lock not held"
-        return self.path.with_suffix(".json")
+        return self.path.with_suffix(f".{part}.json" if part else ".json")
 
-    def load_state(self) -> dict[str, Any] | None:
+    def load_state(self, part: str = "") -> dict[str, Any] | None:
         try:
-            return json.loads(self._state.read_text())
+            return json.loads(self._state(part).read_text())
         except (OSError, ValueError):
             return None
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        tmp = self._state.with_suffix(".tmp")
+    def save_state(self, state: dict[str, Any], part: str = "") -> None:
+        path = self._state(part)
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
-        tmp.replace(self._state)
+        tmp.replace(path)
 
-    def clear_state(self) -> None:
+    def clear_state(self, part: str = "") -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._state.unlink()
+            self._state(part).unlink()

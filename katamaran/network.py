@@ -355,6 +355,9 @@ class Sysctls:
     """Set sysctls and put back exactly what was there before."""
 
     saved: dict[str, str] = field(default_factory=dict)
+    # Called after an old value is noted and before the change: it persists `saved`, so
+    # the run after a SIGKILL can put back what the killed run changed.
+    journal: Callable[[], None] | None = None
 
     def set(self, name: str, value: str) -> bool:
         """True if the value changed."""
@@ -362,8 +365,10 @@ class Sysctls:
         old = path.read_text().strip()
         if old == value:
             return False
-        path.write_text(value)
         self.saved.setdefault(name, old)
+        if self.journal is not None:
+            self.journal()
+        path.write_text(value)
         return True
 
     def restore(self) -> None:
@@ -406,11 +411,46 @@ class DestDecap:
     created: list[str] = field(default_factory=list)
     hold: str = ""
     hold_peer: str = ""
+    # Persists the old values of the sysctls this run changed (see changed_sysctls): a
+    # SIGKILLed run cannot put them back, the next run for the VM does (restore_sysctls).
+    journal: Callable[[dict[str, str]], None] | None = None
 
     def __post_init__(self) -> None:
         self.table = table_for("dest", self.source_ip, self.vm_ip)
         self.rpf_table = table_for("dest-rpf", self.source_ip, self.vm_ip)
         self.hold, self.hold_peer = hold_names(self.source_ip, self.vm_ip)
+        self.sysctls.journal = self._journal
+
+    def changed_sysctls(self) -> dict[str, str]:
+        """Every sysctl this run changed and has not put back, with its value from before."""
+        merged: dict[str, str] = {}
+        for own in self.device_sysctls.values():
+            merged.update(own.saved)
+        merged.update(self.sysctls.saved)
+        return merged
+
+    def _journal(self) -> None:
+        if self.journal is not None:
+            self.journal(self.changed_sysctls())
+
+    def restore_sysctls(self, stale: dict[str, str]) -> list[str]:
+        """Put back the sysctls a killed run for this VM changed (their old values from
+        its journal; call after remove_stale).  While another migration on this node
+        still decapsulates they stay: this run takes them over and puts them back when it
+        ends as the last one (teardown), as it does with its own."""
+        restored = []
+        if katamaran_rules(self.ipr):
+            for name, old in stale.items():
+                self.sysctls.saved.setdefault(name, old)
+        else:
+            for name, old in stale.items():
+                try:
+                    _sysctl_path(name).write_text(old)
+                except OSError:
+                    continue  # its device went away, and the setting with it
+                restored.append(f"change of {name} (back to {old})")
+        self._journal()
+        return restored
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -577,7 +617,7 @@ class DestDecap:
         forwarding on the input device only, so the node's ip_forward stays as it is.
         (rp_filter is satisfied by the reverse-path rule, see setup: no sysctl.)
         """
-        own = self.device_sysctls.setdefault(device, Sysctls())
+        own = self.device_sysctls.setdefault(device, Sysctls(journal=self._journal))
         own.set(f"net.ipv4.conf.{_sysctl_dev(device)}.forwarding", "1")
 
     def _ipv6_forwarding(self, warnings: list[str]) -> bool:
@@ -671,6 +711,7 @@ class DestDecap:
         self.raised.clear()
         if not katamaran_rules(self.ipr):
             self.sysctls.restore()  # node-wide: the last migration puts them back
+        self._journal()  # what is still changed (nothing, unless other migrations run)
 
     def close(self) -> None:
         self.ipr.close()

@@ -44,7 +44,7 @@ from pytest_katamaran.qemu.binary import WorkloadQemu
 
 INTERVAL = 0.01
 HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
-SYSCTL_RE = r"forwarding|rp_filter|ip_forward|accept_local"
+SYSCTLS = ("forwarding", "rp_filter", "ip_forward", "accept_local")  # compared per case
 
 
 def _say(message: str) -> None:
@@ -71,7 +71,7 @@ def network_state(netns: str) -> set[str]:
     lines |= {f"qdisc {ln.strip()}" for ln in _sh(netns, "tc", "qdisc", "show").splitlines()}
     for ln in _sh(netns, "sysctl", "-a").splitlines():
         name = ln.split("=")[0].strip()
-        if any(part in name for part in SYSCTL_RE.split("|")):
+        if any(part in name for part in SYSCTLS):
             lines.add(f"sysctl {ln.strip()}")
     # IPv6 link-local routes come and go with DAD on the lab's own links; a tap whose
     # QEMU died is `linkdown`: neither is katamaran's (its links are listed by name)
