@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(
         parser,
+        "stream-buffer",
+        metavar="BYTES",
+        default=str(config.STREAM_BUFFER),
+        help="both sides: socket buffer of the RAM migration stream; what it holds when the "
+        "VM pauses is sent during the pause (default "
+        f"{config.STREAM_BUFFER}; 0: the kernel's autotuning)",
+    )
+    _flag(
+        parser,
         "downtime-limit",
         metavar="MS",
         default=str(config.DOWNTIME_LIMIT_MS),
@@ -240,6 +249,12 @@ def parse_args(argv: Sequence[str]) -> Config:
             f'invalid -copy-mode "{args.copy_mode}" '
             "(must be 'auto', 'background' or 'write-blocking')"
         )
+    stream_buffer = int(_number("stream-buffer", args.stream_buffer, int))
+    if stream_buffer > config.MAX_STREAM_BUFFER:
+        raise UsageError(
+            f'invalid -stream-buffer "{args.stream_buffer}" '
+            f"(at most {config.MAX_STREAM_BUFFER} bytes; 0 for the kernel's autotuning)"
+        )
     cfg = Config(
         mode=args.mode,
         qmp=Path(args.qmp),
@@ -257,6 +272,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         switchover_timeout=_number("switchover-timeout", args.switchover_timeout),
         dest_timeout=_number("dest-timeout", args.dest_timeout),
         plug_limit=int(_number("plug-limit", args.plug_limit, int)),
+        stream_buffer=stream_buffer,
         downtime_limit_ms=int(_number("downtime-limit", args.downtime_limit, int)),
         nbd_port=nbd_port,
         migration_port=migration_port,

@@ -430,6 +430,7 @@ class DestMigration:
             self.cfg.migration_port,
             self.cfg.listen_ip,
             self.cfg.source_ip,
+            self.cfg.stream_buffer,
         )
         self.incoming = MigrationListener(
             sock, self.cfg.tls, self.cfg.source_ip, self.progress.step

@@ -93,12 +93,18 @@ def attach_source_filter(sock: socket.socket, source: IPAddress) -> None:
 
 
 def open_listener(
-    what: str, port: int, listen_ip: IPAddress | None, source_ip: IPAddress | None
+    what: str,
+    port: int,
+    listen_ip: IPAddress | None,
+    source_ip: IPAddress | None,
+    rcvbuf: int = 0,
 ) -> socket.socket:
     """A listening TCP socket on `listen_ip` (or `::`, dual stack, else 0.0.0.0).
 
     With `source_ip` the socket filter is attached before listen(), so not one
-    segment from another host is ever answered.
+    segment from another host is ever answered.  `rcvbuf` (the RAM stream's
+    -stream-buffer) is set before listen() too: accepted connections inherit it, and the
+    window they offer is scaled for it from the SYN-ACK on.
     """
     if listen_ip is not None:
         candidates = [(socket.AF_INET if listen_ip.version == 4 else socket.AF_INET6, listen_ip)]
@@ -120,6 +126,8 @@ def open_listener(
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             if source_ip is not None:
                 attach_source_filter(sock, source_ip)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.bind((str(host), port))
             sock.listen(16)
             return sock

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from katamaran.config import host_port
+from katamaran.config import STREAM_BUFFER, host_port
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
 from pytest_katamaran.certs import SERVER_SAN, OpensslMissing, lab_certs
@@ -390,3 +392,58 @@ def test_two_destinations_on_one_node_on_different_ports(rig_factory, tmp_path):
         no_listener_left(rig, 10809, 4444)
     finally:
         second.stop()
+
+
+def stream_buffers(rig, port: int) -> dict[str, tuple[int, int]]:
+    """Each node's (rb, tb) skmem of its end of the TCP connection on `port`."""
+    found = {}
+    for node in ("a", "b"):
+        ss = rig.lab.run(
+            node,
+            ["ss", "-Htnm", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rb, tb = re.search(r"\brb(\d+)\b", ss), re.search(r"\btb(\d+)\b", ss)
+        assert rb and tb, f"no connection on port {port} in node {node}:\n{ss}"
+        found[node] = (int(rb.group(1)), int(tb.group(1)))
+    return found
+
+
+def kernel_buffer(rig, node: str, which: str, asked: int) -> int:
+    """What the kernel makes of SO_{SND,RCV}BUF `asked`: doubled, capped by *mem_max."""
+    cap = int(
+        rig.lab.run(
+            node,
+            ["sysctl", "-n", f"net.core.{which}_max"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    return 2 * min(asked, cap)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("asked", [None, 100000], ids=["default", "flag"])
+def test_stream_buffer_bounds_both_ends_of_the_ram_stream(rig_factory, asked):
+    """The RAM stream's buffers are -stream-buffer on both nodes (source SO_SNDBUF, the
+    destination's SO_RCVBUF), read from the kernel with the migration held: the
+    destination QEMU is SIGSTOPped, so the stream stays open in the RAM phase."""
+    size = STREAM_BUFFER if asked is None else asked
+    extra = () if asked is None else ("-stream-buffer", str(asked))
+    rig = rig_factory(shared=True)
+    rig.up()
+    dest = rig.start_dest(*extra)
+    assert rig.dst.pid is not None
+    os.kill(rig.dst.pid, signal.SIGSTOP)
+    try:
+        source = rig.start_source(DEST, *extra)
+        wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
+        found = stream_buffers(rig, 4444)
+    finally:
+        os.kill(rig.dst.pid, signal.SIGCONT)
+    migrated(rig, source, dest)
+    assert found["a"][1] == kernel_buffer(rig, "a", "wmem", size), found
+    assert found["b"][0] == kernel_buffer(rig, "b", "rmem", size), found
