@@ -28,7 +28,7 @@ PLUG_LIMIT = 1 << 20  # bytes held by sch_plug while the VM is paused (~10k ping
 # destination, with the VM paused, before anything else (QEMU's downtime estimate does
 # not count it).  Autotuned, they grew to 4 + 2.6 MB here, and the destination spent
 # 20 ms of the pause draining them; at 256 KiB the pause (STOP -> RESUME) fell from
-# 32-36 ms to 8-13 ms (bare QEMU: 25-29 ms).  The stream then runs at up to about
+# 32-36 ms to 8-17 ms (bare QEMU: 24-29 ms; 1 GiB disk, 512 MiB RAM, TCG).  The stream then runs at up to about
 # 2 x buffer / RTT: 4 GB/s at a 0.1 ms RTT.  0 leaves both to the kernel's autotuning.
 STREAM_BUFFER = 256 << 10
 MAX_STREAM_BUFFER = 1 << 30  # the kernel caps it far lower (net.core.*mem_max)
