@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stream-buffer",
         metavar="BYTES",
         default=str(config.STREAM_BUFFER),
-        help="both sides: socket buffer of the RAM migration stream; what it holds when the "
-        "VM pauses is sent during the pause (default "
-        f"{config.STREAM_BUFFER}; 0: the kernel's autotuning)",
+        help="both sides: socket buffer of the RAM migration stream (bytes); what it holds "
+        "when the VM pauses is sent during the pause, and the stream runs at most at about "
+        "2 x buffer / RTT (default 0: the kernel's autotuning)",
     )
     _flag(
         parser,

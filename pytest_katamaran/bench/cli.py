@@ -57,6 +57,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "the system one",
     )
     parser.add_argument(
+        "--katamaran-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for both katamaran processes (repeatable), e.g. "
+        "--katamaran-arg=-stream-buffer --katamaran-arg=262144; recorded in the results",
+    )
+    parser.add_argument(
         "--plot-only",
         type=Path,
         metavar="JSON",
@@ -126,6 +134,7 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
         "machine": stats.machine(qemu=qemu.version),
         "qemu_binary": qemu.binary,
         "grid": chosen,
+        "katamaran_args": list(args.katamaran_arg),
         "base": grid.BASE.as_dict(),
         "complete": False,
         "workloads": {
@@ -150,7 +159,15 @@ def run_grid(args: argparse.Namespace, say: Any, save: Any) -> dict[str, Any]:
             for r in range(args.rounds):
                 order = ("bare", "katamaran") if r % 2 == 0 else ("katamaran", "bare")
                 for flow in order:
-                    row = measure(guest, point, flow, work / f"p{n}r{r}{flow[0]}", tls_dir, qemu)
+                    row = measure(
+                        guest,
+                        point,
+                        flow,
+                        work / f"p{n}r{r}{flow[0]}",
+                        tls_dir,
+                        qemu,
+                        tuple(args.katamaran_arg),
+                    )
                     row["round"] = r + 1
                     runs[flow].append(row)
                     say(

@@ -180,8 +180,9 @@ def _first_line(rig: Rig, log: str) -> float | None:
     return lines[0][0] if lines else None
 
 
-def katamaran(rig: Rig, tls_dir: Path | None = None) -> dict[str, Any]:
-    """`katamaran -mode dest` until it says ready, then `-mode source`, tunnel hold 0.
+def katamaran(rig: Rig, tls_dir: Path | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`katamaran -mode dest` until it says ready, then `-mode source`, tunnel hold 0;
+    `extra` flags go to both (the bench's --katamaran-arg).
 
     Fixed costs: startup_s is each process's spawn -> first output line (Python start,
     imports, QMP connect), dest_prep_s the destination's spawn -> `destination ready`.
@@ -189,10 +190,10 @@ def katamaran(rig: Rig, tls_dir: Path | None = None) -> dict[str, Any]:
     tls = ["-tls", "-tls-dir", str(tls_dir)] if tls_dir is not None else []
     hold = ["-tunnel-hold", "0"]
     start = time.time()
-    dest = rig.start_dest(*hold, *tls)
+    dest = rig.start_dest(*hold, *tls, *extra)
     ready = rig.wait_for_line("dest.log", "destination ready", 1, dest)
     src_spawn = time.time()
-    source = rig.start_source(DEST_IP, *hold, *tls)
+    source = rig.start_source(DEST_IP, *hold, *tls, *extra)
     src_rc, src_use = reap(source, TIMEOUT)
     dst_rc, dst_use = reap(dest, 60)
     end = time.time()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.bench.flows import FLOWS, FlowFailed
+from pytest_katamaran.bench.flows import katamaran as katamaran_flow
 from pytest_katamaran.bench.grid import DIRTY_MIB_S, WRITER_RATE, Point
 from pytest_katamaran.bench.observer import Observer, phases
 from pytest_katamaran.bench.stats import derive
@@ -42,8 +43,11 @@ def measure(
     workdir: Path,
     tls_dir: Path | None,
     qemu: WorkloadQemu | None = None,
+    katamaran_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The figures of one migration, or {"error": ...} if it failed (the run goes on).
+
+    `katamaran_args` go to both katamaran processes (the bare flow has no flags).
 
     Everything the rig started (QEMUs, katamaran, netns, disks) is gone on return.
     """
@@ -53,7 +57,11 @@ def measure(
         rig.up()
         observer = Observer(rig.src.spec.qmp_path, rig.dst.spec.qmp_path).start()
         try:
-            row = FLOWS[flow](rig, tls_dir if point.tls else None)
+            tls = tls_dir if point.tls else None
+            if flow == "katamaran":
+                row = katamaran_flow(rig, tls, katamaran_args)
+            else:
+                row = FLOWS[flow](rig, tls)
         finally:
             seen = observer.stop()
         state = rig.status(rig.dst)

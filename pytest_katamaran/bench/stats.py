@@ -98,12 +98,14 @@ def machine(qemu: str, accel: str = "tcg") -> dict[str, Any]:
 
 
 def caption(meta: dict[str, Any]) -> str:
-    """One line for a picture's footer: the machine and the date."""
+    """One line for a picture's footer: the machine, the date, katamaran's extra flags."""
     m = meta["machine"]
+    flags = " ".join(meta.get("katamaran_args") or [])
     return (
         f"{m['cpu']}, {m['cores']} cores, QEMU {m['qemu']} ({m['accel']}), "
         f"load {m['loadavg'][0]:g} at start; {meta['date']}; "
         f"median of {meta['rounds']} round(s), bars: min-max"
+        + (f"; katamaran {flags}" if flags else "")
     )
 
 

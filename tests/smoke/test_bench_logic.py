@@ -277,3 +277,18 @@ def test_run_in_node_failure_names_the_command_and_the_serial_log(monkeypatch, t
     assert text.startswith("the run inside the lab node failed (1): boom: no such thing")
     assert "scenario.py --x" in text and "oom-killer: killed python3" in text
     assert stopped == [True]
+
+
+def test_katamaran_args_go_to_the_results_and_the_caption():
+    from pytest_katamaran.bench import cli
+    from pytest_katamaran.bench.stats import caption
+
+    assert cli.parse([]).katamaran_arg == []
+    args = cli.parse(["--katamaran-arg=-stream-buffer", "--katamaran-arg=262144"])
+    assert args.katamaran_arg == ["-stream-buffer", "262144"]
+    machine = {"cpu": "x", "cores": 2, "qemu": "10.0", "accel": "tcg", "loadavg": [0.5]}
+    meta = {"machine": machine, "date": "d", "rounds": 3}
+    assert "katamaran" not in caption(meta)
+    assert caption({**meta, "katamaran_args": args.katamaran_arg}).endswith(
+        "; katamaran -stream-buffer 262144"
+    )

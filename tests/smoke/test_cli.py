@@ -548,4 +548,4 @@ def test_stream_buffer_valid_values_reach_qmp_stage(run_cli, value):
 def test_help_describes_stream_buffer_and_its_default(run_cli):
     out = _help_output(run_cli, "-help")
     assert _flag_has_description(out, "stream-buffer"), out
-    assert "262144" in out, out
+    assert "default 0: the kernel's autotuning" in re.sub(r"\s+", " ", out), out
