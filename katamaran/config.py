@@ -29,7 +29,7 @@ PLUG_LIMIT = 1 << 20  # bytes held by sch_plug while the VM is paused (~10k ping
 # does not count it): autotuned they grew to 4 + 2.6 MB in the one-machine lab, where
 # 256 KiB cut the pause from 32-36 ms to 8-17 ms (bare QEMU 24-29 ms).  But the stream
 # then runs at most at about 2 x buffer / RTT: in the nested two-node lab the same
-# 256 KiB made the migration 30-35 % longer (NBD 8.9-9.0 s against 6.6 s) and the pause
+# 256 KiB made the migration 11-36 % longer (NBD 8.9-9.0 s against 6.6-8.0 s) and the pause
 # no shorter (there the switchover gate holds QEMU while the queues drain).  So it is
 # an opt-in for a destination slower than the network, on a short RTT.
 STREAM_BUFFER = 0
