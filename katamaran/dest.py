@@ -155,8 +155,7 @@ class DestMigration:
         try:
             decap = await self._new_decap("")
             try:
-                removed = await netlink(decap.remove_stale)
-                return removed + await netlink(decap.restore_sysctls, self._stale_sysctls())
+                return await self._remove_leftovers(decap)
             finally:
                 await netlink(decap.close)
         except (NetworkUnavailable, NetlinkError, OSError) as err:
@@ -177,9 +176,7 @@ class DestMigration:
         if scope:
             self.progress.warn(scope)
         try:
-            for what in await netlink(self.decap.remove_stale):
-                self.progress.warn(f"removed {what} left by an earlier run")
-            for what in await netlink(self.decap.restore_sysctls, self._stale_sysctls()):
+            for what in await self._remove_leftovers(self.decap):
                 self.progress.warn(f"removed {what} left by an earlier run")
             for warning in await netlink(self.decap.setup):
                 self.progress.warn(warning)
@@ -227,6 +224,11 @@ class DestMigration:
         decap = await netlink(DestDecap, self.cfg.tap, mac, self.cfg.vm_ip, self.cfg.source_ip)
         decap.journal = self._journal_sysctls
         return decap
+
+    async def _remove_leftovers(self, decap: DestDecap) -> list[str]:
+        """What a killed run for this VM left: its network, then its changed sysctls."""
+        removed = await netlink(decap.remove_stale)
+        return removed + await netlink(decap.restore_sysctls, self._stale_sysctls())
 
     def _stale_sysctls(self) -> dict[str, str]:
         """The sysctls an earlier run changed and did not put back (it was killed)."""

@@ -149,8 +149,9 @@ async def _bare(rig: Rig, tls_dir: Path | None) -> dict[str, Any]:
         await dst.close()
 
 
-def bare(rig: Rig, tls_dir: Path | None = None) -> dict[str, Any]:
-    """The bare QMP sequence; marks: start, dest_ready, end.  No processes: no CPU figure."""
+def bare(rig: Rig, tls_dir: Path | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The bare QMP sequence; marks: start, dest_ready, end.  No processes: no CPU figure.
+    `extra` (katamaran's flags, the bench's --katamaran-arg) has nothing to go to here."""
     marks = asyncio.run(_bare(rig, tls_dir))
     return {
         "total_s": marks["end"] - marks["start"],

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.bench.flows import FLOWS, FlowFailed
-from pytest_katamaran.bench.flows import katamaran as katamaran_flow
 from pytest_katamaran.bench.grid import DIRTY_MIB_S, WRITER_RATE, Point
 from pytest_katamaran.bench.observer import Observer, phases
 from pytest_katamaran.bench.stats import derive
@@ -57,11 +56,7 @@ def measure(
         rig.up()
         observer = Observer(rig.src.spec.qmp_path, rig.dst.spec.qmp_path).start()
         try:
-            tls = tls_dir if point.tls else None
-            if flow == "katamaran":
-                row = katamaran_flow(rig, tls, katamaran_args)
-            else:
-                row = FLOWS[flow](rig, tls)
+            row = FLOWS[flow](rig, tls_dir if point.tls else None, katamaran_args)
         finally:
             seen = observer.stop()
         state = rig.status(rig.dst)
