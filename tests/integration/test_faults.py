@@ -475,6 +475,15 @@ while True:
 """
 
 
+def nbd_relay(rig) -> subprocess.Popen:
+    """RELAY on node b from the guide's NBD port to a destination started with
+    `-nbd-port 10810`, listening before this returns (the source dials it at once)."""
+    relay = rig.lab.popen("b", [sys.executable, "-c", RELAY, "10.0.0.2", "10809", "10810"])
+    rig.procs.append(relay)
+    wait_for_port(rig, "b", 10809)
+    return relay
+
+
 def test_stuck_mirror_drain_is_bounded_by_switchover_timeout(rig_factory):
     """The destination's NBD stalls once the mirror is READY: the paused drain gives up
     after -switchover-timeout, the migration is cancelled and the source runs again."""
@@ -482,8 +491,7 @@ def test_stuck_mirror_drain_is_bounded_by_switchover_timeout(rig_factory):
     rig.up()
     before = settings(rig.src)
     rig.start_dest("-nbd-port", "10810")
-    relay = rig.lab.popen("b", [sys.executable, "-c", RELAY, "10.0.0.2", "10809", "10810"])
-    rig.procs.append(relay)
+    relay = nbd_relay(rig)
     source = rig.start_source("10.0.0.2", "-switchover-timeout", "2")
     wait_for_text(rig.tmp / "source.log", "storage synchronized", 60, source)
     source.send_signal(signal.SIGSTOP)  # before the pause: the drain is still to come

@@ -275,10 +275,9 @@ def test_qemu_reads_no_tap_frame_between_stop_and_pre_switchover(rig_factory):
     and QEMU's drain at STOP, wait until it is thawed.
     """
     import signal
-    import sys
 
     from pytest_katamaran.lab.local import wait_for_text
-    from tests.integration.test_faults import RELAY, wait_migration
+    from tests.integration.test_faults import nbd_relay, wait_migration
 
     rig = rig_factory(kata_pod=True, writer=True)  # the writer keeps mirror writes in flight
     rig.up()
@@ -286,8 +285,7 @@ def test_qemu_reads_no_tap_frame_between_stop_and_pre_switchover(rig_factory):
     warm = rig.lab.run("a", ["ping", "-c", "1", "-W", "5", VM_IP], capture_output=True)
     assert warm.returncode == 0, "the VM does not answer ping"
     rig.start_dest("-nbd-port", "10810")
-    relay = rig.lab.popen("b", [sys.executable, "-c", RELAY, "10.0.0.2", "10809", "10810"])
-    rig.procs.append(relay)
+    relay = nbd_relay(rig)
     source = rig.start_source("10.0.0.2", "-switchover-timeout", "120")
     wait_for_text(rig.tmp / "source.log", "storage synchronized", 60, source)
     source.send_signal(signal.SIGSTOP)  # before `migrate`: the STOP is still to come
