@@ -159,11 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         parser,
         "stream-buffer",
-        metavar="BYTES",
-        default=str(config.STREAM_BUFFER),
-        help="both sides: socket buffer of the RAM migration stream (bytes); what it holds "
-        "when the VM pauses is sent during the pause, and the stream runs at most at about "
-        "2 x buffer / RTT (default 0: the kernel's autotuning)",
+        metavar="auto|BYTES",
+        default="auto",
+        help="both sides: socket buffer of the RAM migration stream (bytes, or 0 for the "
+        "kernel's autotuning); what it holds when the VM pauses is sent during the pause, "
+        "and the stream runs at most at about 2 x buffer / RTT (default auto: sized from "
+        "the connection's RTT)",
     )
     _flag(
         parser,
@@ -249,11 +250,17 @@ def parse_args(argv: Sequence[str]) -> Config:
             f'invalid -copy-mode "{args.copy_mode}" '
             "(must be 'auto', 'background' or 'write-blocking')"
         )
-    stream_buffer = int(_number("stream-buffer", args.stream_buffer, int))
-    if stream_buffer > config.MAX_STREAM_BUFFER:
+    stream_buffer = None
+    if args.stream_buffer != "auto":
+        if not (args.stream_buffer.isascii() and args.stream_buffer.isdigit()):
+            raise UsageError(
+                f'invalid -stream-buffer "{args.stream_buffer}" (want auto, 0 or a number of bytes)'
+            )
+        stream_buffer = int(args.stream_buffer)
+    if stream_buffer is not None and stream_buffer > config.MAX_STREAM_BUFFER:
         raise UsageError(
-            f'invalid -stream-buffer "{args.stream_buffer}" '
-            f"(at most {config.MAX_STREAM_BUFFER} bytes; 0 for the kernel's autotuning)"
+            f'invalid -stream-buffer "{args.stream_buffer}" (at most '
+            f"{config.MAX_STREAM_BUFFER} bytes; 0 for the kernel's autotuning, or auto)"
         )
     cfg = Config(
         mode=args.mode,

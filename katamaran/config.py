@@ -23,16 +23,9 @@ DEST_TIMEOUT = 1800.0  # -dest-timeout: how long the destination waits for the V
 DOWNTIME_LIMIT_MS = 50
 PLUG_LIMIT = 1 << 20  # bytes held by sch_plug while the VM is paused (~10k pings)
 # -stream-buffer: the RAM migration stream's socket buffer (source SO_SNDBUF, destination
-# SO_RCVBUF; the kernel doubles it and caps it at net.core.wmem_max/rmem_max).  0, the
-# default, leaves both to the kernel's autotuning.  What those buffers hold when QEMU
-# pauses the VM is loaded by the destination during the pause (QEMU's downtime estimate
-# does not count it): autotuned they grew to 4 + 2.6 MB in the one-machine lab, where
-# 256 KiB cut the pause from 32-36 ms to 8-17 ms (bare QEMU 24-29 ms).  But the stream
-# then runs at most at about 2 x buffer / RTT: in the nested two-node lab the same
-# 256 KiB made the migration 11-36 % longer (NBD 8.9-9.0 s against 6.6-8.0 s) and the pause
-# no shorter (there the switchover gate holds QEMU while the queues drain).  So it is
-# an opt-in for a destination slower than the network, on a short RTT.
-STREAM_BUFFER = 0
+# SO_RCVBUF).  None ("auto", the default): each end sizes it from its connection's RTT
+# (see streambuf); 0 leaves both to the kernel's autotuning; else bytes, as given.
+STREAM_BUFFER: int | None = None
 MAX_STREAM_BUFFER = 1 << 30  # the kernel caps it far lower (net.core.*mem_max)
 # -copy-mode.  "auto": background (libvirt's default) until the mirror is READY, then
 # write-blocking where QEMU can switch a running job (block-job-change, QEMU 8.2+), so
@@ -66,7 +59,7 @@ class Config:
     switchover_timeout: float = SWITCHOVER_TIMEOUT
     downtime_limit_ms: int = DOWNTIME_LIMIT_MS
     plug_limit: int = PLUG_LIMIT
-    stream_buffer: int = STREAM_BUFFER  # bytes, 0: the kernel's autotuning
+    stream_buffer: int | None = STREAM_BUFFER  # bytes; 0: the kernel's; None: auto
     nbd_port: int = NBD_PORT
     migration_port: int = MIGRATION_PORT
     source_ip: IPAddress | None = None  # dest: the only peer allowed on NBD/migration/tunnel

@@ -34,6 +34,7 @@ from .network import (
 )
 from .progress import Progress
 from .qmp import Monitor, named
+from .streambuf import size_stream
 from .tls import TLSCreds
 
 EXPORT_ID = "katamaran-export"
@@ -432,7 +433,7 @@ class DestMigration:
             self.cfg.migration_port,
             self.cfg.listen_ip,
             self.cfg.source_ip,
-            self.cfg.stream_buffer,
+            self.cfg.stream_buffer or 0,  # "auto" sizes the accepted connection
         )
         self.incoming = MigrationListener(
             sock, self.cfg.tls, self.cfg.source_ip, self.progress.step
@@ -457,6 +458,8 @@ class DestMigration:
 
     async def _hand_over(self, conn: socket.socket, peer: str) -> None:
         """The first connection that is a migration stream goes to QEMU."""
+        if sized := size_stream(conn, self.cfg.stream_buffer, socket.SO_RCVBUF):
+            self.progress.step(sized)  # what the destination loads during the pause
         await self.mon.send_socket(MIGRATION_FD, conn)
         try:
             await self.mon.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})

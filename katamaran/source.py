@@ -56,6 +56,7 @@ from .lock import VMLock
 from .names import divert_names
 from .progress import Progress, mib
 from .qmp import Event, Monitor, migration_status, named
+from .streambuf import size_stream
 from .tapqueue import TapQueues, TapQueueUnavailable
 from .tls import TLSCreds
 
@@ -144,7 +145,7 @@ def _link_exists(name: str) -> bool:
     return True
 
 
-def connect_to(cfg: Config, port: int, what: str, timeout: float, sndbuf: int = 0) -> socket.socket:
+def connect_to(cfg: Config, port: int, what: str, timeout: float) -> socket.socket:
     """Open the stream here, in katamaran's network namespace, and hand it to QEMU.
 
     QEMU may live in a pod namespace whose ingress Kata redirects into the VM's tap
@@ -155,16 +156,11 @@ def connect_to(cfg: Config, port: int, what: str, timeout: float, sndbuf: int = 
     and on a non-blocking one the VM's pause grew by about 10 ms (STOP -> destination
     RESUME, QEMU 10.0, 512 MiB guest and disk: 23.6 ms against the bare sequence's
     11.0, median of 6 rounds; 11.8 against 11.3 with blocking sockets).
-
-    `sndbuf` (the RAM stream's -stream-buffer, see config.STREAM_BUFFER) bounds what
-    QEMU can have queued here when it pauses the VM.
     """
     assert cfg.dest_ip is not None
     try:
         sock = socket.create_connection((str(cfg.dest_ip), port), timeout=timeout)
         sock.settimeout(None)
-        if sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         return sock
     except OSError as err:
         raise KatamaranError(
@@ -722,15 +718,13 @@ class SourceMigration:
                     )
 
     async def _migrate(self) -> Summary:
-        sock = connect_to(
-            self.cfg,
-            self.cfg.migration_port,
-            "QEMU reported migration failed",
-            self.mon.timeout,
-            self.cfg.stream_buffer,
-        )
+        what = "QEMU reported migration failed"
+        sock = connect_to(self.cfg, self.cfg.migration_port, what, self.mon.timeout)
         self.pending_fds.add(MIGRATE_FD)
         try:
+            # what QEMU can have queued here at the pause (see streambuf)
+            if sized := size_stream(sock, self.cfg.stream_buffer, socket.SO_SNDBUF):
+                self.progress.step(sized)
             await self.mon.send_socket(MIGRATE_FD, sock)
         finally:
             sock.close()

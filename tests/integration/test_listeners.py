@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from katamaran import streambuf
 from katamaran.config import host_port
 from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
@@ -426,13 +427,14 @@ def kernel_buffer(rig, node: str, which: str, asked: int) -> int:
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("size", [100000, 262144])
+@pytest.mark.parametrize("size", [100000, 262144, "auto"])
 def test_stream_buffer_bounds_both_ends_of_the_ram_stream(rig_factory, size):
     """The RAM stream's buffers are -stream-buffer on both nodes (source SO_SNDBUF, the
     destination's SO_RCVBUF), read from the kernel with the migration held: the
-    destination QEMU is SIGSTOPped, so the stream stays open in the RAM phase.  (The
-    default, 0, leaves them to the kernel's autotuning.)"""
-    extra = ("-stream-buffer", str(size))
+    destination QEMU is SIGSTOPped, so the stream stays open in the RAM phase.  "auto"
+    (the default, no flag given) sizes each end from its connection's RTT: on the lab's
+    veth (a short path) that is streambuf.SIZE, and each end says so."""
+    extra = () if size == "auto" else ("-stream-buffer", str(size))
     rig = rig_factory(shared=True)
     rig.up()
     dest = rig.start_dest(*extra)
@@ -441,9 +443,19 @@ def test_stream_buffer_bounds_both_ends_of_the_ram_stream(rig_factory, size):
     try:
         source = rig.start_source(DEST, *extra)
         wait_for_text(rig.tmp / "source.log", "migrating RAM", 60, source)
+        if size == "auto":  # sized once the stream is accepted, before QEMU gets it
+            wait_for_text(rig.tmp / "dest.log", "RAM stream receive buffer", 60, dest)
         found = stream_buffers(rig, 4444)
     finally:
         os.kill(rig.dst.pid, signal.SIGCONT)
     migrated(rig, source, dest)
-    assert found["a"][1] == kernel_buffer(rig, "a", "wmem", size), found
-    assert found["b"][0] == kernel_buffer(rig, "b", "rmem", size), found
+    sizes = {"a": size, "b": size}
+    if size == "auto":
+        for node, log, which in (("a", "source.log", "send"), ("b", "dest.log", "receive")):
+            line = rf"RAM stream {which} buffer (\d+) KiB \(connection RTT "
+            chosen = re.search(line, rig.log(log))
+            assert chosen, rig.log(log)
+            sizes[node] = int(chosen.group(1)) << 10
+            assert sizes[node] == streambuf.SIZE, sizes
+    assert found["a"][1] == kernel_buffer(rig, "a", "wmem", sizes["a"]), (found, sizes)
+    assert found["b"][0] == kernel_buffer(rig, "b", "rmem", sizes["b"]), (found, sizes)

@@ -529,14 +529,14 @@ def test_timeout_flags_valid_values_reach_qmp_stage(run_cli):
 # --- -stream-buffer -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "1.5", str((1 << 30) + 1)])
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "²", "", str((1 << 30) + 1)])
 def test_stream_buffer_rejects_bad_value(run_cli, value):
     r = run_cli("-mode", "dest", "-qmp", NO_SOCK, "-tap", "tap0_kata", "-stream-buffer", value)
     assert_usage_error(r, f'invalid -stream-buffer "{value}"')
     assert QMP_FAILED not in r.stderr, _show(r)
 
 
-@pytest.mark.parametrize("value", ["0", "65536", str(1 << 30)])
+@pytest.mark.parametrize("value", ["auto", "0", "65536", str(1 << 30)])
 def test_stream_buffer_valid_values_reach_qmp_stage(run_cli, value):
     r = run_cli(
         *("-mode", "source", "-qmp", NO_SOCK, "-dest-ip", "10.0.0.2", "-vm-ip", "10.244.0.5"),
@@ -548,4 +548,4 @@ def test_stream_buffer_valid_values_reach_qmp_stage(run_cli, value):
 def test_help_describes_stream_buffer_and_its_default(run_cli):
     out = _help_output(run_cli, "-help")
     assert _flag_has_description(out, "stream-buffer"), out
-    assert "default 0: the kernel's autotuning" in re.sub(r"\s+", " ", out), out
+    assert "default auto: sized from the connection's RTT" in re.sub(r"\s+", " ", out), out
