@@ -62,7 +62,7 @@ def size_stream(sock: socket.socket, setting: int | None, option: int) -> str | 
         return None
     rtt = connection_rtt(sock)
     size = auto_size(rtt)
-    shown = "unknown" if rtt is None else f"{rtt * 1000:.2f} ms"
+    shown = "unknown" if rtt is None else f"{rtt * 1000:.3f} ms"  # the kernel's microseconds
     which = "send" if option == socket.SO_SNDBUF else "receive"
     if not size:
         return f"RAM stream {which} buffer left to the kernel (connection RTT {shown})"

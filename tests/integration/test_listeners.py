@@ -452,10 +452,19 @@ def test_stream_buffer_bounds_both_ends_of_the_ram_stream(rig_factory, size):
     sizes = {"a": size, "b": size}
     if size == "auto":
         for node, log, which in (("a", "source.log", "send"), ("b", "dest.log", "receive")):
-            line = rf"RAM stream {which} buffer (\d+) KiB \(connection RTT "
-            chosen = re.search(line, rig.log(log))
+            chosen = re.search(
+                rf"RAM stream {which} buffer (\d+ KiB|left to the kernel) "
+                r"\(connection RTT ([\d.]+) ms\)",
+                rig.log(log),
+            )
             assert chosen, rig.log(log)
-            sizes[node] = int(chosen.group(1)) << 10
-            assert sizes[node] == streambuf.SIZE, sizes
+            # the rule for the RTT that end read (a loaded machine may exceed SHORT_RTT)
+            sizes[node] = streambuf.auto_size(float(chosen.group(2)) / 1000)
+            if not sizes[node]:
+                assert chosen.group(1) == "left to the kernel", chosen.group(0)
+                pytest.skip(
+                    f"{chosen.group(0)}: this run's handshake was too slow to check the size"
+                )
+            assert chosen.group(1) == f"{streambuf.SIZE >> 10} KiB", chosen.group(0)
     assert found["a"][1] == kernel_buffer(rig, "a", "wmem", sizes["a"]), (found, sizes)
     assert found["b"][0] == kernel_buffer(rig, "b", "rmem", sizes["b"]), (found, sizes)
