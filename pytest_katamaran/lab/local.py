@@ -9,6 +9,7 @@ network cutover; everything else (QMP, NBD mirror, RAM, cleanup) is the real flo
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import threading
@@ -53,10 +54,22 @@ def qmp(path: Path, command: str, timeout: float = 60, **args: object) -> Any:
     return asyncio.run(once())
 
 
+def accepts(path: Path) -> bool:
+    """`path` is a UNIX socket that accepts a connection.  A QEMU's QMP socket file
+    appears at bind(), a moment before listen(): a client in between is refused (CI,
+    2026-12-01: `Connection refused` on a socket that existed)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def wait_for_path(path: Path, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Until `path` exists (a QEMU's QMP socket); fails at once if `proc` exits first."""
+    """Until the QMP socket `path` accepts connections; fails at once if `proc` exits first."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not accepts(path):
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{path} never appeared: its process exited ({proc.returncode})")
         if time.monotonic() > deadline:

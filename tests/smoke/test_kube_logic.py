@@ -878,17 +878,6 @@ def test_k3s_e2e_sh_reports_node_b_unreachable(tmp_path):
     )
 
 
-def _accepts(path: str) -> bool:
-    """QEMU's QMP socket accepts a connection: the file appears at bind(), a moment before
-    listen() (CI, 2026-12-01: `Connection refused` on a socket that existed)."""
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.qemu
 def test_replayed_argv_starts_a_real_qemu_waiting_for_the_migration():
     """The transformation is accepted by a real QEMU: tap pre-created, QMP at our path."""
@@ -921,16 +910,16 @@ def test_replayed_argv_starts_a_real_qemu_waiting_for_the_migration():
         stderr=subprocess.STDOUT,
         text=True,
     )
+    from pytest_katamaran.lab.local import accepts, qmp
+
     try:
         kube.wait_for(
-            lambda: _accepts(qmp_path) or proc.poll() is not None,
+            lambda: accepts(Path(qmp_path)) or proc.poll() is not None,
             timeout=30,
             what=f"QMP socket {qmp_path}",
             interval=0.05,
         )
         assert proc.poll() is None, f"QEMU exited {proc.returncode}: {proc.stdout.read()}"
-        from pytest_katamaran.lab.local import qmp
-
         assert qmp(Path(qmp_path), "query-status")["status"] == "inmigrate"
         assert Path(f"{run_dir}/pid").read_text().strip() == str(proc.pid)
     finally:
