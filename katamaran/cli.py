@@ -257,11 +257,11 @@ def parse_args(argv: Sequence[str]) -> Config:
                 f'invalid -stream-buffer "{args.stream_buffer}" (want auto, 0 or a number of bytes)'
             )
         stream_buffer = int(args.stream_buffer)
-    if stream_buffer is not None and stream_buffer > config.MAX_STREAM_BUFFER:
-        raise UsageError(
-            f'invalid -stream-buffer "{args.stream_buffer}" (at most '
-            f"{config.MAX_STREAM_BUFFER} bytes; 0 for the kernel's autotuning, or auto)"
-        )
+        if stream_buffer > config.MAX_STREAM_BUFFER:
+            raise UsageError(
+                f'invalid -stream-buffer "{args.stream_buffer}" (at most '
+                f"{config.MAX_STREAM_BUFFER} bytes; 0 for the kernel's autotuning, or auto)"
+            )
     cfg = Config(
         mode=args.mode,
         qmp=Path(args.qmp),
