@@ -501,14 +501,24 @@ def cmd_converge(args: argparse.Namespace, st: State) -> dict[str, Any]:
 
     source: POD_IP now lives behind node B.  dest: POD_IP is local, on the tap -- the same
     route as `podnet.DestTap.add_pod_route()`, set with `ip` because importing pyroute2
-    costs seconds of CPU on a TCG node and this step races the tunnel hold.
+    costs seconds of CPU on a TCG node and this step races the tunnel hold -- and the
+    pod's MAC pinned on the tap, as Felix does (`--dynamic-arp` leaves it to ARP).
     """
     pod = f"{args.pod_ip}/32"
     if args.role == "source":
         if not args.via:
             raise NodesideError("converge --role source needs --via (node B's IP)")
         return _route(st, args.netns, [pod, "via", args.via], "converged")
-    return _route(st, args.netns, [pod, "dev", args.tap, "scope", "link"], "converged")
+    out = _route(st, args.netns, [pod, "dev", args.tap, "scope", "link"], "converged")
+    mac = (st.data.get("dest") or {}).get("spec", {}).get("mac")
+    if mac and not args.dynamic_arp:
+        # Felix pins the workload's MAC on node B's link too, as workload-start does on
+        # node A: the first packets after the move then wait in the tap's queue for a guest
+        # that TCG has not scheduled yet, instead of failing a 3 s neighbour probe.
+        run(["ip", "neigh", "replace", args.pod_ip, "lladdr", mac, "dev", args.tap]
+            + ["nud", "permanent"], args.netns)  # fmt: skip
+        out["neighbour"] = mac
+    return out
 
 
 # --------------------------------------------------------------------------- shared storage
@@ -792,6 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pod-ip", default=DEFAULT_POD_IP)
     sp.add_argument("--via", help="source: node B's IP")
     sp.add_argument("--tap", default=DEFAULT_TAP)
+    sp.add_argument(
+        "--dynamic-arp",
+        action="store_true",
+        help="dest: no permanent neighbour for the pod (Felix adds one)",
+    )
 
     sp = add("nbd-attach", cmd_nbd_attach, "map a shared NBD export as /dev/nbdN")
     sp.add_argument("--host", required=True)

@@ -106,7 +106,8 @@ def test_nodeside_steps_migrate_a_writing_workload(lab, guest_image, tmp_path):
     summary = parse_summary(src.stderr)
     assert summary is not None and summary["storage_mib"] > 0, src.stderr
 
-    nodeside(states["b"], nb, "converge", "--role", "dest", "--pod-ip", POD_IP)
+    conv = nodeside(states["b"], nb, "converge", "--role", "dest", "--pod-ip", POD_IP)
+    assert conv["neighbour"] == work["mac"], conv
     nodeside(
         states["a"], na, "converge", "--role", "source", "--pod-ip", POD_IP, "--via", "10.0.0.2"
     )
@@ -116,7 +117,14 @@ def test_nodeside_steps_migrate_a_writing_workload(lab, guest_image, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert pong.returncode == 0, pong.stdout  # the pod answers node A, via node B
+    if pong.returncode != 0:  # the pod answers node A, via node B
+        neigh = subprocess.run(["ip", "-n", nb, "neigh"], capture_output=True, text=True)
+        status = nodeside(states["b"], nb, "status", check=False)
+        console = nodeside(states["b"], nb, "console", "--which", "dest", check=False)
+        pytest.fail(
+            f"{pong.stdout}\nnode B neighbours:\n{neigh.stdout}\nnode B status: {status}\n"
+            f"destination console:\n{console.get('tail')}"
+        )
     for state, ns in ((states["a"], na), (states["b"], nb)):
         left = nodeside(state, ns, "leftovers")
         for key in ("plug_qdiscs", "kmr_links", "rules", "nbd_exports", "listeners"):
