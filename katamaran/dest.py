@@ -18,7 +18,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import gate, migration
+from . import failpoint, gate, migration
 from .aio import within
 from .config import Config, host_port
 from .errors import KatamaranError, QMPClosed, QMPCommandError
@@ -97,29 +97,38 @@ class DestMigration:
             )
             await self._wait_resume(mark)
             self.resumed = True
-            if self.plug:
-                held = await netlink(self.plug.backlog)
-                await netlink(self.plug.release)
-                self.progress.step(f"VM resumed: released {held} held packet(s) in order")
-            else:
-                self.progress.step("VM resumed")
-            await self._stop_nbd()
-            await self.mon.execute(
-                "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
-            )
-            await self._remove_gate_bitmap()
-            drops = await netlink(self.plug.drops) if self.plug else 0
-            if drops:
-                self.progress.warn(
-                    f"plug qdisc dropped {drops} packet(s): raise -plug-limit "
-                    f"(now {self.cfg.plug_limit} bytes)"
-                )
-            self.progress.step(f"migration received in {self.progress.elapsed():.2f} s")
-            if self.decap and self.decap.rules:
-                await self._hold_until_quiet()
-            await self._check_alive()
+            try:
+                await self._after_resume()
+            except QMPClosed as err:  # QEMU died once the VM ran here (a guest panic...)
+                raise KatamaranError(self._gone(err)) from None
         finally:
             await self._cleanup()
+
+    async def _after_resume(self) -> None:
+        """The VM runs here: the held packets go to it, the NBD server stops, the network
+        hears of the VM's new place, the hold lasts until the source's tunnel is quiet."""
+        failpoint.hit("dest-resumed", self.progress.step)
+        if self.plug:
+            held = await netlink(self.plug.backlog)
+            await netlink(self.plug.release)
+            self.progress.step(f"VM resumed: released {held} held packet(s) in order")
+        else:
+            self.progress.step("VM resumed")
+        await self._stop_nbd()
+        await self.mon.execute(
+            "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+        )
+        await self._remove_gate_bitmap()
+        drops = await netlink(self.plug.drops) if self.plug else 0
+        if drops:
+            self.progress.warn(
+                f"plug qdisc dropped {drops} packet(s): raise -plug-limit "
+                f"(now {self.cfg.plug_limit} bytes)"
+            )
+        self.progress.step(f"migration received in {self.progress.elapsed():.2f} s")
+        if self.decap and self.decap.rules:
+            await self._hold_until_quiet()
+        await self._check_alive()
 
     async def _check_state(self) -> None:
         status = await migration.vm_status(self.mon)
@@ -319,10 +328,14 @@ class DestMigration:
         try:
             await migration.vm_status(self.mon)
         except QMPClosed as err:
-            raise KatamaranError(
-                f"after the VM resumed here: the destination QEMU is gone ({err}); the VM "
-                "runs on neither node (its source QEMU is postmigrate)"
-            ) from None
+            raise KatamaranError(self._gone(err)) from None
+
+    @staticmethod
+    def _gone(err: QMPClosed) -> str:
+        return (
+            f"after the VM resumed here: the destination QEMU is gone ({err}); the VM "
+            "runs on neither node (its source QEMU is postmigrate)"
+        )
 
     def on_signal(self, name: str) -> bool:
         """Whether a SIGINT/SIGTERM/SIGHUP may cancel the run now (cli's handler asks).

@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import migration, tapqueue
+from . import failpoint, migration, tapqueue
 from .aio import within
 from .config import Config, host_port
 from .errors import KatamaranError, OutcomeUncertain, QMPCommandError
@@ -1104,6 +1104,7 @@ class SourceMigration:
         what = "first RAM pass sent, QEMU held at the switchover gate"
         if await self._take_feed(info, mark, what):
             return  # paused by something else (QEMU cannot pass the gate): the STOP check
+        failpoint.hit("gate-held", self.progress.step)
         saved = self.saved_params
         back = {key: saved.pop(key) for key in EASED_PARAMS if key in saved}
         opened = {**back, "downtime-limit": self.gate.open_limit()}

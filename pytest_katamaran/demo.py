@@ -28,6 +28,7 @@ from pytest_katamaran.checks.ping import LocalRunner, PingMonitor
 from pytest_katamaran.images.guest import build_guest
 from pytest_katamaran.lab.local import VM_IP, GuestPanicked, Rig, wait_for_text
 from pytest_katamaran.migration import MigrationResult
+from pytest_katamaran.qemu.sandbox import Sandbox
 from pytest_katamaran.timeline import draw_results
 
 TITLE = "python -m pytest_katamaran.demo"
@@ -120,12 +121,14 @@ def run(rig: Rig, args: argparse.Namespace, say: Any, record: dict[str, Any]) ->
     record["migration"] = demo_result(rig, src_rc, dst_rc, converged)
     if src_rc or dst_rc:
         say(f"FAILED: katamaran source exited {src_rc}, dest exited {dst_rc}")
+        for side, box in (("source", rig.src), ("destination", rig.dst)):
+            if not box.alive():  # how it ended says more than katamaran's QMP error
+                say_gone(rig, box, side, say)
         return 1
     try:
         src_state, dst_state = rig.status(rig.src), rig.status(rig.dst)
     except GuestPanicked as panic:
-        say(f"FAILED: the destination guest kernel panicked after migration ({panic});")
-        say("seen under TCG with QEMU 7.2 with bare QMP too - run the demo again")
+        say_panic("destination", panic, say)
         return 1
     say(f"source VM: {src_state}, destination VM: {dst_state}")
     acked_src = last_ack(rig.src.console_log)
@@ -140,6 +143,21 @@ def run(rig: Rig, args: argparse.Namespace, say: Any, record: dict[str, Any]) ->
     ok = report.ok and src_state == "postmigrate" and dst_state == "running"
     say(f"{'OK' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     return 0 if ok else 1
+
+
+def say_panic(side: str, panic: GuestPanicked, say: Any) -> None:
+    say(f"the {side} guest kernel panicked after migration ({panic});")
+    say("seen under TCG with QEMU 7.2 with bare QMP too - run the demo again")
+
+
+def say_gone(rig: Rig, box: Sandbox, side: str, say: Any) -> None:
+    """A QEMU that is gone: its guest's panic, or its exit code, stderr and console."""
+    try:
+        rig.status(box)
+    except GuestPanicked as panic:
+        say_panic(side, panic, say)
+    except AssertionError as gone:
+        say(f"the {side} {gone}")
 
 
 def demo_result(rig: Rig, src_rc: int, dst_rc: int, converged: dict[str, float]) -> MigrationResult:

@@ -9,6 +9,7 @@ network cutover; everything else (QMP, NBD mirror, RAM, cleanup) is the real flo
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -75,6 +76,27 @@ def wait_for_path(path: Path, timeout: float, proc: subprocess.Popen | None = No
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.05)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` (`R`, `S`, `T` stopped, `Z`...); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def wait_stopped(proc: subprocess.Popen, timeout: float) -> None:
+    """Until `proc` is stopped (SIGSTOP: a failpoint, see katamaran.failpoint); fails at
+    once if it exits first."""
+    deadline = time.monotonic() + timeout
+    while process_state(proc.pid) != "T":
+        if proc.poll() is not None:
+            raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) before it stopped")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {proc.pid} did not stop within {timeout}s")
+        time.sleep(0.01)
 
 
 def wait_for_text(
@@ -209,13 +231,18 @@ class Rig:
         )
         self.dst.start(dst_spec, netns=self.lab.b.netns)
 
-    def katamaran(self, node: str, *args: str, log: str) -> subprocess.Popen:
-        """Run katamaran in a node's netns; its output goes to `log` (and the terminal if echo)."""
+    def katamaran(
+        self, node: str, *args: str, log: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Run katamaran in a node's netns; its output goes to `log` (and the terminal if
+        echo).  `env` adds to this process's environment (a failpoint, see
+        katamaran.failpoint)."""
         proc = self.lab.popen(
             node,
             [sys.executable, "-m", "katamaran", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None,
         )
         self.procs.append(proc)
         path = self.tmp / log
@@ -240,11 +267,12 @@ class Rig:
         self.copiers[proc.pid] = thread
         return proc
 
-    def start_dest(self, *extra: str) -> subprocess.Popen:
+    def start_dest(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         args = ["-mode", "dest", "-qmp", str(self.dst.qmp_path), "-tap", self.tap]
         if self.shared:
             args.append("-shared-storage")
-        proc = self.katamaran("b", *args, "-tunnel-hold", "0.2", *extra, log="dest.log")
+        args += ["-tunnel-hold", "0.2", *extra]
+        proc = self.katamaran("b", *args, log="dest.log", env=env)
         self.wait_for_line("dest.log", "destination ready", self.ready_timeout, proc)
         return proc
 

@@ -1,4 +1,5 @@
-"""Faults in the tunnel hold, with the real cutover, run as root inside a Debian-kernel node.
+"""Faults in the tunnel hold and at the switchover gate, with the real cutover, run as root
+inside a Debian-kernel node.
 
 Why a script: the hold needs ipip and sch_plug, which this host's kernel lacks, so
 test_hold_faults.py boots one lab node (pytest_katamaran.lab.node) and runs this there.
@@ -6,9 +7,13 @@ Each case is one real migration in `locallab.Rig` (two netns nodes, a Kata-shape
 node a, QEMU from the command line, katamaran's CLI on both sides at the default 5 s
 hold, the CNI step 2 s after `migration completed`) with a client pinging the VM every
 10 ms through it, and one fault once the hold has begun: a signal to either katamaran,
-a SIGKILL followed by a re-run with the same flags, the destination QEMU killed.
+a SIGKILL followed by a re-run with the same flags, the destination QEMU killed; or a
+signal to the source at the switchover gate (the VM running, its packets kept).
 
-Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep.
+Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep; the
+gate cases arm the source's `gate-held` failpoint (katamaran.failpoint) and signal it
+once it has stopped there.
+
 Prints one JSON object: per case the exit codes, both logs, both QEMUs' states, the
 ping's figures and what each node's network (links, rules, routes, qdiscs, sysctls)
 holds afterwards that it did not hold before; the test asserts on them.
@@ -26,9 +31,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from katamaran import failpoint
 from pytest_katamaran.bench.ping_rate import (
     CONVERGE_DELAY,
     DEST_IP,
@@ -38,12 +45,13 @@ from pytest_katamaran.bench.ping_rate import (
 )
 from pytest_katamaran.checks.ping import PingMonitor
 from pytest_katamaran.images.guest import GuestImage
-from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text
+from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
 from pytest_katamaran.migration import plug_limit
 from pytest_katamaran.qemu.binary import WorkloadQemu
 
 INTERVAL = 0.01
 HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
+GATE_STOP_S = 0.5  # the source stopped at the gate: ~50 of the client's packets kept
 SYSCTLS = ("forwarding", "rp_filter", "ip_forward", "accept_local")  # compared per case
 
 
@@ -93,13 +101,13 @@ class Case:
     def stamp(self, what: str) -> None:
         self.facts.setdefault("marks", {})[what] = round(time.monotonic() - self.t0, 2)
 
-    def katamaran(self, side: str, log: str) -> subprocess.Popen:
+    def katamaran(self, side: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """katamaran with the flags the e2e gives it (a re-run gets the very same)."""
         rig = self.rig
         if side == "source":
             args = ["-mode", "source", "-qmp", str(rig.src.qmp_path), "-dest-ip", DEST_IP]
             args += ["-vm-ip", VM_IP, "-tunnel-hold", HOLD]
-            return rig.katamaran("a", *args, log=log)
+            return rig.katamaran("a", *args, log=log, env=env)
         args = ["-mode", "dest", "-qmp", str(rig.dst.qmp_path), "-tap", rig.tap]
         args += ["-vm-ip", VM_IP, "-source-ip", SOURCE_IP, "-tunnel-hold", HOLD]
         args += ["-plug-limit", str(plug_limit(30.0, INTERVAL))]
@@ -130,18 +138,32 @@ class Case:
         return self.rig.status(box)
 
 
-def run_case(name: str, rig: Rig, client: Client, fault: Callable[[Case, dict], None]) -> dict:
-    """Migrate under ping; `fault(case, procs)` runs once the source's hold has begun."""
+@dataclass(frozen=True)
+class Fault:
+    """`place(case, procs)` runs once the source's hold has begun, or, with `failpoint`,
+    once the source katamaran has stopped itself there (see katamaran.failpoint)."""
+
+    place: Callable[[Case, dict], None]
+    failpoint: str = ""
+
+
+def run_case(name: str, rig: Rig, client: Client, fault: Fault) -> dict:
+    """Migrate under ping with one fault (see Fault)."""
     case = Case(name, rig, client)
     mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns).start()
     try:
         mon.wait_replies(10, timeout=300)
         procs = {"dest": case.katamaran("dest", "dest.log")}
         rig.wait_for_line("dest.log", "destination ready", rig.ready_timeout, procs["dest"])
-        procs["source"] = case.katamaran("source", "source.log")
-        wait_for_text(rig.tmp / "source.log", "holding tunnel", 900, procs["source"])
-        case.stamp("source hold began")
-        fault(case, procs)
+        env = {failpoint.ENV: fault.failpoint} if fault.failpoint else None
+        procs["source"] = case.katamaran("source", "source.log", env=env)
+        if fault.failpoint:
+            wait_stopped(procs["source"], 900)
+            case.stamp(f"source stopped at {fault.failpoint}")
+        else:
+            wait_for_text(rig.tmp / "source.log", "holding tunnel", 900, procs["source"])
+            case.stamp("source hold began")
+        fault.place(case, procs)
         for side in ("source", "dest"):
             case.facts[f"{side}_rc"] = rig.finish(procs[side], 300)
         case.stamp("both exited")
@@ -229,6 +251,23 @@ def kill_dest_qemu(case: Case, procs: dict) -> None:
     case.stamp("destination QEMU killed")
 
 
+def signal_at_gate(sig: signal.Signals) -> Callable[[Case, dict], None]:
+    """The source katamaran stopped at the gate: the VM runs, its feed is diverted and
+    its packets are kept, QEMU waits for katamaran to open the gate.  Left so for
+    GATE_STOP_S (the client's packets for the VM keep coming, into katamaran's divert),
+    then signalled and continued: the signal is taken at its next await."""
+
+    def fault(case: Case, procs: dict) -> None:
+        source = procs["source"]
+        time.sleep(GATE_STOP_S)  # how long the fault lasts, not a wait for something
+        source.send_signal(sig)
+        source.send_signal(signal.SIGCONT)
+        case.stamp(f"{sig.name} and SIGCONT to the source")
+        case.facts["source_rc_after_signal_s"] = _exited_within(source, 60)
+
+    return fault
+
+
 def _exited_within(proc: subprocess.Popen, timeout: float) -> float | None:
     t0 = time.monotonic()
     try:
@@ -238,15 +277,19 @@ def _exited_within(proc: subprocess.Popen, timeout: float) -> float | None:
     return round(time.monotonic() - t0, 2)
 
 
-CASES: dict[str, Callable[[Case, dict], None]] = {
-    "sigint-source": signal_source(signal.SIGINT),
-    "sigterm-source": signal_source(signal.SIGTERM),
-    "sighup-source": signal_source(signal.SIGHUP),
-    "sigkill-source-rerun": sigkill_source_then_rerun,
-    "sigterm-dest": signal_dest(signal.SIGTERM),
-    "sighup-dest": signal_dest(signal.SIGHUP),
-    "sigkill-dest-rerun": sigkill_dest_then_rerun,
-    "dest-qemu-killed": kill_dest_qemu,
+CASES: dict[str, Fault] = {
+    "sigint-source": Fault(signal_source(signal.SIGINT)),
+    "sigterm-source": Fault(signal_source(signal.SIGTERM)),
+    "sighup-source": Fault(signal_source(signal.SIGHUP)),
+    "sigkill-source-rerun": Fault(sigkill_source_then_rerun),
+    "sigterm-dest": Fault(signal_dest(signal.SIGTERM)),
+    "sighup-dest": Fault(signal_dest(signal.SIGHUP)),
+    "sigkill-dest-rerun": Fault(sigkill_dest_then_rerun),
+    "dest-qemu-killed": Fault(kill_dest_qemu),
+    **{
+        f"{sig.name.lower()}-at-gate": Fault(signal_at_gate(sig), failpoint="gate-held")
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    },
 }
 
 

@@ -2,8 +2,8 @@
 
 Real run: netns nodes, TCG VM, both katamaran processes, node A's ping.  The host kernel
 has no ipip/sch_plug, so pings around the switchover are lost: counted, not judged.  QEMU
-7.2's TCG now and then panics the destination guest (README); the demo then exits 1, and
-its results and picture must exist all the same.
+7.2's TCG now and then panics the destination guest (README); the demo then exits 1 saying
+so, and its results and picture must exist all the same.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ def test_demo_writes_results_and_timeline(guest, tmp_path, capsys):
     out = tmp_path / "results"
     rc = demo.main(["--results-dir", str(out), "--ping-interval", "0.02"])
     err = capsys.readouterr().err
-    assert rc == 0 or "guest kernel panicked" in err, err[-3000:]
+    panicked = "destination guest kernel panicked" in err  # QEMU 7.2 under TCG (README)
+    assert rc == 0 or panicked, err[-3000:]
     payload = json.loads((out / "demo.json").read_text())
     moved = payload["results"]["migration"]
-    assert moved["source_rc"] == 0 and moved["dest_rc"] == 0, err[-3000:]
+    # a panic ends the destination QEMU (-no-reboot): its katamaran then exits 1 (gone)
+    assert moved["source_rc"] == 0 and (moved["dest_rc"] == 0 or panicked), err[-3000:]
     assert moved["events_source"]["STOP"] is not None
     assert moved["events_dest"]["RESUME (plug released)"] is not None
     assert set(moved["converged_at"]) == {"node A", "node B"}

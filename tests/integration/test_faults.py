@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from katamaran import gate
+from katamaran import failpoint, gate
 from katamaran.gate import waits_at_gate
 from katamaran.migration import (
     ACTIVE_STATES,
@@ -36,7 +36,7 @@ from katamaran.migration import (
     OWN_SWITCHOVER_LIMIT_MS,
 )
 from pytest_katamaran.images.guest import with_hook
-from pytest_katamaran.lab.local import Rig, qmp, wait_for_text
+from pytest_katamaran.lab.local import Rig, qmp, wait_for_text, wait_stopped
 from pytest_katamaran.qemu.sandbox import Sandbox
 
 pytestmark = pytest.mark.qemu
@@ -324,6 +324,29 @@ def test_destination_qemu_killed_in_ram_phase(rig_factory):
     assert status(rig.src) == "running"
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+
+
+def test_destination_qemu_gone_once_the_vm_resumed_there(rig_factory):
+    """The destination QEMU dies just after the VM resumed there (a guest kernel panic
+    under -no-reboot ends QEMU so: the demo saw it once in CI, and its katamaran then
+    said only `announce-self: connection is closed`).  The destination katamaran, held
+    at its `dest-resumed` failpoint meanwhile, says where the VM is and exits 1 with
+    nothing listening; the source has completed (exit 0) and stays postmigrate."""
+    rig = rig_factory(shared=True)
+    rig.up()
+    dest = rig.start_dest(env={failpoint.ENV: "dest-resumed"})
+    source = rig.start_source()
+    wait_stopped(dest, 120)
+    assert rig.finish(source, 120) == 0, rig.log("source.log")
+    kill(rig.dst, signal.SIGKILL)
+    wait_exit(rig.dst)
+    dest.send_signal(signal.SIGCONT)
+    assert rig.finish(dest, 60) == 1, rig.log("dest.log")
+    line = one_error(rig, "dest.log", "after the VM resumed here: the destination QEMU is gone")
+    assert "the VM runs on neither node" in line, line
+    assert status(rig.src) == "postmigrate"
+    assert assert_at_most_one_running(rig) == []
+    dest_port_closed(rig, 10809, 4444)
 
 
 def test_operator_stop_in_ram_phase_is_no_switchover(rig_factory):

@@ -5,10 +5,14 @@ Why a node VM: the hold needs ipip and sch_plug, which this host's kernel lacks.
 node (Debian kernel over this host's root, TCG) boots; hold_scenario.py runs there as
 root, one real migration per case (nested guest, both katamaran CLIs at the default
 hold, a client pinging the VM every 10 ms, the CNI step mid-hold) and one fault each,
-placed by the line katamaran prints when its hold begins.
+placed by the line katamaran prints when its hold begins, or, for the switchover gate
+(a state of a few milliseconds), by a failpoint where the source stops itself
+(katamaran.failpoint).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -21,6 +25,7 @@ pytestmark = [
 SCENARIO = __file__.replace("test_hold_faults.py", "hold_scenario.py")
 SIGNAL_CASES = ["sigint-source", "sigterm-source", "sighup-source"]
 DEST_SIGNAL_CASES = ["sigterm-dest", "sighup-dest"]
+GATE_CASES = ["sigint-at-gate", "sigterm-at-gate", "sighup-at-gate"]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +137,30 @@ def test_destination_qemu_killed_in_the_hold(cases):
     dest_log = log_text(facts, "dest.log")
     assert facts["dest_rc"] == 1, dest_log[-2000:]
     assert "after the VM resumed here: the destination QEMU is gone" in dest_log
+
+
+@pytest.mark.parametrize("name", GATE_CASES)
+def test_signal_at_the_switchover_gate_gives_the_kept_packets_back(cases, name):
+    """The source stopped (failpoint `gate-held`) with the VM running, its feed diverted
+    and its packets kept, QEMU held at the gate; then signalled.  Before the point of no
+    return: cancelled, the feed and every kept packet given back, the VM runs on the
+    source, nothing left on either node, no ping lost."""
+    facts = case_facts(cases, name)
+    sig = name.split("-")[0].upper()
+    lines = facts["logs"]["source.log"]
+    source_log = "\n".join(lines)
+    assert "failpoint gate-held: stopped" in source_log
+    assert "QEMU held at the switchover gate" in source_log  # the divert came first
+    assert facts["source_rc"] == 130, source_log[-2000:]
+    assert facts["source_rc_after_signal_s"] is not None
+    assert "point of no return" not in source_log
+    errors = [ln for ln in lines if "katamaran: error:" in ln]
+    assert len(errors) == 1 and f"interrupted by {sig}" in errors[0], errors
+    given = re.search(r"(\d+) of (\d+) packet\(s\) kept for the tunnel given back", source_log)
+    assert given and int(given[1]) == int(given[2]) > 0, source_log[-2000:]
+    assert facts["source_status"] == "running", source_log[-2000:]
+    assert facts["dest_status"] != "running"  # never two running copies
+    dest_log = log_text(facts, "dest.log")
+    assert facts["dest_rc"] == 1 and "incoming migration failed" in dest_log, dest_log[-2000:]
+    assert kernel_leftovers(facts["left"]) == {}
+    assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]

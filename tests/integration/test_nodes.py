@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_katamaran.backend.qemu import QemuNodes
+from pytest_katamaran.lab.local import process_state
 from pytest_katamaran.qemu.node import TESTENV_LINK_PORT, TESTENV_SSH_PORTS, port_busy
 
 # one lab per module; run-tests.sh runs the lab_nodes modules without xdist, after the
@@ -28,11 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _alive(pid: int) -> bool:
     """Running (a zombie we have not reaped yet counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return process_state(pid) not in (None, "Z")
 
 
 @pytest.fixture(scope="module")
