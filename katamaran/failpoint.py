@@ -17,6 +17,8 @@ Unset (every real run), `hit` compares one string and returns.
 Points:
   gate-held     source: the tap's feed diverted and drained, the VM running, its packets
                 kept, QEMU still held at the switchover gate (Source._hold_at_gate).
+  switched      source: QEMU has paused the VM for the switchover and the VM's traffic
+                goes into the tunnel; `migrate-continue` not sent (Source._take_tap_now).
   dest-resumed  destination: the VM has just resumed there, nothing released or
                 announced yet (Dest._after_resume).
 """
@@ -28,7 +30,7 @@ import signal
 from collections.abc import Callable
 
 ENV = "KATAMARAN_FAILPOINTS"
-POINTS = ("gate-held", "dest-resumed")
+POINTS = ("gate-held", "switched", "dest-resumed")
 
 
 def armed(name: str) -> bool:

@@ -935,6 +935,7 @@ class SourceMigration:
                 f"VM paused: traffic for {self.cfg.vm_ip} now goes through "
                 f"{self.tunnel.ifname}{first}"
             )
+            failpoint.hit("switched", self.progress.step)
             if held > sent:
                 self.progress.warn(
                     f"{held - sent} packet(s) kept for {self.tunnel.ifname} could not be sent "

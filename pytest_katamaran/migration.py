@@ -63,11 +63,12 @@ def argv_without(argv: list[str], disk: str) -> list[str]:
 
 
 def drop_counters(pod_ip: str, tap: str) -> str:
-    """Where a node may have dropped a ping: kernel drop/forward counters, the tap's queue
-    and link stats, and how the pod IP routes and resolves right now."""
+    """Where a node may have dropped a ping: kernel drop/forward counters, the tap's link
+    stats, every qdisc's (the NICs' too: an AQM drops a run after a stall), and how the
+    pod IP routes and resolves right now."""
     return (
         "nstat -asz | grep -iE 'drop|discard|noroute|unreach|forw|redirect|rpfilter|fail'; "
-        f"ip -s -s link show dev {tap}; tc -s qdisc show dev {tap}; "
+        f"ip -s -s link show dev {tap}; tc -s qdisc show; "
         f"ip neigh show {pod_ip}; ip rule; ip route get {pod_ip}"
     )
 

@@ -268,6 +268,17 @@ def signal_at_gate(sig: signal.Signals) -> Callable[[Case, dict], None]:
     return fault
 
 
+def signal_after_switch(case: Case, procs: dict) -> None:
+    """The source stopped just after switching the paused VM's traffic into the tunnel,
+    `migrate-continue` not sent: SIGTERM and SIGCONT at once (no added stop), so the
+    window is what a signal at that moment would find."""
+    source = procs["source"]
+    source.send_signal(signal.SIGTERM)
+    source.send_signal(signal.SIGCONT)
+    case.stamp("SIGTERM and SIGCONT to the source")
+    case.facts["source_rc_after_signal_s"] = _exited_within(source, 60)
+
+
 def _exited_within(proc: subprocess.Popen, timeout: float) -> float | None:
     t0 = time.monotonic()
     try:
@@ -290,6 +301,7 @@ CASES: dict[str, Fault] = {
         f"{sig.name.lower()}-at-gate": Fault(signal_at_gate(sig), failpoint="gate-held")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     },
+    "sigterm-after-switch": Fault(signal_after_switch, failpoint="switched"),
 }
 
 

@@ -164,3 +164,28 @@ def test_signal_at_the_switchover_gate_gives_the_kept_packets_back(cases, name):
     assert facts["dest_rc"] == 1 and "incoming migration failed" in dest_log, dest_log[-2000:]
     assert kernel_leftovers(facts["left"]) == {}
     assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]
+
+
+def test_signal_after_the_switch_cancels_and_the_source_runs(cases, record_property):
+    """The source stopped (failpoint `switched`) with the VM paused for the switchover and
+    its traffic going into the tunnel, `migrate-continue` not sent; then SIGTERM.  Before
+    the point of no return: the switch undone, the migration cancelled, the VM runs on
+    the source, nothing left on either node.  What was tunnelled into the destination's
+    plug until then is lost with the destination's cleanup (README: a known limit), so
+    the count is recorded, not judged."""
+    facts = case_facts(cases, "sigterm-after-switch")
+    lines = facts["logs"]["source.log"]
+    source_log = "\n".join(lines)
+    assert "failpoint switched: stopped" in source_log
+    assert "now goes through" in source_log  # the switch came first
+    assert facts["source_rc"] == 130, source_log[-2000:]
+    assert "point of no return" not in source_log
+    errors = [ln for ln in lines if "katamaran: error:" in ln]
+    assert len(errors) == 1 and "interrupted by SIGTERM" in errors[0], errors
+    assert facts["source_status"] == "running", source_log[-2000:]
+    assert facts["dest_status"] != "running"  # never two running copies
+    dest_log = log_text(facts, "dest.log")
+    assert facts["dest_rc"] == 1 and "incoming migration failed" in dest_log, dest_log[-2000:]
+    assert kernel_leftovers(facts["left"]) == {}
+    record_property("lost_in_the_destinations_plug", facts["ping"]["description"])
+    assert facts["ping"]["sent"] > 0
