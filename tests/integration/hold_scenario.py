@@ -8,11 +8,12 @@ node a, QEMU from the command line, katamaran's CLI on both sides at the default
 hold, the CNI step 2 s after `migration completed`) with a client pinging the VM every
 10 ms through it, and one fault once the hold has begun: a signal to either katamaran,
 a SIGKILL followed by a re-run with the same flags, the destination QEMU killed; or a
-signal to the source at the switchover gate (the VM running, its packets kept).
+signal to the source at the switchover gate (the VM running, its packets kept) or just
+after the switch (the VM paused, its traffic in the tunnel, no `migrate-continue` yet).
 
 Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep; the
-gate cases arm the source's `gate-held` failpoint (katamaran.failpoint) and signal it
-once it has stopped there.
+gate and switch cases arm the source's `gate-held` / `switched` failpoint
+(katamaran.failpoint) and signal it once it has stopped there.
 
 Prints one JSON object: per case the exit codes, both logs, both QEMUs' states, the
 ping's figures and what each node's network (links, rules, routes, qdiscs, sysctls)

@@ -5,9 +5,9 @@ Why a node VM: the hold needs ipip and sch_plug, which this host's kernel lacks.
 node (Debian kernel over this host's root, TCG) boots; hold_scenario.py runs there as
 root, one real migration per case (nested guest, both katamaran CLIs at the default
 hold, a client pinging the VM every 10 ms, the CNI step mid-hold) and one fault each,
-placed by the line katamaran prints when its hold begins, or, for the switchover gate
-(a state of a few milliseconds), by a failpoint where the source stops itself
-(katamaran.failpoint).
+placed by the line katamaran prints when its hold begins, or, at the switchover gate and
+just after the switch (states of a few milliseconds), by a failpoint where the source
+stops itself (katamaran.failpoint).
 """
 
 from __future__ import annotations
