@@ -322,6 +322,12 @@ class _Run:
                 "destination QEMU argv differs from the source's beyond disk and -incoming"
             )
 
+        # The CNI's routes for after the move, recorded now so that `stop` removes them
+        # whatever happens; they are set mid-hold (below).
+        a.call("converge", "--role", "source", "--pod-ip", pod.ip, "--via", self.to.private_ip,
+               "--tap", pod.tap, "--record-only")  # fmt: skip
+        b.call("converge", "--role", "dest", "--pod-ip", pod.ip, "--tap", pod.tap, "--record-only")
+
         # 2. katamaran: destination first, then the source; the CNI converges mid-hold.
         shared = ["-shared-storage"] if pod.shared_storage else []
         self.dst_proc = b.katamaran(
@@ -342,16 +348,14 @@ class _Run:
         self.owner.procs.append(self.src_proc)
         self._wait(self.src_proc, "migration completed in", MIGRATION_TIMEOUT, "source")
         time.sleep(t.converge_delay)
+        # The CNI's step mid-hold: the routes only, no Python started on the busy nodes
+        # (see NodeSide.route_now); the agents recorded them for `stop` beforehand.
         with ThreadPoolExecutor(2) as pool:
-            conv_b = pool.submit(b.call, "converge", "--role", "dest", "--pod-ip", pod.ip)
-            conv_a = pool.submit(
-                a.call,
-                "converge", "--role", "source", "--pod-ip", pod.ip,
-                "--via", self.to.private_ip,
-            )  # fmt: skip
+            conv_b = pool.submit(b.route_now, "dest", pod.ip, pod.tap)
+            conv_a = pool.submit(a.route_now, "source", pod.ip, pod.tap, self.to.private_ip)
             res.converged = {
-                pod.node.name: conv_a.result(120)["at"],
-                self.to.name: conv_b.result(120)["at"],
+                pod.node.name: conv_a.result(120),
+                self.to.name: conv_b.result(120),
             }
         res.source_rc = self.src_proc.wait(t.tunnel_hold + 300)
         res.dest_rc = self.dst_proc.wait(t.dest_hold_s + 300)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_katamaran
+from pytest_katamaran.agent.node import converge_route
 from pytest_katamaran.checks.ping import PingStats
 from pytest_katamaran.errors import NodeStepFailed
 from pytest_katamaran.logtail import tail
@@ -78,6 +79,22 @@ class NodeSide:
         if check and not data.get("ok"):
             raise NodeStepFailed(self.name, cmd, data, res.stderr, self.serial_tail())
         return data
+
+    def route_now(self, role: str, pod_ip: str, tap: str, via: str | None = None) -> float:
+        """The CNI's route for the moved pod, set at once with `ip` over SSH; the node's
+        clock when it was in.
+
+        Why not the agent's `converge`: that starts Python on a TCG node (3-6 s of its
+        CPU in the e2e) right when the moved guest, cold on both TCG levels, catches up,
+        and the e2e's lost pings at 10 ms fell in that window.  The agent's `converge`
+        runs once the holds are over, to record the route for `stop`.
+        """
+        cmd = shlex.join(["ip", "route", "replace", *converge_route(role, pod_ip, via, tap)])
+        res = self.node.ssh.sudo(f"{cmd} && date +%s.%N", timeout=120, check=False)
+        if res.rc != 0:
+            data = {"ok": False, "error": f"{cmd}: exit {res.rc}: {res.stderr.strip()}"}
+            raise NodeStepFailed(self.name, cmd, data, res.stderr, self.serial_tail())
+        return float(res.stdout.split()[-1])
 
     def katamaran(self, *args: str) -> RemoteProcess:
         """Start the real katamaran CLI in the background, its lines stamped with node time."""

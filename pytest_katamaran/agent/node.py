@@ -482,9 +482,13 @@ def cmd_diskcheck(args: argparse.Namespace, st: State) -> dict[str, Any]:
 # --------------------------------------------------------------------------- routes
 
 
-def _route(st: State, netns: str | None, spec: list[str], label: str) -> dict[str, Any]:
-    """`ip route replace SPEC` and remember it so `stop` deletes it."""
-    run(["ip", "route", "replace", *spec], netns)
+def _route(
+    st: State, netns: str | None, spec: list[str], label: str, *, record_only: bool = False
+) -> dict[str, Any]:
+    """`ip route replace SPEC` and remember it so `stop` deletes it (`record_only`: only
+    remember it, for a route set by other means later)."""
+    if not record_only:
+        run(["ip", "route", "replace", *spec], netns)
     routes = st.data.setdefault("routes", [])
     if spec not in [r["spec"] for r in routes]:
         routes.append({"spec": spec, "netns": netns, "label": label})
@@ -496,6 +500,17 @@ def cmd_peer_route(args: argparse.Namespace, st: State) -> dict[str, Any]:
     return _route(st, args.netns, [args.dst, "via", args.via], "peer")
 
 
+def converge_route(role: str, pod_ip: str, via: str | None, tap: str) -> list[str]:
+    """The CNI's converged route for the moved pod, as `ip route replace` arguments:
+    behind node B (`via`) on the source node, on the tap on the destination."""
+    pod = f"{pod_ip}/32"
+    if role == "source":
+        if not via:
+            raise NodesideError("converge --role source needs --via (node B's IP)")
+        return [pod, "via", via]
+    return [pod, "dev", tap, "scope", "link"]
+
+
 def cmd_converge(args: argparse.Namespace, st: State) -> dict[str, Any]:
     """What the CNI does once the pod runs on node B (the tunnel hold covers until then).
 
@@ -504,14 +519,10 @@ def cmd_converge(args: argparse.Namespace, st: State) -> dict[str, Any]:
     costs seconds of CPU on a TCG node and this step races the tunnel hold -- and the
     pod's MAC pinned on the tap, as Felix does (`--dynamic-arp` leaves it to ARP).
     """
-    pod = f"{args.pod_ip}/32"
-    if args.role == "source":
-        if not args.via:
-            raise NodesideError("converge --role source needs --via (node B's IP)")
-        return _route(st, args.netns, [pod, "via", args.via], "converged")
-    out = _route(st, args.netns, [pod, "dev", args.tap, "scope", "link"], "converged")
+    spec = converge_route(args.role, args.pod_ip, args.via, args.tap)
+    out = _route(st, args.netns, spec, "converged", record_only=args.record_only)
     mac = (st.data.get("dest") or {}).get("spec", {}).get("mac")
-    if mac and not args.dynamic_arp:
+    if args.role == "dest" and mac and not (args.dynamic_arp or args.record_only):
         # Felix pins the workload's MAC on node B's link too, as workload-start does on
         # node A: the first packets after the move then wait in the tap's queue for a guest
         # that TCG has not scheduled yet, instead of failing a 3 s neighbour probe.
@@ -806,6 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic-arp",
         action="store_true",
         help="dest: no permanent neighbour for the pod (Felix adds one)",
+    )
+    sp.add_argument(
+        "--record-only",
+        action="store_true",
+        help="only record the route for `stop` (the e2e sets it with `ip` mid-hold)",
     )
 
     sp = add("nbd-attach", cmd_nbd_attach, "map a shared NBD export as /dev/nbdN")

@@ -142,6 +142,9 @@ def answer(node, step, args):
 
 def agent_sudo(self, cmd, timeout=None, check=True):
     argv = shlex.split(cmd)
+    if argv[:3] == ["ip", "route", "replace"]:  # the CNI's step (NodeSide.route_now)
+        event(f"{self.node_name}: {cmd}")
+        return Result(0, f"{time.time()}\\n", "", cmd)
     if "pytest_katamaran.agent.node" not in argv:
         done = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=timeout)
         return Result(done.returncode, done.stdout, done.stderr, cmd)

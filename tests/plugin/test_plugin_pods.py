@@ -209,8 +209,20 @@ def test_migrate_runs_the_guide_flow_with_configured_holds(pytester, fake_agent)
     steps = _steps(fake_agent)
     assert "node-b: nodeside peer-route --dst 127.0.0.0/24 --via 10.0.0.1" in steps
     assert any(s.startswith("node-b: nodeside dest-start --spec ") for s in steps)
-    assert "node-a: nodeside converge --role source --pod-ip 127.0.0.1 --via 10.0.0.2" in steps
-    assert "node-b: nodeside converge --role dest --pod-ip 127.0.0.1" in steps
+    # the CNI's routes: recorded for `stop` before the migration, set with `ip` mid-hold
+    assert (
+        "node-a: nodeside converge --role source --pod-ip 127.0.0.1 --via 10.0.0.2 "
+        "--tap tap0_kata --record-only"
+    ) in steps
+    assert (
+        "node-b: nodeside converge --role dest --pod-ip 127.0.0.1 --tap tap0_kata --record-only"
+    ) in steps
+    routes = [ln for ln in events.splitlines() if ": ip route replace " in ln]
+    assert sorted(routes) == [
+        "node-a: ip route replace 127.0.0.1/32 via 10.0.0.2 && date +%s.%N",
+        "node-b: ip route replace 127.0.0.1/32 dev tap0_kata scope link && date +%s.%N",
+    ]
+    assert events.index("node-a: katamaran -mode source") < events.index(routes[0])
     assert "node-b: nodeside diskcheck --which dest --acked 20" in steps
     assert steps[-2:] in (
         ["node-a: nodeside stop --purge", "node-b: nodeside stop --purge"],
