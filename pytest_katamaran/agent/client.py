@@ -86,8 +86,8 @@ class NodeSide:
 
         Why not the agent's `converge`: that starts Python on a TCG node (3-6 s of its
         CPU in the e2e) right when the moved guest, cold on both TCG levels, catches up,
-        and the e2e's lost pings at 10 ms fell in that window.  The agent's `converge`
-        runs once the holds are over, to record the route for `stop`.
+        and the e2e's lost pings at 10 ms fell in that window.  The agent records the
+        route for `stop` before the migration (`converge --record-only`).
         """
         cmd = shlex.join(["ip", "route", "replace", *converge_route(role, pod_ip, via, tap)])
         res = self.node.ssh.sudo(f"{cmd} && date +%s.%N", timeout=120, check=False)

@@ -133,6 +133,15 @@ def spec_from_json(data: dict[str, Any]) -> Any:
     return SandboxSpec(**values)
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` (`R`, `S`, `T` stopped, `Z`...); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 def pid_matches(pid: int, needle: str) -> bool:
     """True if `pid` is alive (not a zombie) and its cmdline contains `needle`.
 
@@ -141,12 +150,9 @@ def pid_matches(pid: int, needle: str) -> bool:
     """
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
-        return False
-    return needle in cmdline
+    return process_state(pid) not in (None, "Z") and needle in cmdline
 
 
 def kill_pid(pid: int, needle: str, grace: float = 10.0) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from katamaran.qmp import Monitor
+from pytest_katamaran.agent.node import process_state
 from pytest_katamaran.checks.disk import DiskReport, last_ack, verify_writes
 from pytest_katamaran.images.guest import GuestImage, kernel_cmdline
 from pytest_katamaran.net.hostlab import HostLab, ipr
@@ -76,15 +77,6 @@ def wait_for_path(path: Path, timeout: float, proc: subprocess.Popen | None = No
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.05)
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of process `pid` (`R`, `S`, `T` stopped, `Z`...); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def wait_stopped(proc: subprocess.Popen, timeout: float) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_katamaran.agent.node import process_state
 from pytest_katamaran.backend.qemu import QemuNodes
-from pytest_katamaran.lab.local import process_state
 from pytest_katamaran.qemu.node import TESTENV_LINK_PORT, TESTENV_SSH_PORTS, port_busy
 
 # one lab per module; run-tests.sh runs the lab_nodes modules without xdist, after the

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from katamaran import failpoint
-from pytest_katamaran.lab.local import process_state, wait_stopped
+from pytest_katamaran.agent.node import process_state
+from pytest_katamaran.lab.local import wait_stopped
 
 CHILD = (
     "import sys; from katamaran import failpoint; "
