@@ -1002,8 +1002,15 @@ class SourceMigration:
     async def _uncertain(self, reason: str) -> OutcomeUncertain:
         """After the commit, say where the VM is as far as the source can tell; exit 3."""
         try:
+            mark = self.mon.mark()
             status = await migration.vm_status(self.mon)
             state = (await self.mon.execute("query-migrate")).get("status")
+            if status == "finish-migrate" and state in ("failed", "cancelled"):
+                # QEMU sets the migration's state before it settles the VM (it resumes
+                # one that was running, else leaves it in postmigrate): wait for that.
+                with contextlib.suppress(TimeoutError):
+                    await self.mon.wait_event(named("RESUME"), self.mon.timeout, mark)
+                status = await migration.vm_status(self.mon)
         except KatamaranError:
             return OutcomeUncertain(
                 f"{reason}; the source QEMU no longer answers: the VM may be running on "

@@ -277,6 +277,16 @@ def _exec(channel: paramiko.Channel, command: str) -> None:
     rc = proc.wait()
     for t in pumps:
         t.join()
+    # paramiko answers the exec request only after check_channel_exec_request returns:
+    # a quick command could close the channel before that answer, and the client would
+    # see "Channel closed" instead of its result.  Our client shuts its write side once
+    # the exec request is answered, so its EOF (or a close) proves the answer was seen.
+    channel.settimeout(60)
+    try:
+        while channel.recv(4096):
+            pass
+    except TimeoutError:
+        pass
     channel.send_exit_status(rc if rc >= 0 else 128 - rc)
     channel.close()
 

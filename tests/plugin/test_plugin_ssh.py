@@ -63,6 +63,45 @@ def test_run_failure_message(sshd, client_key):
         assert ssh.run("exit 4", check=False).rc == 4
 
 
+def test_fake_sshd_closes_only_after_the_exec_answer(sshd, client_key, tmp_path, monkeypatch):
+    """The server's answer to the exec request is held until the command has exited:
+    the fake sshd must not close the channel before that answer (the client would
+    then see "Channel closed" instead of rc=3; CI hit this once under load)."""
+    from paramiko.common import MSG_CHANNEL_REQUEST, MSG_CHANNEL_SUCCESS
+
+    marker = tmp_path / "exited"
+    table = dict(paramiko.Transport._channel_handler_table)
+    handle_request = table[MSG_CHANNEL_REQUEST]
+    held = threading.Event()
+
+    def hold_answer(chan, m):
+        if not chan.transport.server_mode:
+            return handle_request(chan, m)
+        send = chan.transport._send_user_message
+
+        def later(msg):
+            if msg.asbytes()[:1] == bytes([MSG_CHANNEL_SUCCESS]):
+                deadline = time.monotonic() + 10
+                while not marker.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.2)  # what the old fake did meanwhile: exit status and close
+                held.set()
+            send(msg)
+
+        chan.transport._send_user_message = later
+        try:
+            return handle_request(chan, m)
+        finally:
+            del chan.transport._send_user_message
+
+    table[MSG_CHANNEL_REQUEST] = hold_answer
+    monkeypatch.setattr(paramiko.Transport, "_channel_handler_table", table)
+    with _client(sshd, client_key) as ssh:
+        with pytest.raises(CommandFailed, match="rc=3"):
+            ssh.run(f"touch {marker}; exit 3")
+    assert held.is_set() and marker.exists()
+
+
 def test_run_timeout(sshd, client_key):
     with _client(sshd, client_key) as ssh:
         start = time.monotonic()
