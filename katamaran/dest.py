@@ -61,6 +61,9 @@ class DestMigration:
         self.nbd_address = ""
         self.incoming: MigrationListener | None = None
         self.qemu_listens = ""  # QEMU's own -incoming tcp: address, when it has one
+        # Our copy of the stream handed to QEMU: a run that ends before the VM resumes
+        # here shuts it down, so the incoming migration fails (see _close_stream).
+        self.stream: socket.socket | None = None
         self.tls: TLSCreds | None = None
         # capabilities/parameters before this run changed them: put back at cleanup, so
         # the VM's next migration (by any tool) does not inherit pause-before-switchover
@@ -97,6 +100,7 @@ class DestMigration:
             )
             await self._wait_resume(mark)
             self.resumed = True
+            self._close_stream(shut=False)
             try:
                 await self._after_resume()
             except QMPClosed as err:  # QEMU died once the VM ran here (a guest panic...)
@@ -474,6 +478,7 @@ class DestMigration:
         if sized := size_stream(conn, self.cfg.stream_buffer, socket.SO_RCVBUF):
             self.progress.step(sized)  # what the destination loads during the pause
         await self.mon.send_socket(MIGRATION_FD, conn)
+        self.stream = conn.dup()
         try:
             await self.mon.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
         except QMPCommandError as err:
@@ -517,6 +522,7 @@ class DestMigration:
                 return
             status = event["data"].get("status")
             if status in ("failed", "cancelled"):
+                self._close_stream(shut=False)  # QEMU's load has ended
                 raise KatamaranError(f"QEMU reported migration failed: incoming migration {status}")
             if status == "active":
                 self.progress.step("incoming migration started")
@@ -556,10 +562,37 @@ class DestMigration:
         except QMPCommandError:
             pass  # already gone
 
+    def _close_stream(self, *, shut: bool) -> None:
+        """Close katamaran's copy of the migration stream; with `shut` (the run ends
+        before the VM resumed here) shut it down first: QEMU holds the same socket, so
+        its load fails and the destination QEMU never runs the VM.
+
+        Why: a run that ends early (a signal, -dest-timeout, a lost QMP connection)
+        removes the NBD server, the plug and the decapsulation.  Left alone, the
+        incoming migration would go on and the VM would resume here without them: its
+        held packets dropped, the source's tunnel decapsulated by nobody, and this run
+        exiting as if cancelled.  Cut, the source sees its migration fail: cancelled
+        before its point of no return, resumed by QEMU itself after it (return-path).
+        """
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        if shut:
+            try:
+                stream.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer
+            else:
+                self.progress.warn(
+                    "incoming migration stream shut down: the VM did not resume here"
+                )
+        stream.close()
+
     async def _cleanup(self) -> None:
         """Every step runs even when an earlier one failed (a dead QEMU, a netlink error)."""
         if self.incoming:
             self.incoming.close()
+        self._close_stream(shut=not self.resumed)
         if note := await self.mon.regain():  # QMP dropped, QEMU lives: its NBD server must go
             self.progress.warn(note)
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [("NBD", self._stop_nbd)]

@@ -8,8 +8,9 @@ node a, QEMU from the command line, katamaran's CLI on both sides at the default
 hold, the CNI step 2 s after `migration completed`) with a client pinging the VM every
 10 ms through it, and one fault once the hold has begun: a signal to either katamaran,
 a SIGKILL followed by a re-run with the same flags, the destination QEMU killed; or a
-signal to the source at the switchover gate (the VM running, its packets kept) or just
-after the switch (the VM paused, its traffic in the tunnel, no `migrate-continue` yet).
+signal to the source at the switchover gate (the VM running, its packets kept) or one or
+two just after the switch (the VM paused, its traffic in the tunnel, no `migrate-continue`
+yet).
 
 Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep; the
 gate and switch cases arm the source's `gate-held` / `switched` failpoint
@@ -269,15 +270,35 @@ def signal_at_gate(sig: signal.Signals) -> Callable[[Case, dict], None]:
     return fault
 
 
-def signal_after_switch(case: Case, procs: dict) -> None:
+def signals_after_switch(*sigs: signal.Signals) -> Callable[[Case, dict], None]:
     """The source stopped just after switching the paused VM's traffic into the tunnel,
-    `migrate-continue` not sent: SIGTERM and SIGCONT at once (no added stop), so the
-    window is what a signal at that moment would find."""
-    source = procs["source"]
-    source.send_signal(signal.SIGTERM)
-    source.send_signal(signal.SIGCONT)
-    case.stamp("SIGTERM and SIGCONT to the source")
-    case.facts["source_rc_after_signal_s"] = _exited_within(source, 60)
+    `migrate-continue` not sent: the signals and SIGCONT at once (no added stop), so the
+    window is what a signal at that moment would find.  One signal lets the migration
+    finish (then the CNI's step mid-hold, as in the e2e); a second one cancels."""
+
+    def fault(case: Case, procs: dict) -> None:
+        source = procs["source"]
+        for sig in sigs:  # distinct signals: two pending SIGTERMs would be one
+            source.send_signal(sig)
+        source.send_signal(signal.SIGCONT)
+        case.stamp(f"{' and '.join(sig.name for sig in sigs)} and SIGCONT to the source")
+        if len(sigs) == 1:
+            wait_for_text(case.rig.tmp / "source.log", "holding tunnel", 300, source)
+            time.sleep(CONVERGE_DELAY)
+            case.converge()
+        case.facts["source_rc_after_signal_s"] = _exited_within(source, 60)
+
+    return fault
+
+
+def signal_dest_after_switch(case: Case, procs: dict) -> None:
+    """The source stopped just after the switch (the destination's plug holds the VM's
+    packets, its QEMU waits for the device state): SIGTERM to the destination, then the
+    source continues once the destination has exited."""
+    procs["dest"].send_signal(signal.SIGTERM)
+    case.stamp("SIGTERM to the destination")
+    case.facts["dest_rc_after_signal_s"] = _exited_within(procs["dest"], 60)
+    procs["source"].send_signal(signal.SIGCONT)
 
 
 def _exited_within(proc: subprocess.Popen, timeout: float) -> float | None:
@@ -302,7 +323,11 @@ CASES: dict[str, Fault] = {
         f"{sig.name.lower()}-at-gate": Fault(signal_at_gate(sig), failpoint="gate-held")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     },
-    "sigterm-after-switch": Fault(signal_after_switch, failpoint="switched"),
+    "sigterm-after-switch": Fault(signals_after_switch(signal.SIGTERM), failpoint="switched"),
+    "sigterm-dest-after-switch": Fault(signal_dest_after_switch, failpoint="switched"),
+    "two-signals-after-switch": Fault(
+        signals_after_switch(signal.SIGTERM, signal.SIGINT), failpoint="switched"
+    ),
 }
 
 

@@ -421,16 +421,11 @@ def test_signal_at_pre_switchover_cancels_and_resumes_source(rig_factory, sig):
     assert_source_clean(rig, before)
 
 
-def test_destination_qemu_killed_at_pre_switchover(rig_factory):
-    """The destination QEMU dies while the source waits in `pre-switchover` (VM paused):
-    whatever katamaran reads first (the failure or the pause), the source VM runs again,
-    and it says so.  Before the commit the migration is cancelled (exit 1); committed,
-    QEMU fails it and resumes the source itself (exit 3, the error saying so)."""
-    rig, before, source = hold_at_pre_switchover(rig_factory)
-    kill(rig.dst, signal.SIGKILL)
-    wait_exit(rig.dst)
-    assert not rig.dst.alive()
-    source.send_signal(signal.SIGCONT)
+def assert_source_runs_again(rig: Rig, before: tuple[dict, dict, int], source) -> None:
+    """The destination failed while the source waited at `pre-switchover`: whatever the
+    source read first (the failure or the pause), its VM runs again and it says so.
+    Before the commit the migration is cancelled (exit 1); committed, QEMU fails it and
+    resumes the source itself (exit 3, the error saying so)."""
     rc = rig.finish(source, 90)
     log = rig.log("source.log")
     if "point of no return" in log:
@@ -443,6 +438,36 @@ def test_destination_qemu_killed_at_pre_switchover(rig_factory):
     assert status(rig.src) == "running"
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+
+
+def test_destination_qemu_killed_at_pre_switchover(rig_factory):
+    """The destination QEMU dies while the source waits in `pre-switchover` (VM paused):
+    the source VM runs again (see assert_source_runs_again)."""
+    rig, before, source = hold_at_pre_switchover(rig_factory)
+    kill(rig.dst, signal.SIGKILL)
+    wait_exit(rig.dst)
+    assert not rig.dst.alive()
+    source.send_signal(signal.SIGCONT)
+    assert_source_runs_again(rig, before, source)
+
+
+def test_signal_to_the_destination_before_resume_fails_its_incoming_migration(rig_factory):
+    """The destination katamaran is signalled while the source waits in `pre-switchover`
+    (its RAM sent, the device state not yet): it cuts the migration stream it handed to
+    QEMU, so the destination QEMU's load fails and it never runs the VM without the
+    network katamaran just removed.  The source runs again, whatever it read first."""
+    rig, before, source = hold_at_pre_switchover(rig_factory)
+    [dest] = [proc for proc in rig.procs if "dest" in proc.args]
+    try:
+        dest.send_signal(signal.SIGTERM)
+        assert rig.finish(dest, 60) == 130, rig.log("dest.log")
+        one_error(rig, "dest.log", "interrupted by SIGTERM")
+        assert "incoming migration stream shut down" in rig.log("dest.log")
+        wait_exit(rig.dst)  # its load failed: QEMU exits
+        assert not rig.dst.alive(), "the destination QEMU still waits for the device state"
+    finally:
+        source.send_signal(signal.SIGCONT)
+    assert_source_runs_again(rig, before, source)
 
 
 @pytest.mark.parametrize("outcome", ["dest-continues", "dest-dies"])

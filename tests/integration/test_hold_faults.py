@@ -166,26 +166,69 @@ def test_signal_at_the_switchover_gate_gives_the_kept_packets_back(cases, name):
     assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]
 
 
-def test_signal_after_the_switch_cancels_and_the_source_runs(cases, record_property):
+def test_a_signal_after_the_switch_lets_the_migration_finish(cases):
     """The source stopped (failpoint `switched`) with the VM paused for the switchover and
-    its traffic going into the tunnel, `migrate-continue` not sent; then SIGTERM.  Before
-    the point of no return: the switch undone, the migration cancelled, the VM runs on
-    the source, nothing left on either node.  What was tunnelled into the destination's
-    plug until then is lost with the destination's cleanup (README: a known limit), so
-    the count is recorded, not judged."""
+    its traffic going into the tunnel, `migrate-continue` not sent; then SIGTERM.  The
+    destination's plug already holds the VM's packets, which a cancel would drop: the
+    source says so and finishes the migration; nothing is lost, nothing is left."""
     facts = case_facts(cases, "sigterm-after-switch")
+    source_log = log_text(facts, "source.log")
+    assert "failpoint switched: stopped" in source_log
+    assert "now goes through" in source_log  # the switch came first
+    assert "SIGTERM: the VM's traffic already goes to the destination" in source_log
+    assert "point of no return" in source_log
+    assert facts["source_rc"] == 0, source_log[-2000:]
+    assert facts["source_rc_after_signal_s"] is not None
+    assert facts["dest_rc"] == 0, log_text(facts, "dest.log")[-2000:]
+    assert (facts["source_status"], facts["dest_status"]) == ("postmigrate", "running")
+    assert kernel_leftovers(facts["left"]) == {}
+    assert facts["ping"]["sent"] > 0 and facts["ping"]["lost_count"] == 0, facts["ping"]
+
+
+def test_a_second_signal_after_the_switch_cancels_and_the_source_runs(cases, record_property):
+    """As above, then a second signal: before the point of no return, so the switch is
+    undone, the migration cancelled, the VM runs on the source, nothing left on either
+    node.  What was tunnelled into the destination's plug until then is lost with the
+    destination's cleanup (README: the price of the forced cancel), so the count is
+    recorded, not judged."""
+    facts = case_facts(cases, "two-signals-after-switch")
     lines = facts["logs"]["source.log"]
     source_log = "\n".join(lines)
     assert "failpoint switched: stopped" in source_log
     assert "now goes through" in source_log  # the switch came first
+    assert "the VM's traffic already goes to the destination" in source_log  # the first
     assert facts["source_rc"] == 130, source_log[-2000:]
     assert "point of no return" not in source_log
     errors = [ln for ln in lines if "katamaran: error:" in ln]
-    assert len(errors) == 1 and "interrupted by SIGTERM" in errors[0], errors
+    assert len(errors) == 1 and re.search(r"interrupted by SIG(INT|TERM)", errors[0]), errors
     assert facts["source_status"] == "running", source_log[-2000:]
     assert facts["dest_status"] != "running"  # never two running copies
     dest_log = log_text(facts, "dest.log")
     assert facts["dest_rc"] == 1 and "incoming migration failed" in dest_log, dest_log[-2000:]
+    assert kernel_leftovers(facts["left"]) == {}
+    record_property("lost_in_the_destinations_plug", facts["ping"]["description"])
+    assert facts["ping"]["sent"] > 0
+
+
+def test_a_signal_to_the_destination_after_the_switch_cuts_its_migration(cases, record_property):
+    """The source stopped just after the switch (failpoint `switched`): the destination's
+    plug holds the VM's packets and its QEMU waits for the device state.  SIGTERM to the
+    destination: it shuts the migration stream down, so its QEMU never runs the VM, and
+    exits 130; the source, continued, cancels (before its point of no return) and the VM
+    runs there; nothing is left on either node.  What the plug held is lost with it (a
+    forced cancel, as above): recorded, not judged."""
+    facts = case_facts(cases, "sigterm-dest-after-switch")
+    dest_log = log_text(facts, "dest.log")
+    assert facts["dest_rc"] == 130, dest_log[-2000:]
+    assert facts["dest_rc_after_signal_s"] is not None
+    assert "incoming migration stream shut down" in dest_log, dest_log[-2000:]
+    source_log = log_text(facts, "source.log")
+    assert "now goes through" in source_log  # the switch came first
+    assert facts["source_rc"] in (1, 3), source_log[-2000:]
+    if facts["source_rc"] == 3:  # committed before it read the failure
+        assert "QEMU resumed the VM on the source itself" in source_log, source_log[-2000:]
+    assert facts["source_status"] == "running", source_log[-2000:]
+    assert facts["dest_status"] != "running"  # never two running copies
     assert kernel_leftovers(facts["left"]) == {}
     record_property("lost_in_the_destinations_plug", facts["ping"]["description"])
     assert facts["ping"]["sent"] > 0

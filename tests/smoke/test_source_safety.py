@@ -97,6 +97,27 @@ def test_phases_after_migrate_continue_are_committed():
     assert Phase.RAM.value == "during RAM copy"
 
 
+def test_signals_cancel_until_the_switch_then_let_the_switchover_finish_once():
+    """Before the paused VM's traffic is switched a signal cancels; once switched the
+    first lets the migration finish (the destination's plug holds packets a cancel would
+    drop), the second cancels; after migrate-continue none does."""
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    out = io.StringIO()
+    source = SourceMigration(Config(mode="source"), None, Progress(out))  # type: ignore[arg-type]
+    source.phase = Phase.RAM
+    assert source.on_signal("SIGTERM") is True and out.getvalue() == ""
+    source.switched, source.phase = True, Phase.SWITCHOVER
+    assert source.on_signal("SIGHUP") is False
+    assert "SIGHUP: the VM's traffic already goes to the destination" in out.getvalue()
+    assert "signal again to cancel anyway" in out.getvalue()
+    assert source.on_signal("SIGINT") is True
+    late = SourceMigration(Config(mode="source"), None, Progress(io.StringIO()))  # type: ignore[arg-type]
+    late.switched, late.phase = True, Phase.COMMITTED
+    assert late.on_signal("SIGTERM") is False and late.on_signal("SIGTERM") is False
+
+
 def test_exit_codes():
     assert OutcomeUncertain("x").exit_code == 3
     assert {signal.name for signal in cli.SIGNALS} == {"SIGINT", "SIGTERM", "SIGHUP"}
