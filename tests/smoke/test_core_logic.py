@@ -321,3 +321,32 @@ def test_destination_hold_wait_ends_when_qemu_is_gone():
         return timed_out, await dest._wait_unless(dest.hold_cut, 30.0)
 
     assert asyncio.run(asyncio.wait_for(waits(), 5)) == (False, True)
+
+
+def test_destination_shuts_the_handed_stream_down_only_if_the_vm_did_not_resume():
+    """QEMU holds the same socket as katamaran's copy: a shutdown there is its stream's
+    end (the source side reads EOF); a plain close of the copy is not."""
+    import io
+    import types
+
+    from katamaran.dest import DestMigration
+    from katamaran.progress import Progress
+
+    cfg = parse_args(["-mode", "dest", "-qmp", "/run/q.sock"])
+    for shut in (False, True):
+        out = io.StringIO()
+        dest = DestMigration(cfg, types.SimpleNamespace(closed=False), Progress(out))
+        ours, peer = socket.socketpair()
+        qemus = ours.dup()  # what getfd gave QEMU
+        dest.stream = ours
+        with peer, qemus:
+            dest._close_stream(shut=shut)
+            assert dest.stream is None and ours.fileno() == -1
+            peer.settimeout(0.2)
+            if shut:
+                assert peer.recv(1) == b""  # EOF: QEMU's copy is shut down too
+                assert "incoming migration stream shut down" in out.getvalue()
+            else:
+                with pytest.raises(TimeoutError):
+                    peer.recv(1)  # QEMU's copy still carries the stream
+                assert out.getvalue() == ""
