@@ -279,6 +279,11 @@ class SourceTunnel:
     switched: bool = False
     ready: bool = False
     warnings: list[str] = field(default_factory=list)
+    # The device's TX count at the switch, and what it sent while switched (set at
+    # unswitch): what went to the destination's plug.  The device is shared by every
+    # migration to that node, so with several at once it is an upper bound.
+    tx_at_switch: int | None = None
+    tunnelled: int | None = None
 
     def __post_init__(self) -> None:
         self.kind = tunnel_kind(self.dest_ip, self.vm_ip.version)
@@ -326,6 +331,7 @@ class SourceTunnel:
     def switch(self) -> None:
         """Send the VM's traffic into the tunnel: one atomic rule insertion."""
         if self.ready and not self.switched:
+            self.tx_at_switch = self._tx_packets()
             self.ipr.rule("add", **self._rule_args())
             self.switched = True
 
@@ -334,6 +340,16 @@ class SourceTunnel:
         if self.switched:
             _quiet(self.ipr.rule, "del", **self._rule_args())
             self.switched = False
+            now = self._tx_packets()
+            if now is not None and self.tx_at_switch is not None:
+                self.tunnelled = now - self.tx_at_switch
+
+    def _tx_packets(self) -> int | None:
+        found = self.ipr.link_lookup(ifname=self.ifname)
+        if not found:
+            return None
+        stats = self.ipr.link("get", index=found[0])[0].get_attr("IFLA_STATS64")
+        return None if stats is None else int(stats["tx_packets"])
 
     def remove(self) -> None:
         self.unswitch()

@@ -1471,12 +1471,23 @@ class SourceMigration:
                 f"{sent} of {held} packet(s) kept for the tunnel given back to the VM"
             )
 
+    def _say_tunnelled(self) -> None:
+        """The migration was given up after the switch: what went into the tunnel waits
+        in the destination's plug, which its cleanup drops (README: "A known loss")."""
+        assert self.tunnel is not None
+        if self.tunnel.tunnelled:
+            self.progress.warn(
+                f"given up after the switch: {self.tunnel.tunnelled} packet(s) went through "
+                f"{self.tunnel.ifname} to the destination's hold, which drops them"
+            )
+
     async def _leave_committed(self) -> None:
         """After migrate-continue: no cancel, no `cont`; the tunnel goes back only if the
         source runs the VM again (QEMU resumes it itself when the migration fails)."""
         if self.tunnel and await migration.vm_status(self.mon) == "running":
             await self._undivert()
             await netlink(self.tunnel.unswitch)
+            self._say_tunnelled()
 
     async def _abort_migration(self) -> None:
         """Before the point of no return: cancel; the VM runs again unless something other
@@ -1484,6 +1495,7 @@ class SourceMigration:
         if self.tunnel:
             await self._undivert()  # the tap's feed back before its route (see divert)
             await netlink(self.tunnel.unswitch)  # traffic back to the source VM's own route first
+            self._say_tunnelled()
             await self._give_back()
         state = (await self.mon.execute("query-migrate")).get("status")
         if state in migration.ACTIVE_STATES:

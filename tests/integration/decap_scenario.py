@@ -278,7 +278,11 @@ def mixed_families(vm_mac: str) -> dict[str, object]:
             decap.teardown()
         with inside("src"):
             tunnel.remove()
-        result.update(devices=[tunnel.ifname], warnings=warnings + tunnel.warnings)
+        result.update(
+            devices=[tunnel.ifname],
+            warnings=warnings + tunnel.warnings,
+            tunnelled=tunnel.tunnelled,  # the device's TX count over the switch
+        )
         out[name] = result
     return out
 

@@ -189,14 +189,18 @@ def test_a_second_signal_after_the_switch_cancels_and_the_source_runs(cases, rec
     """As above, then a second signal: before the point of no return, so the switch is
     undone, the migration cancelled, the VM runs on the source, nothing left on either
     node.  What was tunnelled into the destination's plug until then is lost with the
-    destination's cleanup (README: the price of the forced cancel), so the count is
-    recorded, not judged."""
+    destination's cleanup (README: the price of the forced cancel): the source says how
+    many, and that is what the client lost."""
     facts = case_facts(cases, "two-signals-after-switch")
     lines = facts["logs"]["source.log"]
     source_log = "\n".join(lines)
     assert "failpoint switched: stopped" in source_log
     assert "now goes through" in source_log  # the switch came first
     assert "the VM's traffic already goes to the destination" in source_log  # the first
+    said = re.search(r"given up after the switch: (\d+) packet\(s\) went through", source_log)
+    assert said, source_log[-2000:]
+    # the loss is said: only the client's pings go to the VM, each tunnelled one is lost
+    assert int(said[1]) == facts["ping"]["lost_count"] > 0, (said[0], facts["ping"])
     assert facts["source_rc"] == 130, source_log[-2000:]
     assert "point of no return" not in source_log
     errors = [ln for ln in lines if "katamaran: error:" in ln]
@@ -216,7 +220,7 @@ def test_a_signal_to_the_destination_after_the_switch_cuts_its_migration(cases, 
     destination: it shuts the migration stream down, so its QEMU never runs the VM, and
     exits 130; the source, continued, cancels (before its point of no return) and the VM
     runs there; nothing is left on either node.  What the plug held is lost with it (a
-    forced cancel, as above): recorded, not judged."""
+    forced cancel, as above), and the source says how many."""
     facts = case_facts(cases, "sigterm-dest-after-switch")
     dest_log = log_text(facts, "dest.log")
     assert facts["dest_rc"] == 130, dest_log[-2000:]
@@ -224,6 +228,9 @@ def test_a_signal_to_the_destination_after_the_switch_cuts_its_migration(cases, 
     assert "incoming migration stream shut down" in dest_log, dest_log[-2000:]
     source_log = log_text(facts, "source.log")
     assert "now goes through" in source_log  # the switch came first
+    said = re.search(r"given up after the switch: (\d+) packet\(s\) went through", source_log)
+    assert said, source_log[-2000:]
+    assert int(said[1]) == facts["ping"]["lost_count"] > 0, (said[0], facts["ping"])
     assert facts["source_rc"] in (1, 3), source_log[-2000:]
     if facts["source_rc"] == 3:  # committed before it read the failure
         assert "QEMU resumed the VM on the source itself" in source_log, source_log[-2000:]
