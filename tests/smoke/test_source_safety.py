@@ -303,10 +303,11 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
             calls.append("close")
 
     class Tunnel:
-        ifname = "kmr-0"
+        ifname, tunnelled = "kmr-0", None
 
         def unswitch(self) -> None:
             calls.append("unswitch")
+            self.tunnelled = 2  # the device's TX count over the switch
 
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
     out = io.StringIO()
@@ -319,6 +320,7 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
     said = "3 packet(s) for 10.244.1.5 were diverted from it (1 frame(s) not"
     assert said in out.getvalue()
     assert "1 of 1 packet(s) kept for the tunnel given back to the VM" in out.getvalue()
+    assert "given up after the switch: 2 packet(s) went through kmr-0" in out.getvalue()
     assert source.diverts == []
 
 
