@@ -345,10 +345,15 @@ class SourceTunnel:
                 self.tunnelled = now - self.tx_at_switch
 
     def _tx_packets(self) -> int | None:
-        found = self.ipr.link_lookup(ifname=self.ifname)
-        if not found:
+        """The device's TX count; None if it cannot be read (only a report depends on it,
+        never the switch)."""
+        try:
+            found = self.ipr.link_lookup(ifname=self.ifname)
+            if not found:
+                return None
+            stats = self.ipr.link("get", index=found[0])[0].get_attr("IFLA_STATS64")
+        except (NetlinkError, OSError):
             return None
-        stats = self.ipr.link("get", index=found[0])[0].get_attr("IFLA_STATS64")
         return None if stats is None else int(stats["tx_packets"])
 
     def remove(self) -> None:
