@@ -528,10 +528,11 @@ def cmd_converge(args: argparse.Namespace, st: State) -> dict[str, Any]:
     spec = converge_route(args.role, args.pod_ip, args.via, args.tap)
     out = _route(st, args.netns, spec, "converged", record_only=args.record_only)
     mac = (st.data.get("dest") or {}).get("spec", {}).get("mac")
-    if args.role == "dest" and mac and not (args.dynamic_arp or args.record_only):
+    if args.role == "dest" and mac and not args.dynamic_arp:
         # Felix pins the workload's MAC on node B's link too, as workload-start does on
         # node A: the first packets after the move then wait in the tap's queue for a guest
-        # that TCG has not scheduled yet, instead of failing a 3 s neighbour probe.
+        # that TCG has not scheduled yet, instead of failing a 3 s neighbour probe.  With
+        # --record-only too (the route comes later, over `ip`): unused until then.
         run(["ip", "neigh", "replace", args.pod_ip, "lladdr", mac, "dev", args.tap]
             + ["nud", "permanent"], args.netns)  # fmt: skip
         out["neighbour"] = mac
