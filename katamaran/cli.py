@@ -358,8 +358,8 @@ async def _run_interruptible(cfg: Config, progress: Progress) -> None:
         await run(cfg, progress, running)
     except asyncio.CancelledError:
         if caught:
-            phase = getattr(running.side, "phase", None)
-            where = f" {phase.value}" if phase is not None else ""
+            phase = getattr(running.side, "where", None)
+            where = f" {phase}" if phase is not None else ""
             raise Aborted(f"interrupted by {signal.Signals(caught[0]).name}{where}") from None
         raise
 

@@ -17,8 +17,12 @@ Unset (every real run), `hit` compares one string and returns.
 Points:
   gate-held     source: the tap's feed diverted and drained, the VM running, its packets
                 kept, QEMU still held at the switchover gate (Source._hold_at_gate).
-  switched      source: QEMU has paused the VM for the switchover and the VM's traffic
-                goes into the tunnel; `migrate-continue` not sent (Source._take_tap_now).
+  paused        source: QEMU has paused the VM; its tap's feed diverted, its packets
+                kept by katamaran, nothing tunnelled yet, `migrate-continue` not sent
+                (Source._take_tap_now, where the switch waits for the commit).
+  switched      source: the VM's traffic has just gone into the tunnel: right after
+                `migrate-continue` where the packets were kept to the commit, else at
+                the STOP, `migrate-continue` not sent (Source._switch).
   dest-resumed  destination: the VM has just resumed there, nothing released or
                 announced yet (Dest._after_resume).
 """
@@ -30,7 +34,7 @@ import signal
 from collections.abc import Callable
 
 ENV = "KATAMARAN_FAILPOINTS"
-POINTS = ("gate-held", "switched", "dest-resumed")
+POINTS = ("gate-held", "paused", "switched", "dest-resumed")
 
 
 def armed(name: str) -> bool:

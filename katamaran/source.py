@@ -17,11 +17,13 @@ destination had resumed, so writes still in the mirror's dirty bitmap could be l
    then lets QEMU pause the VM (by lifting QEMU's downtime-limit).  On QEMU 8.2+ the
    switchover gate (see gate) keeps QEMU from pausing an idle VM itself before that:
    the divert and drain then happen at the end of the first pass, and the gate opens.
-   At the STOP traffic for the VM goes into the tunnel, the kept packets first: switched
-   earlier, the node's strict reverse-path filter would drop what the running VM sends.
-   Where that is unsafe (TCG on QEMU < 9.0) or there is no tap to drain, QEMU keeps
-   -downtime-limit and katamaran only races it; if QEMU pauses first, the tunnel is
-   switched at STOP.
+   The VM's packets stay kept while it is paused, and go into the tunnel, the kept ones
+   first, once migrate-continue is sent: switched while the VM runs, the node's strict
+   reverse-path filter would drop what it sends; switched before the commit, what the
+   destination's plug holds would be lost if the migration were given up (kept, it is
+   given back to the source VM).  Where that is unsafe (TCG on QEMU < 9.0) or there is
+   no tap to drain, QEMU keeps -downtime-limit and katamaran only races it; if QEMU
+   pauses first (nothing diverted yet), the tunnel is switched at STOP.
    `pause-before-switchover` holds QEMU in `pre-switchover` once the last RAM is sent.
 3. block-job-cancel on the READY mirror = graceful completion: QEMU drains it and
    flushes the target; BLOCK_JOB_COMPLETED means the destination disk holds every
@@ -197,6 +199,7 @@ class SourceMigration:
         self.diverts_ready: asyncio.Future[None] | None = None
         self.switchover_started = False
         self.switched = False  # the paused VM's traffic goes into the tunnel (on_signal)
+        self.kept_to_commit = False  # switch deferred to migrate-continue (_take_tap_now)
         self.cancel_asked = False  # a signal came once switched: the next one cancels
         self.draining = False  # katamaran's switchover is using the taps (see _watch_stop)
         self.drain_ended = asyncio.Event()
@@ -222,7 +225,7 @@ class SourceMigration:
                 await self._regain_monitor()
                 if self.phase is Phase.COMMITTED and not isinstance(err, OutcomeUncertain):
                     err = await self._uncertain(str(err))
-                err.args = (f"{self.phase.value}: {err}",)
+                err.args = (f"{self.where}: {err}",)
                 raise err from None
         finally:
             await self._cleanup()
@@ -266,6 +269,19 @@ class SourceMigration:
             except asyncio.TimeoutError:  # the builtin only from 3.11
                 pass
         return summary
+
+    @property
+    def where(self) -> str:
+        """The phase as error lines name it.  The take at STOP comes before QEMU has
+        confirmed its pause as the migration's (see _take_tap_now): until then the phase
+        is still RAM, but a cancel there finds the VM paused, which "during RAM copy"
+        would hide."""
+        if self.phase is Phase.RAM and self.stopped_by is None:
+            if self.switched:
+                return "at the switchover (VM paused, its traffic in the tunnel)"
+            if self.kept_to_commit:
+                return "at the switchover (VM paused, its packets kept by katamaran)"
+        return self.phase.value
 
     def on_signal(self, name: str) -> bool:
         """Whether a SIGINT/SIGTERM/SIGHUP may cancel the run now (cli's handler asks).
@@ -454,7 +470,7 @@ class SourceMigration:
                 self.progress.warn(warning)
             self.progress.step(
                 f"tunnel {self.tunnel.ifname} to {self.cfg.dest_ip} ready "
-                f"(switched at STOP for {self.cfg.vm_ip})"
+                f"(switched at the switchover for {self.cfg.vm_ip})"
             )
         except (NetworkUnavailable, NetlinkError, OSError) as err:
             self.progress.warn(
@@ -928,10 +944,11 @@ class SourceMigration:
             await asyncio.gather(diverting, return_exceptions=True)
 
     async def _take_tap_now(self) -> None:
-        """At STOP, before asking QEMU anything: switch traffic into the tunnel (what was
-        kept while the VM ran goes first, see tapqueue.Hold) and send what waits on the
-        taps; if katamaran's switchover had not diverted their feed, divert it and send
-        on what reached them meanwhile.
+        """At STOP, before asking QEMU anything: take what waits on the taps; where
+        katamaran's switchover diverted their feed, keep it all until migrate-continue
+        (see _keeps_to_commit); else switch traffic into the tunnel now (what was kept
+        while the VM ran goes first, see tapqueue.Hold), send what waits on the taps,
+        divert their feed and send on what reached them meanwhile.
 
         Why before: QEMU holds its big lock from the STOP until `pre-switchover` (it
         drains and flushes the disks), so its main loop cannot read the tap meanwhile.
@@ -943,21 +960,16 @@ class SourceMigration:
         A frame read while QEMU stops the vCPUs, before the STOP event, is still
         parked: only katamaran's own switchover (divert before the pause) avoids that.
         """
-        if self.tunnel and self.tunnel.ready:
-            await netlink(self.tunnel.switch)
-            self.switched = True
-            held, sent = await self._release_hold(self.tunnel.ifname)
-            first = f"; the {sent} packet(s) kept while it ran went first" if sent else ""
+        if self.tunnel and self.tunnel.ready and self._keeps_to_commit():
+            self.kept_to_commit = True
+            await self._forward_tap_leftovers()  # first (see above); into the hold too
             self.progress.step(
-                f"VM paused: traffic for {self.cfg.vm_ip} now goes through "
-                f"{self.tunnel.ifname}{first}"
+                f"VM paused: packets for {self.cfg.vm_ip} kept until migrate-continue "
+                f"({self.hold.held} so far), then sent into {self.tunnel.ifname}"
             )
-            failpoint.hit("switched", self.progress.step)
-            if held > sent:
-                self.progress.warn(
-                    f"{held - sent} packet(s) kept for {self.tunnel.ifname} could not be sent "
-                    "(larger than the tunnel MTU) and are lost"
-                )
+            failpoint.hit("paused", self.progress.step)
+        elif self.tunnel and self.tunnel.ready:
+            await self._switch("VM paused: ", "it ran")
             # What waits on the tap first: the divert takes ~0.1 s on a nested node, and
             # QEMU may run again sooner.
             await self._forward_tap_leftovers()
@@ -970,6 +982,58 @@ class SourceMigration:
         else:
             self.progress.step("VM paused")
         self._release_taps()
+
+    def _keeps_to_commit(self) -> bool:
+        """Whether the VM's packets can stay with katamaran until migrate-continue: its
+        switchover diverted every tap's feed before the pause, and keeps what comes.
+
+        Why wait for the commit: what goes into the tunnel waits in the destination's
+        plug, and if the migration is given up before the commit (a signal, a failed
+        drain, a destination that ends) the destination drops it (the hold fault suite
+        lost 11-52 pings so).  Kept here, it is given back to the source VM instead
+        (the gate cases: all kept packets back, none lost).  The VM is paused either
+        way, and migrate-continue comes tens of milliseconds after the STOP; the
+        destination runs the VM only after the device state, which follows it.
+        Without the divert, the node's route feeds the paused VM's tap, where QEMU
+        parks a frame and loses it with the source: there the switch stays at STOP.
+        """
+        return (
+            bool(self.diverts)
+            and self.diverts_ready is None
+            and all(d.installed for d in self.diverts)
+            and not self.hold.released
+            and self.tunnel is not None
+            and not self.tunnel.switched
+        )
+
+    async def _switch(self, prefix: str, since: str) -> None:
+        """Traffic for the VM into the tunnel, what was kept (since `since`) first."""
+        assert self.tunnel is not None
+        await netlink(self.tunnel.switch)
+        self.switched = True
+        held, sent = await self._release_hold(self.tunnel.ifname)
+        first = f"; the {sent} packet(s) kept while {since} went first" if sent else ""
+        self.progress.step(
+            f"{prefix}traffic for {self.cfg.vm_ip} now goes through {self.tunnel.ifname}{first}"
+        )
+        failpoint.hit("switched", self.progress.step)
+        if held > sent:
+            self.progress.warn(
+                f"{held - sent} packet(s) kept for {self.tunnel.ifname} could not be sent "
+                "(larger than the tunnel MTU) and are lost"
+            )
+
+    async def _switch_kept(self) -> None:
+        """After migrate-continue: the deferred switch (see _keeps_to_commit).  A failure
+        here loses the kept packets but not the migration, which goes on regardless:
+        said, not raised."""
+        try:
+            await self._switch("migrate-continue sent: ", "the VM was paused")
+        except Exception as err:  # noqa: BLE001 - the migration is committed
+            self.progress.warn(
+                f"cannot switch traffic for {self.cfg.vm_ip} into the tunnel: {err}; it "
+                "reaches the destination only once the CNI route has moved"
+            )
 
     async def _divert_and_take(self) -> None:
         try:
@@ -1015,6 +1079,8 @@ class SourceMigration:
         self.deadline = max(self.deadline, loop.time() + self.mon.timeout)
         self.progress.step("migrate-continue: point of no return (the source will not resume)")
         await self.mon.execute("migrate-continue", {"state": "pre-switchover"})
+        if self.kept_to_commit:
+            await self._switch_kept()
 
     async def _uncertain(self, reason: str) -> OutcomeUncertain:
         """After the commit, say where the VM is as far as the source can tell; exit 3."""
@@ -1286,9 +1352,9 @@ class SourceMigration:
 
     async def _forward_tap_leftovers(self) -> None:
         """Frames the paused VM had not read would die with the source QEMU: read them off
-        its tap and send them through the tunnel, after what it already carries (those
-        are newer, so the destination sees them slightly reordered, not lost).  If the
-        migration then fails, these few frames are lost with the destination."""
+        its tap and keep them for the tunnel ahead of the diverted ones (tapqueue.Hold),
+        or, once switched, send them through it after what it already carries (those are
+        newer, so the destination sees them slightly reordered, not lost)."""
         if not (self.taps and self.taps.fds and self.tunnel):
             return
         try:
@@ -1488,6 +1554,7 @@ class SourceMigration:
             await self._undivert()
             await netlink(self.tunnel.unswitch)
             self._say_tunnelled()
+            await self._give_back()  # kept to the commit, not sent yet (_keeps_to_commit)
 
     async def _abort_migration(self) -> None:
         """Before the point of no return: cancel; the VM runs again unless something other

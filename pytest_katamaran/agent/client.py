@@ -170,12 +170,13 @@ def katamaran_events(
     src, dst = stamped(source_log), stamped(dest_log)
     source = {
         "mirror ready": first_stamp(src, "storage synchronized"),
-        # The divert and the tap drain come first; the switch waits for the pause.
+        # The divert and the tap drain come first; the switch waits for migrate-continue
+        # (or, where nothing was diverted before the pause, for the STOP).
         "feed diverted": first_stamp(src, "feed diverted to katamaran"),
-        # Only a real switch (not "switchover (...): pausing the VM" without a tunnel);
-        # an idle guest QEMU pauses itself first, and the switch happens at STOP.
-        "tunnel switched": first_stamp(src, "): traffic for ")
-        or first_stamp(src, "VM paused: traffic for "),
+        # Only a real switch (not "switchover (...): pausing the VM" without a tunnel):
+        # "(... of RAM left): traffic for", "VM paused: traffic for" or
+        # "migrate-continue sent: traffic for".
+        "tunnel switched": first_stamp(src, ": traffic for "),
         "STOP": first_stamp(src, "VM paused"),
         "completed": first_stamp(src, "migration completed in"),
         "hold start": first_stamp(src, "holding tunnel"),

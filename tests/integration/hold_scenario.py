@@ -8,13 +8,14 @@ node a, QEMU from the command line, katamaran's CLI on both sides at the default
 hold, the CNI step 2 s after `migration completed`) with a client pinging the VM every
 10 ms through it, and one fault once the hold has begun: a signal to either katamaran,
 a SIGKILL followed by a re-run with the same flags, the destination QEMU killed; or a
-signal to the source at the switchover gate (the VM running, its packets kept) or one or
-two just after the switch (the VM paused, its traffic in the tunnel, no `migrate-continue`
-yet).
+signal to the source at the switchover gate (the VM running, its packets kept), at the
+pause (the VM paused, its packets kept, no `migrate-continue` yet) or just after the
+switch (`migrate-continue` sent, the VM's traffic in the tunnel); a signal to the
+destination while the source is stopped at the pause.
 
 Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep; the
-gate and switch cases arm the source's `gate-held` / `switched` failpoint
-(katamaran.failpoint) and signal it once it has stopped there.
+gate, pause and switch cases arm the source's `gate-held` / `paused` / `switched`
+failpoint (katamaran.failpoint) and signal once it has stopped there.
 
 Prints one JSON object: per case the exit codes, both logs, both QEMUs' states, the
 ping's figures and what each node's network (links, rules, routes, qdiscs, sysctls)
@@ -270,19 +271,18 @@ def signal_at_gate(sig: signal.Signals) -> Callable[[Case, dict], None]:
     return fault
 
 
-def signals_after_switch(*sigs: signal.Signals) -> Callable[[Case, dict], None]:
-    """The source stopped just after switching the paused VM's traffic into the tunnel,
-    `migrate-continue` not sent: the signals and SIGCONT at once (no added stop), so the
-    window is what a signal at that moment would find.  One signal lets the migration
-    finish (then the CNI's step mid-hold, as in the e2e); a second one cancels."""
+def signal_source_stopped(sig: signal.Signals, *, completes: bool) -> Callable[[Case, dict], None]:
+    """The source stopped at its failpoint: the signal and SIGCONT at once (no added
+    stop), so the window is what a signal at that moment would find.  Where the
+    migration `completes` (after migrate-continue), the CNI's step comes mid-hold, as
+    in the e2e."""
 
     def fault(case: Case, procs: dict) -> None:
         source = procs["source"]
-        for sig in sigs:  # distinct signals: two pending SIGTERMs would be one
-            source.send_signal(sig)
+        source.send_signal(sig)
         source.send_signal(signal.SIGCONT)
-        case.stamp(f"{' and '.join(sig.name for sig in sigs)} and SIGCONT to the source")
-        if len(sigs) == 1:
+        case.stamp(f"{sig.name} and SIGCONT to the source")
+        if completes:
             wait_for_text(case.rig.tmp / "source.log", "holding tunnel", 300, source)
             time.sleep(CONVERGE_DELAY)
             case.converge()
@@ -291,9 +291,9 @@ def signals_after_switch(*sigs: signal.Signals) -> Callable[[Case, dict], None]:
     return fault
 
 
-def signal_dest_after_switch(case: Case, procs: dict) -> None:
-    """The source stopped just after the switch (the destination's plug holds the VM's
-    packets, its QEMU waits for the device state): SIGTERM to the destination, then the
+def signal_dest_at_pause(case: Case, procs: dict) -> None:
+    """The source stopped at the pause (the VM's packets kept by it, the destination's
+    QEMU waiting for the rest of the migration): SIGTERM to the destination, then the
     source continues once the destination has exited."""
     procs["dest"].send_signal(signal.SIGTERM)
     case.stamp("SIGTERM to the destination")
@@ -323,10 +323,12 @@ CASES: dict[str, Fault] = {
         f"{sig.name.lower()}-at-gate": Fault(signal_at_gate(sig), failpoint="gate-held")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     },
-    "sigterm-after-switch": Fault(signals_after_switch(signal.SIGTERM), failpoint="switched"),
-    "sigterm-dest-after-switch": Fault(signal_dest_after_switch, failpoint="switched"),
-    "two-signals-after-switch": Fault(
-        signals_after_switch(signal.SIGTERM, signal.SIGINT), failpoint="switched"
+    "sigterm-at-pause": Fault(
+        signal_source_stopped(signal.SIGTERM, completes=False), failpoint="paused"
+    ),
+    "sigterm-dest-at-pause": Fault(signal_dest_at_pause, failpoint="paused"),
+    "sigterm-after-switch": Fault(
+        signal_source_stopped(signal.SIGTERM, completes=True), failpoint="switched"
     ),
 }
 

@@ -108,11 +108,16 @@ def test_signals_cancel_until_the_switch_then_let_the_switchover_finish_once():
     source = SourceMigration(Config(mode="source"), None, Progress(out))  # type: ignore[arg-type]
     source.phase = Phase.RAM
     assert source.on_signal("SIGTERM") is True and out.getvalue() == ""
-    source.switched, source.phase = True, Phase.SWITCHOVER
+    assert source.where == "during RAM copy"
+    # The switch comes at STOP, before QEMU confirms the pause: the phase is still RAM.
+    source.switched = True
+    assert source.where.startswith("at the switchover (VM paused")
     assert source.on_signal("SIGHUP") is False
     assert "SIGHUP: the VM's traffic already goes to the destination" in out.getvalue()
     assert "signal again to cancel anyway" in out.getvalue()
     assert source.on_signal("SIGINT") is True
+    source.stopped_by = "io-error"  # a STOP that was not the migration's: no switchover
+    assert source.where == "during RAM copy"
     late = SourceMigration(Config(mode="source"), None, Progress(io.StringIO()))  # type: ignore[arg-type]
     late.switched, late.phase = True, Phase.COMMITTED
     assert late.on_signal("SIGTERM") is False and late.on_signal("SIGTERM") is False
@@ -333,7 +338,8 @@ class _Recording:
 
 
 class _Divert(_Recording):
-    tap, installed = "tap0_kata", False
+    tap, installed, error = "tap0_kata", False, None
+    stats = types.SimpleNamespace(forwarded=1, unsendable=0, other=0, not_ip=0)
 
     def divert(self) -> None:
         self.calls.append("divert")
@@ -343,12 +349,23 @@ class _Divert(_Recording):
         self.calls.append("undivert")
         self.installed = False
 
+    def remove(self) -> None:
+        self.calls.append("give the feed back")
+        self.installed = False
+
+    def close(self) -> None:
+        pass
+
 
 class _Tunnel(_Recording):
-    ifname, ready = "kmr-0", True
+    ifname, ready, switched, tunnelled = "kmr-0", True, False, None
 
     def switch(self) -> None:
         self.calls.append("switch")
+        self.switched = True
+
+    def unswitch(self) -> None:
+        self.calls.append("unswitch")
 
 
 class _Taps(_Recording):
@@ -447,28 +464,38 @@ def test_a_stop_in_the_first_pass_asks_qemu_first_and_leaves_traffic_alone():
     assert calls == ["query-status"], calls
 
 
-def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_stop():
-    """Switched while the VM runs, strict rp_filter on the pod's veth (Calico's) drops
-    every packet the VM sends: so the drain keeps what it takes, the rule goes in at the
-    STOP, and what was kept goes first."""
-    import asyncio
+def _kept_source(calls: list[str]):  # type: ignore[no-untyped-def]
+    """A source with fakes that record, at katamaran's own switchover: taps, a tunnel
+    and a divert not installed yet; what the hold sends is recorded as `send ...`."""
     import ipaddress
 
     from katamaran.config import Config
     from katamaran.source import SourceMigration
     from katamaran.tapqueue import Hold
 
-    calls: list[str] = []
-
     cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
     mon = _Monitor(calls, "finish-migrate")
-    source = SourceMigration(cfg, mon, Progress(io.StringIO()))  # type: ignore[arg-type]
+    out = io.StringIO()
+    source = SourceMigration(cfg, mon, Progress(out))  # type: ignore[arg-type]
     source.tunnel, source.diverts = _Tunnel(calls), [_Divert(calls)]  # type: ignore[assignment, list-item]
     source.taps, source.passes = _Taps(calls), 3  # type: ignore[assignment]
     source._tunnel_packets = lambda packets: source.hold(packets, older=True)  # type: ignore[method-assign]
     source.hold = Hold(
         send=lambda packets: calls.extend(f"send {p.decode()}" for p in packets) or len(packets)
     )
+    return source, out
+
+
+def test_katamarans_switchover_keeps_the_vms_packets_until_migrate_continue():
+    """Switched while the VM runs, strict rp_filter on the pod's veth (Calico's) drops
+    every packet the VM sends; switched before the commit, a migration given up then
+    loses what the destination's plug holds.  So the drain keeps what it takes, the STOP
+    takes the tap and keeps that too, and the rule goes in once migrate-continue is
+    sent, what was kept going first."""
+    import asyncio
+
+    calls: list[str] = []
+    source, out = _kept_source(calls)
 
     async def run() -> None:
         await source._switchover({"ram": {"remaining": 1 << 20}}, 0)
@@ -476,11 +503,47 @@ def test_katamarans_switchover_keeps_the_vms_packets_and_switches_only_at_the_st
         assert calls.index("divert") < calls.index("drain"), calls
         assert source.hold.held == 1
         await source._on_event({"event": "STOP", "data": {}})  # type: ignore[typeddict-item]
+        assert "switch" not in calls and source.hold.held == 1, calls  # paused: still kept
+        assert source.where.startswith("at the switchover (VM paused"), source.where
+        pre = {"event": "MIGRATION", "data": {"status": "pre-switchover"}}
+        await source._on_event(pre)  # type: ignore[arg-type]
 
     asyncio.run(run())
-    at_stop = calls[calls.index("switch") :]
-    assert at_stop[:2] == ["switch", "send queued"], calls
-    assert at_stop.index("query-status") > 1, calls
+    stop = calls.index("take the tap's frames")
+    assert stop < calls.index("query-status") < calls.index("migrate-continue"), calls
+    assert calls[calls.index("migrate-continue") :][:3] == [
+        "migrate-continue",
+        "switch",
+        "send queued",
+    ], calls
+    assert "packets for 10.244.1.5 kept until migrate-continue (1 so far)" in out.getvalue()
+    assert "migrate-continue sent: traffic for 10.244.1.5 now goes through kmr-0; the 1 " in (
+        out.getvalue()
+    )
+
+
+def test_a_migration_given_up_while_paused_gives_the_kept_packets_back():
+    """Given up between the STOP and migrate-continue (a signal, a failed drain, a
+    destination that ended): nothing went into the tunnel, so nothing is lost there;
+    the kept packets go back to the VM, after its feed."""
+    import asyncio
+
+    calls: list[str] = []
+    source, out = _kept_source(calls)
+
+    async def run() -> None:
+        await source._switchover({"ram": {"remaining": 1 << 20}}, 0)
+        await source._on_event({"event": "STOP", "data": {}})  # type: ignore[typeddict-item]
+        await source._abort_migration()
+
+    asyncio.run(run())
+    assert "switch" not in calls, calls
+    after = calls[calls.index("unswitch") :]
+    assert after[:2] == ["unswitch", "send queued"], calls
+    assert calls.index("give the feed back") < calls.index("unswitch"), calls
+    assert "1 of 1 packet(s) kept for the tunnel given back to the VM" in out.getvalue()
+    assert "given up after the switch" not in out.getvalue()
+    assert calls.index("send queued") < calls.index("cont"), calls  # then the VM runs
 
 
 class _ParamMonitor(_Monitor):
@@ -525,7 +588,7 @@ def test_at_the_gate_the_tap_is_taken_before_qemu_may_sync_again():
     """QEMU waits at the gate (see katamaran/gate.py): bandwidth capped (it spins there),
     the tap's feed diverted and its queue kept, and only then the gate opened, with the
     bandwidth back, in one command.  The later switchover only lets QEMU pause the VM;
-    the switch still waits for the STOP."""
+    the switch waits for migrate-continue."""
     import asyncio
 
     calls: list[str] = []
@@ -552,10 +615,14 @@ def test_at_the_gate_the_tap_is_taken_before_qemu_may_sync_again():
         assert mon.set[-1]["downtime-limit"] == 2_000_000
         await source._on_event({"event": "STOP", "data": {}})  # type: ignore[typeddict-item]
 
+        assert "switch" not in calls, calls  # kept until migrate-continue
+        pre = {"event": "MIGRATION", "data": {"status": "pre-switchover"}}
+        await source._on_event(pre)  # type: ignore[arg-type]
+
     source.passes = 2
     asyncio.run(run())
-    at_stop = calls[calls.index("switch") :]
-    assert at_stop[:2] == ["switch", "send queued"], calls
+    at_commit = calls[calls.index("migrate-continue") :]
+    assert at_commit[:3] == ["migrate-continue", "switch", "send queued"], calls
 
 
 async def _release(source):  # type: ignore[no-untyped-def]

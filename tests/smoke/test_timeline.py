@@ -119,6 +119,15 @@ def test_events_name_every_phase_from_katamaran_lines():
         "",
     )
     assert no_tunnel["tunnel switched"] is None  # nothing was switched: no mark
+    kept, _ = katamaran_events(  # the feed diverted before the pause: switched at commit
+        "[2.0] katamaran: VM paused: packets for 10.244.1.5 kept until migrate-continue "
+        "(9 so far), then sent into kmr-1\n"
+        "[2.1] katamaran: migrate-continue: point of no return (the source will not resume)\n"
+        "[2.2] katamaran: migrate-continue sent: traffic for 10.244.1.5 now goes through "
+        "kmr-1; the 12 packet(s) kept while the VM was paused went first",
+        "",
+    )
+    assert (kept["STOP"], kept["tunnel switched"]) == (2.0, 2.2)
     assert no_tunnel["mirror ready"] is None  # shared storage: no mirror
 
 
