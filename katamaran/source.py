@@ -642,6 +642,11 @@ class SourceMigration:
             f"{divert.tap}'s feed given back; {stats.forwarded} packet(s) for "
             f"{self.cfg.vm_ip} were diverted from it{dropped}"
         )
+        if divert.settled is False:
+            self.progress.warn(
+                f"frames diverted from {divert.tap} were still on their way when its feed "
+                "came back: the last ones may be lost"
+            )
         if stats.unsendable or divert.error:
             error = f"; {divert.error}" if divert.error else ""
             self.progress.warn(
@@ -884,9 +889,9 @@ class SourceMigration:
         return False
 
     async def _watch_stop(self, mark: int) -> None:
-        """Switch traffic and take the tap (see _take_tap_now) the moment QEMU pauses the
-        VM, even while the RAM loop waits for an answer (or, in katamaran's own
-        switchover, as soon as its drain has let go of the taps).
+        """Take the tap (see _take_tap_now) the moment QEMU pauses the VM, even while
+        the RAM loop waits for an answer (or, in katamaran's own switchover, as soon as
+        its drain has let go of the taps).
 
         Why a task of its own: the loop asks QEMU after every dirty sync, and the sync
         that finds nothing left is the one QEMU pauses the VM after, so its question is
@@ -1170,7 +1175,8 @@ class SourceMigration:
 
     async def _switchover(self, info: dict, mark: int) -> None:
         """Divert the tap's feed and take its queue, the VM still running (the packets are
-        kept, see tapqueue.Hold), then let QEMU pause it; traffic is switched at the STOP.
+        kept, see tapqueue.Hold), then let QEMU pause it; traffic is switched once
+        migrate-continue is sent (see _keeps_to_commit).
 
         `mark` is the main loop's place in the event history: a STOP after it means QEMU
         paused the VM by itself meanwhile (nothing left to copy), which ends the drain.
@@ -1248,7 +1254,7 @@ class SourceMigration:
             await self._divert()
             self.progress.step(
                 f"{what} ({remaining} of RAM left): packets for {self.cfg.vm_ip} kept "
-                f"while the VM runs; they go into {tunnel.ifname} once it is paused"
+                f"while the VM runs; they go into {tunnel.ifname} after migrate-continue"
             )
         elif tunnel:  # no tap to take frames from: nothing to keep them from
             await netlink(tunnel.switch)

@@ -9,9 +9,9 @@ tap must be empty when the VM pauses, and a slow guest (nested TCG) takes tens o
 empty it, long enough for QEMU to pause it by itself meanwhile (it does so whenever no
 page is dirty).  katamaran therefore diverts the tap's feed first (see divert), then takes
 the queued frames off the tap itself, the VM still running (drain), and keeps them, as
-IP packets, until QEMU pauses the VM (Hold): then traffic is switched into the tunnel
-and they go first, ahead of the newer ones.  Whatever is still queued when the VM
-pauses is read off and sent the same way (take_leftovers).
+IP packets (Hold), past the pause, until migrate-continue is sent: then traffic is
+switched into the tunnel and they go first, ahead of the newer ones.  Whatever is still
+queued when the VM pauses is read off and kept the same way (take_leftovers).
 
 How: QEMU's pid comes from the QMP socket (SO_PEERCRED); its tap fds are the
 `/dev/net/tun` entries of `/proc/<pid>/fd` (fdinfo names the interface); `pidfd_getfd(2)`
@@ -205,10 +205,11 @@ class Hold:
     it read just before the switch, until QEMU pauses it.  tests/integration/test_rpf.py:
     2 of 2 packets from the pod's address dropped (`TcpExtIPReversePathFilter`), none
     with rp_filter 0.  So katamaran takes the tap's feed and queue while the VM runs,
-    and switches only once QEMU has paused it.
+    and switches only once QEMU has paused it, and where it can only once
+    migrate-continue is sent (Source._keeps_to_commit).
 
-    If the migration is given up instead, release() after the switch is undone gives
-    the packets back: resent on the node, they reach the VM's tap again.
+    If the migration is given up instead, release() (after the switch, if any, is
+    undone) gives the packets back: resent on the node, they reach the VM's tap again.
 
     Order: frames taken off the tap (`older=True`) were queued before the divert went
     in, so they go before every diverted one, whichever was read first (in the nested

@@ -74,6 +74,8 @@ def test_the_tap_gets_nothing_while_diverted_and_its_feed_back_after(rig_factory
         assert queues.queued() == [], "a frame reached the tap while diverted"
 
         run_in_netns(node, divert.remove)
+        # the veth's counters and the socket's agreed: nothing was left on its way
+        assert divert.settled is True
     finally:
         queues.close()
         if divert.installed or divert.sources:
