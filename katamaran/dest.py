@@ -44,6 +44,9 @@ MIGRATION_FD = "katamaran-migration"
 DECAP_QUIET = 1.0  # after the hold: decapsulate until no tunnelled packet came for this long
 DECAP_MAX_WAIT = 60.0  # ...but at most this much longer
 SYSCTL_JOURNAL = "sysctls"  # the lock's state part holding the changed sysctls
+# Under -tls: how long a handed stream may take to become a migration (QEMU's TLS
+# handshake, then `active`); see _handshake_done.
+TLS_START_S = 20.0
 
 
 class DestMigration:
@@ -458,7 +461,14 @@ class DestMigration:
 
     def _warn_exposure(self) -> None:
         """One line saying what a stranger could reach, when nothing restricts it."""
-        if self.cfg.source_ip is not None or self.cfg.tls:
+        if self.cfg.source_ip is not None:
+            return
+        if self.cfg.tls:
+            self.progress.warn(
+                "-tls without -source-ip: any host that reaches this node may open the first "
+                "TLS connection to the migration port, which goes to QEMU; a stranger's ends "
+                "this wait (it cannot pass QEMU's certificate check); give -source-ip"
+            )
             return
         migration_at = self.incoming.address if self.incoming else self.qemu_listens
         if self.cfg.shared_storage:
@@ -479,6 +489,7 @@ class DestMigration:
             self.progress.step(sized)  # what the destination loads during the pause
         await self.mon.send_socket(MIGRATION_FD, conn)
         self.stream = conn.dup()
+        mark = self.mon.mark()
         try:
             await self.mon.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
         except QMPCommandError as err:
@@ -487,6 +498,33 @@ class DestMigration:
         assert self.incoming is not None
         self.progress.step(
             f"migration stream from {peer} handed to QEMU; listener {self.incoming.address} closed"
+        )
+        if self.cfg.tls:
+            await self._handshake_done(mark, peer)
+
+    async def _handshake_done(self, mark: int, peer: str) -> None:
+        """Under -tls the listener can check only that a stream starts with a TLS record,
+        so without -source-ip a stranger's handshake (a TLS health check, a client with no
+        certificate of the CA) may be the one handed over.  QEMU then refuses its
+        certificate, says nothing and waits on: it takes one incoming migration, so the
+        real source would find the port closed and this side would wait -dest-timeout.
+        A stream whose handshake has not become a migration within TLS_START_S ends the
+        run instead (measured: QEMU's status stays empty, no MIGRATION event)."""
+        watch = named(("MIGRATION",))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TLS_START_S
+        while (left := deadline - loop.time()) > 0:
+            found = await self.mon.next_event(watch, mark, left)
+            if found is None:
+                break
+            mark, event = found
+            if event["data"].get("status") not in ("none", "setup"):
+                return  # active (the handshake passed) or failed: _wait_resume_events says
+        raise KatamaranError(
+            f"the TLS stream from {peer} became no migration within {TLS_START_S:g}s (QEMU "
+            "refused its certificate or it stalled: a TLS health check, a client without a "
+            "certificate of the CA?); QEMU takes one incoming migration: restart the "
+            "destination, with -source-ip to keep other hosts out"
         )
 
     async def _wait_resume(self, mark: int) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from katamaran.qmp import Monitor
 from pytest_katamaran.agent.node import process_state
@@ -325,26 +325,33 @@ class Rig:
         return {"node A": time.time(), "node B": at_b}
 
     def check_writes_survived(
-        self, poll: Callable[[], object] = lambda: None, timeout: float = 60
+        self,
+        poll: Callable[[], object] = lambda: None,
+        timeout: float = 60,
+        *,
+        on: Literal["dst", "src"] = "dst",
     ) -> DiskReport:
-        """After a migration of a writing guest: the writer went on at the destination, and
-        every write the guest acknowledged (on either side) is on the destination disk.
+        """The writing guest runs `on` one side (the destination after a migration, the
+        source after one was given up): its writer went on there, and every write the
+        guest acknowledged (on either side) is on that side's disk.
 
         Stops both QEMUs (the disk is read with nothing writing it).  `poll` runs while
-        waiting for the destination's next acknowledgement, e.g. to report a dead guest.
+        waiting for the next acknowledgement, e.g. to report a dead guest.
         """
+        runs, disk = (self.dst, self.dst_disk) if on == "dst" else (self.src, self.src_disk)
         acked_on_source = last_ack(self.src.console_log)
         deadline = time.monotonic() + timeout
-        while last_ack(self.dst.console_log) <= acked_on_source and time.monotonic() < deadline:
+        while last_ack(runs.console_log) <= acked_on_source and time.monotonic() < deadline:
             poll()
             time.sleep(0.2)
-        acked = max(acked_on_source, last_ack(self.dst.console_log))
-        assert acked > acked_on_source, "the guest did not keep writing after the migration"
+        acked = max(acked_on_source, last_ack(runs.console_log))
+        side = "destination" if on == "dst" else "source"
+        assert acked > acked_on_source, f"the guest did not keep writing on the {side}"
         self.src.stop()
         self.dst.stop()
-        report = verify_writes(self.dst_disk, acked)
+        report = verify_writes(disk, acked)
         assert report.ok, str(report)
-        print(f"acked on source {acked_on_source}, total {acked}: {report}")
+        print(f"acked on source {acked_on_source}, total {acked} on the {side}: {report}")
         return report
 
     def status(self, box: Sandbox) -> str:

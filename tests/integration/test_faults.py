@@ -204,6 +204,9 @@ def resume_dest(rig: Rig) -> None:
 
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+# A guest writing its disk (check_writes_survived): slow enough for the 1 ms downtime
+# limit of hold_at_pre_switchover to converge.
+WRITING: dict[str, object] = {"writer": True, "writer_rate": 20}
 SIGNAL_IDS = ["sigint", "sigterm", "sighup"]
 
 
@@ -363,7 +366,9 @@ def test_operator_stop_in_ram_phase_is_no_switchover(rig_factory):
     assert_source_clean(rig, before)
 
 
-def hold_at_pre_switchover(rig_factory) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen]:
+def hold_at_pre_switchover(
+    rig_factory, **rig_args: object
+) -> tuple[Rig, tuple[dict, dict, int], subprocess.Popen]:
     """Source QEMU paused in pre-switchover, waiting for the (stopped) katamaran.
 
     QEMU sends the RAM left at this point only after migrate-continue, holding its big
@@ -371,7 +376,7 @@ def hold_at_pre_switchover(rig_factory) -> tuple[Rig, tuple[dict, dict, int], su
     keeps that last piece well inside the socket buffers, so QEMU stays responsive
     in `device` whatever the host's load.
     """
-    rig, before, source = ram_phase(rig_factory, "-downtime-limit", "1")
+    rig, before, source = ram_phase(rig_factory, "-downtime-limit", "1", **rig_args)
     source.send_signal(signal.SIGSTOP)
     resume_dest(rig)
     try:
@@ -405,8 +410,9 @@ def test_signal_at_pre_switchover_cancels_and_resumes_source(rig_factory, sig):
     """The VM paused by the migration, the commit not sent: the signal reaches the frozen
     katamaran, which then wakes to both it and the `pre-switchover` event in one turn of
     its loop; the signal wins (it cancels the task before the event is acted on), so
-    the migration is cancelled, the source VM runs again, the destination never does."""
-    rig, before, source = hold_at_pre_switchover(rig_factory)
+    the migration is cancelled, the source VM runs again, the destination never does,
+    and every write the guest acknowledged is on the disk it goes on writing."""
+    rig, before, source = hold_at_pre_switchover(rig_factory, **WRITING)
     source.send_signal(sig)
     source.send_signal(signal.SIGCONT)
     assert rig.finish(source, 60) == 130, rig.log("source.log")
@@ -419,6 +425,7 @@ def test_signal_at_pre_switchover_cancels_and_resumes_source(rig_factory, sig):
     assert status(rig.dst) != "running"
     assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+    rig.check_writes_survived(on="src")
 
 
 def assert_source_runs_again(rig: Rig, before: tuple[dict, dict, int], source) -> None:
@@ -442,13 +449,14 @@ def assert_source_runs_again(rig: Rig, before: tuple[dict, dict, int], source) -
 
 def test_destination_qemu_killed_at_pre_switchover(rig_factory):
     """The destination QEMU dies while the source waits in `pre-switchover` (VM paused):
-    the source VM runs again (see assert_source_runs_again)."""
-    rig, before, source = hold_at_pre_switchover(rig_factory)
+    the source VM runs again (see assert_source_runs_again), no acknowledged write lost."""
+    rig, before, source = hold_at_pre_switchover(rig_factory, **WRITING)
     kill(rig.dst, signal.SIGKILL)
     wait_exit(rig.dst)
     assert not rig.dst.alive()
     source.send_signal(signal.SIGCONT)
     assert_source_runs_again(rig, before, source)
+    rig.check_writes_survived(on="src")
 
 
 def test_signal_to_the_destination_before_resume_fails_its_incoming_migration(rig_factory):
@@ -470,16 +478,28 @@ def test_signal_to_the_destination_before_resume_fails_its_incoming_migration(ri
     assert_source_runs_again(rig, before, source)
 
 
-@pytest.mark.parametrize("outcome", ["dest-continues", "dest-dies"])
-def test_sigterm_after_commit_never_runs_twice(rig_factory, outcome):
-    rig, before, source = hold_at_pre_switchover(rig_factory)
+@pytest.mark.parametrize(
+    ("sig", "outcome"),
+    [
+        (signal.SIGTERM, "dest-continues"),
+        (signal.SIGINT, "dest-dies"),
+        (signal.SIGHUP, "dest-continues"),
+    ],
+    ids=["sigterm-dest-continues", "sigint-dest-dies", "sighup-dest-continues"],
+)
+def test_signal_after_commit_never_runs_twice(rig_factory, sig, outcome):
+    """A signal once `migrate-continue` is sent (the destination frozen, so the outcome
+    cannot come yet): katamaran does not cancel, waits for the outcome, and exactly one
+    side runs the VM with every write it acknowledged on its disk."""
+    rig, before, source = hold_at_pre_switchover(rig_factory, **WRITING)
     kill(rig.dst, signal.SIGSTOP)  # the return-path answer cannot come now
     try:
         source.send_signal(signal.SIGCONT)
         wait_for_text(rig.tmp / "source.log", "point of no return", 30, source)
         wait_migration(rig.src, "device")  # device state sent, waiting for the destination
-        source.send_signal(signal.SIGTERM)
-        wait_for_text(rig.tmp / "source.log", "not cancelling", 30, source)
+        source.send_signal(sig)
+        wait_for_text(rig.tmp / "source.log", f"{sig.name} after migrate-continue", 30, source)
+        assert "not cancelling" in rig.log("source.log")
         assert source.poll() is None, rig.log("source.log")
         # Not asked of QEMU here: sending the device state to a frozen destination, it
         # may hold its big lock, and a monitor then does not even greet (a 20 s timeout
@@ -505,6 +525,7 @@ def test_sigterm_after_commit_never_runs_twice(rig_factory, outcome):
         # destination is gone, so this is the one copy.
         assert assert_at_most_one_running(rig) == ["source"]
     assert_source_clean(rig, before)
+    rig.check_writes_survived(on="dst" if outcome == "dest-continues" else "src")
 
 
 # A TCP relay the test can freeze (SIGSTOP): it stalls the NBD stream and nothing else.
@@ -814,8 +835,8 @@ class HeldMirror:
     relay_out: Path
 
 
-def mirror_phase(rig_factory) -> HeldMirror:
-    rig = rig_factory(extra_monitor=True)
+def mirror_phase(rig_factory, **rig_args: object) -> HeldMirror:
+    rig = rig_factory(extra_monitor=True, **rig_args)
     rig.up()
     before = settings(rig.src)
     dest = rig.start_dest("-nbd-port", "10810")
@@ -856,9 +877,9 @@ def test_destination_qemu_killed_mid_mirror(rig_factory):
 @pytest.mark.parametrize("sig", SIGNALS, ids=SIGNAL_IDS)
 def test_signal_in_mirror_phase_cancels_and_restores(rig_factory, sig):
     """A signal while the disk is copied: the job is cancelled, the NBD node removed, the
-    VM never stopped; then the same signal to the waiting destination withdraws its
-    listeners and its NBD export."""
-    held = mirror_phase(rig_factory)
+    VM never stopped, every write the guest acknowledged is on its own disk; then the
+    same signal to the waiting destination withdraws its listeners and its NBD export."""
+    held = mirror_phase(rig_factory, **WRITING)
     rig, before, source, dest = held.rig, held.before, held.source, held.dest
     source.send_signal(sig)
     assert rig.finish(source, 60) == 130, rig.log("source.log")
@@ -874,6 +895,7 @@ def test_signal_in_mirror_phase_cancels_and_restores(rig_factory, sig):
     assert watch(rig.dst, "query-block-exports") == []
     assert status(rig.dst) == "inmigrate"  # never got a VM: it is not running one
     assert assert_at_most_one_running(rig) == ["source"]
+    rig.check_writes_survived(on="src")
 
 
 def test_sigkill_in_mirror_phase_then_rerun_recovers(rig_factory):

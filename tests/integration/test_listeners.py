@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -361,6 +362,53 @@ def test_tls_mismatch_fails_cleanly_and_source_keeps_running(
     assert qmp(rig.dst.qmp_path, "query-block-exports") == []
     assert katamaran_state_left(rig.dst.qmp_path) == []
     no_listener_left(rig, 4444, 10809)
+
+
+def tls_hello(host: str, port: int) -> str:
+    """A TLS client with no certificate (a TLS health check): what it saw."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=5) as sock:
+        try:
+            with ctx.wrap_socket(sock) as tls:
+                return f"handshake done, {tls.version()}"
+        except (ssl.SSLError, OSError) as err:
+            return f"handshake failed: {err}"
+
+
+@pytest.mark.qemu
+def test_tls_without_source_ip_a_strangers_handshake_ends_the_wait(rig_factory, tmp_path):
+    """With -tls and no -source-ip the first TLS connection goes to QEMU (the listener
+    cannot check a certificate): a client without one of the CA.  QEMU refuses it and
+    stays silent, with its one incoming migration used up; the destination says so and
+    ends within TLS_START_S (it waited -dest-timeout before) with nothing left, and the
+    source, finding the port closed, keeps its VM running."""
+    from katamaran.dest import TLS_START_S
+
+    certs = make_certs(tmp_path)
+    rig = rig_factory()
+    rig.up()
+    tls = ("-tls", "-tls-dir", str(certs))
+    dest = rig.start_dest(*tls)
+    log = rig.log("dest.log")
+    assert "WARNING: -tls without -source-ip" in log, log
+    began = time.monotonic()
+    seen = run_in_netns(rig.lab.a.netns, lambda: tls_hello(DEST, 4444))
+    rc = rig.finish(dest, TLS_START_S + 60)
+    took = time.monotonic() - began
+    log = rig.log("dest.log")
+    assert rc == 1, log
+    assert "migration stream from 10.0.0.1 handed to QEMU" in log, (seen, log)
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "the TLS stream from 10.0.0.1 became no migration" in errors[0]
+    assert took < TLS_START_S + 30, f"{took:.1f}s: the wait was not cut at the handshake"
+    assert qmp(rig.dst.qmp_path, "query-block-exports") == []
+    assert katamaran_state_left(rig.dst.qmp_path) == []
+    no_listener_left(rig, 4444, 10809)
+    source = rig.start_source(DEST, *tls)
+    assert rig.finish(source) == 1, rig.log("source.log")
+    assert rig.status(rig.src) == "running"
+    assert katamaran_state_left(rig.src.qmp_path) == []
 
 
 @pytest.mark.qemu

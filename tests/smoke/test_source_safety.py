@@ -308,7 +308,7 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
             calls.append("close")
 
     class Tunnel:
-        ifname, tunnelled = "kmr-0", None
+        ifname, tunnelled, switched = "kmr-0", None, True
 
         def unswitch(self) -> None:
             calls.append("unswitch")
@@ -322,11 +322,65 @@ def test_an_abort_gives_the_tap_its_feed_back_before_it_unswitches():
     source.hold([b"kept while the VM ran"])
     asyncio.run(source._abort_migration())
     assert calls[:4] == ["give the feed back", "close", "unswitch", "resend to the VM"], calls
+    assert calls.index("resend to the VM") < calls.index("query-migrate"), calls
     said = "3 packet(s) for 10.244.1.5 were diverted from it (1 frame(s) not"
     assert said in out.getvalue()
     assert "1 of 1 packet(s) kept for the tunnel given back to the VM" in out.getvalue()
     assert "given up after the switch: 2 packet(s) went through kmr-0" in out.getvalue()
     assert source.diverts == []
+
+
+@pytest.mark.parametrize("tunnelled", [False, True], ids=["kept", "tunnelled"])
+def test_kept_packets_go_back_only_after_the_cancel(tunnelled: bool):
+    """Kept by katamaran (the gate, the pause before the commit), the VM's packets go
+    back once QEMU has cancelled and the VM runs: a pause QEMU makes meanwhile (the gate
+    opened just before the signal) drops the frame it holds for a guest with no room.
+    Tunnelled (switched at the STOP), the traffic comes back first: the destination
+    would drop it."""
+    import asyncio
+    import ipaddress
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+    from katamaran.tapqueue import Hold
+
+    calls: list[str] = []
+
+    class Monitor(_Monitor):
+        def mark(self) -> int:
+            return 0
+
+        async def execute(self, command: str, args: dict | None = None) -> dict:
+            if command == "query-migrate":
+                self.calls.append(command)
+                return {
+                    "status": "pre-switchover"
+                    if "migrate_cancel" not in self.calls
+                    else "cancelled"
+                }
+            return await super().execute(command, args)
+
+    tunnel, divert = _Tunnel(calls), _Divert(calls)
+    tunnel.switched = tunnelled
+    out = io.StringIO()
+    cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
+    source = SourceMigration(cfg, Monitor(calls, "paused"), Progress(out))  # type: ignore[arg-type]
+    source.tunnel, source.diverts = tunnel, [divert]  # type: ignore[assignment, list-item]
+    source.was_running = True
+    source.hold = Hold(send=lambda packets: calls.append("resend to the VM") or len(packets))
+    source.hold([b"kept while the VM ran"])
+
+    async def ended(mark: int, timeout: float) -> None:
+        calls.append("cancelled")
+
+    source._wait_migration_end = ended  # type: ignore[method-assign]
+    asyncio.run(source._abort_migration())
+    cancel, back = calls.index("migrate_cancel"), calls.index("resend to the VM")
+    assert (back < cancel) is tunnelled, calls
+    if not tunnelled:
+        assert calls.index("cont") < calls.index("give the feed back") < back, calls
+    assert "cancelling the migration (QEMU: pre-switchover)" in out.getvalue()
+    assert "1 of 1 packet(s) kept for the tunnel given back to the VM" in out.getvalue()
 
 
 class _Recording:
@@ -525,7 +579,7 @@ def test_katamarans_switchover_keeps_the_vms_packets_until_migrate_continue():
 def test_a_migration_given_up_while_paused_gives_the_kept_packets_back():
     """Given up between the STOP and migrate-continue (a signal, a failed drain, a
     destination that ended): nothing went into the tunnel, so nothing is lost there;
-    the kept packets go back to the VM, after its feed."""
+    the kept packets go back to the VM, after its feed, once it runs again."""
     import asyncio
 
     calls: list[str] = []
@@ -543,7 +597,8 @@ def test_a_migration_given_up_while_paused_gives_the_kept_packets_back():
     assert calls.index("give the feed back") < calls.index("unswitch"), calls
     assert "1 of 1 packet(s) kept for the tunnel given back to the VM" in out.getvalue()
     assert "given up after the switch" not in out.getvalue()
-    assert calls.index("send queued") < calls.index("cont"), calls  # then the VM runs
+    # back once QEMU's cancel is done and the VM runs (test_kept_packets_go_back_only_...)
+    assert calls.index("cont") < calls.index("give the feed back"), calls
 
 
 class _ParamMonitor(_Monitor):
