@@ -350,3 +350,48 @@ def test_destination_shuts_the_handed_stream_down_only_if_the_vm_did_not_resume(
                 with pytest.raises(TimeoutError):
                     peer.recv(1)  # QEMU's copy still carries the stream
                 assert out.getvalue() == ""
+
+
+def test_a_netlink_error_in_the_destinations_cleanup_stops_no_other_step():
+    """Each piece of the destination's network fails to go (NetlinkError, OSError): one
+    warning each, every later piece still removed, in order (rules first, the plug
+    drained, then the rest), and no exception out of the cleanup."""
+    import asyncio
+    import errno
+    import io
+    import types
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from katamaran.config import Config
+    from katamaran.dest import DestMigration
+    from katamaran.progress import Progress
+
+    calls: list[str] = []
+
+    def step(name: str, err: Exception | None = None):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            calls.append(name)
+            if err is not None:
+                raise err
+
+        return run
+
+    decap = types.SimpleNamespace(
+        unsteer=step("unsteer", NetlinkError(errno.ENOENT, "No such file or directory")),
+        teardown=step("teardown"),
+        close=step("close decap"),
+    )
+    plug = types.SimpleNamespace(
+        remove=step("remove plug", OSError(errno.EBADF, "Bad file descriptor")),
+        close=step("close plug"),
+    )
+    out = io.StringIO()
+    dest = DestMigration(Config(mode="dest"), types.SimpleNamespace(closed=False), Progress(out))
+    dest.decap, dest.plug = decap, plug  # type: ignore[assignment]
+    asyncio.run(dest._remove_network())
+    assert calls == ["unsteer", "remove plug", "close plug", "teardown", "close decap"]
+    said = out.getvalue()
+    assert "cleanup: (2, 'No such file or directory')" in said, said
+    assert "cleanup: [Errno 9] Bad file descriptor" in said, said
+    assert dest.decap is None and dest.plug is None

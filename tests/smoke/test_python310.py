@@ -93,12 +93,10 @@ def _cpython310() -> Path:
 
 def test_core_logic_on_a_real_cpython_310():
     root = _cpython310()
-    # the unix-socket and socketpair tests need sockets, which wasm has not; the rest runs
-    r = cpython310.run_pytest(
-        root,
-        REPO,
-        ["-q", "tests/smoke/test_core_logic.py", "-k", "not never_greets and not handed_stream"],
-    )
+    # the unix-socket and socketpair tests need sockets, the netlink-error one a thread
+    # (katamaran's netlink calls run in one), which wasm has not; the rest runs
+    skip = "not never_greets and not handed_stream and not netlink_error"
+    r = cpython310.run_pytest(root, REPO, ["-q", "tests/smoke/test_core_logic.py", "-k", skip])
     out = r.stdout + r.stderr
     assert "cpython 3.10." in r.stdout, out
     assert r.returncode == 0, out

@@ -762,3 +762,52 @@ def test_a_give_back_that_did_not_settle_is_said():
     divert.settled = False
     source._report_diverted(divert)  # type: ignore[arg-type]
     assert "were still on their way when its feed came back" in out.getvalue()
+
+
+def test_a_netlink_error_in_cleanup_stops_no_other_step():
+    """The divert's removal and the tunnel's each fail with a NetlinkError: each says so in
+    one warning, and every later step still runs (the divert closed, the tunnel removed
+    and its netlink socket closed), with no exception out of the cleanup."""
+    import asyncio
+    import errno
+    import ipaddress
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    calls: list[str] = []
+
+    class Divert(_Divert):
+        installed = True
+
+        def remove(self) -> None:
+            self.calls.append("give the feed back")
+            raise NetlinkError(errno.EBUSY, "Device or resource busy")
+
+        def close(self) -> None:
+            self.calls.append("close divert")
+
+    class Tunnel(_Tunnel):
+        def remove(self) -> None:
+            self.calls.append("remove tunnel")
+            raise NetlinkError(errno.ENODEV, "No such device")
+
+        def close(self) -> None:
+            self.calls.append("close tunnel")
+
+    class Monitor(_Monitor):
+        async def regain(self) -> None:
+            return None
+
+    out = io.StringIO()
+    cfg = Config(mode="source", vm_ip=ipaddress.ip_address("10.244.1.5"))
+    source = SourceMigration(cfg, Monitor(calls, "running"), Progress(out))  # type: ignore[arg-type]
+    source.tunnel, source.diverts = Tunnel(calls), [Divert(calls)]  # type: ignore[assignment, list-item]
+    asyncio.run(source._cleanup())
+    said = out.getvalue()
+    assert "cleanup: giving the taps their feed back: (16, 'Device or resource busy')" in said
+    assert "cleanup: removing tunnel kmr-0: (19, 'No such device')" in said
+    assert calls.index("give the feed back") < calls.index("close divert"), calls
+    assert calls[-2:] == ["remove tunnel", "close tunnel"], calls
