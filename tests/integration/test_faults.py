@@ -833,12 +833,13 @@ class HeldMirror:
     dest: subprocess.Popen
     relay: subprocess.Popen
     relay_out: Path
+    dest_before: tuple[dict, dict, int]  # the destination QEMU's settings before its run
 
 
 def mirror_phase(rig_factory, **rig_args: object) -> HeldMirror:
     rig = rig_factory(extra_monitor=True, **rig_args)
     rig.up()
-    before = settings(rig.src)
+    before, dest_before = settings(rig.src), settings(rig.dst)
     dest = rig.start_dest("-nbd-port", "10810")
     out = rig.tmp / "relay.out"
     with out.open("w") as relay_out:
@@ -854,7 +855,7 @@ def mirror_phase(rig_factory, **rig_args: object) -> HeldMirror:
     wait_for_text(rig.tmp / "source.log", "over NBD", 30, source)
     jobs = watch(rig.src, "query-block-jobs")
     assert [job["ready"] for job in jobs] == [False], jobs  # held mid-copy
-    return HeldMirror(rig, before, source, dest, relay, out)
+    return HeldMirror(rig, before, source, dest, relay, out, dest_before)
 
 
 def test_destination_qemu_killed_mid_mirror(rig_factory):
@@ -893,6 +894,7 @@ def test_signal_in_mirror_phase_cancels_and_restores(rig_factory, sig):
     one_error(rig, "dest.log", f"interrupted by {sig.name}")
     dest_port_closed(rig, 10810, 4444)
     assert watch(rig.dst, "query-block-exports") == []
+    assert settings(rig.dst) == held.dest_before, "the destination QEMU was left changed"
     assert status(rig.dst) == "inmigrate"  # never got a VM: it is not running one
     assert assert_at_most_one_running(rig) == ["source"]
     rig.check_writes_survived(on="src")
