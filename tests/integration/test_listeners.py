@@ -229,12 +229,15 @@ def test_scanners_on_both_ports_do_not_disturb_the_wait(rig_factory):
             connect_from("10.0.0.1", DEST, 10809, send=http),
         ]
         idle = [socket.create_connection((DEST, port), timeout=5) for port in (4444, 10809)]
+        idle[1].recv(8)  # greeted: it holds QEMU's one NBD connection (max-connections 1)
+        found.append(connect_from("10.0.0.1", DEST, 10809))  # a second client meanwhile
         return idle, found
 
-    idle, (mig_http, nbd_scan, nbd_http) = run_in_netns(rig.lab.a.netns, scan)
+    idle, (mig_http, nbd_scan, nbd_http, nbd_second) = run_in_netns(rig.lab.a.netns, scan)
     try:
         assert mig_http == ("connected", b""), "an HTTP request on 4444 got an answer"
         assert nbd_scan[1].startswith(b"NBDMAGIC"), nbd_scan  # open to all: documented
+        assert nbd_second == ("connected", b""), "a second NBD client was served at once"
         source = rig.start_source()
         migrated(rig, source, dest)
     finally:
