@@ -482,7 +482,10 @@ class DestDecap:
         """One warning naming what cannot be scoped, or None when all of it is."""
         missing = []
         if self.source_ip is None:
-            missing.append("-source-ip not given: packets tunnelled from ANY host (tunl0/sit0)")
+            missing.append(
+                "-source-ip not given: packets tunnelled from ANY host over IPv4 (tunl0/sit0; "
+                "a source node reached over IPv6 needs -source-ip)"
+            )
         if self.vm_ip is None:
             missing.append("-vm-ip not given: for ANY inner address")
         if not missing:

@@ -83,6 +83,7 @@ def test_ipv6_over_ipv4_and_ipv4_over_ipv6_work_end_to_end(facts):
 def test_without_source_ip_the_fallback_is_still_scoped_to_the_vm(facts):
     fallback = facts["fallback"]
     assert fallback["scope"].startswith("-source-ip not given: packets tunnelled from ANY host")
+    assert "a source node reached over IPv6 needs -source-ip" in fallback["scope"]
     assert fallback["devices"] == ["tunl0"] and fallback["warnings"] == []
     # the third host's 3 pings to the VM are steered (that is what cannot be scoped), its
     # 3 pings to the VM's other address are not; tunl0 stays up (it was up before)
