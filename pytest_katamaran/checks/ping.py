@@ -495,11 +495,23 @@ class PingMonitor:
 
     @classmethod
     def local(
-        cls, target: str, interval: float = DEFAULT_INTERVAL, *, netns: str | None = None
+        cls,
+        target: str,
+        interval: float = DEFAULT_INTERVAL,
+        *,
+        netns: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> PingMonitor:
-        """A monitor pinging from this host (or from network namespace ``netns``)."""
+        """A monitor pinging from this host (or from network namespace ``netns``);
+        ``extra_args`` go to ping (e.g. ``-s 1400``)."""
         where = f" (netns {netns})" if netns else ""
-        return cls(LocalRunner(netns), target, interval, name=f"ping {target}{where}")
+        return cls(
+            LocalRunner(netns),
+            target,
+            interval,
+            name=f"ping {target}{where}",
+            extra_args=extra_args,
+        )
 
     @classmethod
     def on_node(cls, node: Any, target: str, interval: float = DEFAULT_INTERVAL) -> PingMonitor:

@@ -148,12 +148,15 @@ class Fault:
 
     place: Callable[[Case, dict], None]
     failpoint: str = ""
+    ping_size: int = 0  # ICMP payload bytes (ping -s); 0: ping's default 56
 
 
 def run_case(name: str, rig: Rig, client: Client, fault: Fault) -> dict:
     """Migrate under ping with one fault (see Fault)."""
     case = Case(name, rig, client)
-    mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns).start()
+    size = ("-s", str(fault.ping_size)) if fault.ping_size else ()
+    case.facts["ping_size"] = fault.ping_size or 56
+    mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns, extra_args=size).start()
     try:
         mon.wait_replies(10, timeout=300)
         procs = {"dest": case.katamaran("dest", "dest.log")}
@@ -327,8 +330,12 @@ CASES: dict[str, Fault] = {
         signal_source_stopped(signal.SIGTERM, completes=False), failpoint="paused"
     ),
     "sigterm-dest-at-pause": Fault(signal_dest_at_pause, failpoint="paused"),
+    # Full-size packets through the whole cutover: kept at the pause, sent into the
+    # tunnel at migrate-continue, held in the destination's plug, released at RESUME.
     "sigterm-after-switch": Fault(
-        signal_source_stopped(signal.SIGTERM, completes=True), failpoint="switched"
+        signal_source_stopped(signal.SIGTERM, completes=True),
+        failpoint="switched",
+        ping_size=1400,
     ),
 }
 
