@@ -241,7 +241,10 @@ def test_a_signal_after_the_switch_lets_the_migration_finish(cases):
     assert "failpoint switched: stopped" in source_log
     assert "migrate-continue sent: traffic for" in source_log  # the switch came after it
     assert "point of no return" in source_log
-    assert "SIGTERM after migrate-continue: not cancelling" in source_log, source_log[-2000:]
+    # QEMU may complete while the source is stopped, and the source may read that first
+    # (CI, 2026-12-02): either way past the point of no return, and it does not cancel.
+    said = ("SIGTERM after migrate-continue: not cancelling", "SIGTERM after the migration completed")
+    assert any(line in source_log for line in said), source_log[-2000:]
     assert facts["source_rc"] == 0, source_log[-2000:]
     assert facts["source_rc_after_signal_s"] is not None
     assert facts["dest_rc"] == 0, log_text(facts, "dest.log")[-2000:]
