@@ -33,7 +33,7 @@ from .network import (
     tap_frames_needed,
 )
 from .progress import Progress
-from .qmp import Monitor, named
+from .qmp import Event, Monitor, named
 from .streambuf import size_stream
 from .tls import TLSCreds
 
@@ -510,16 +510,14 @@ class DestMigration:
         real source would find the port closed and this side would wait -dest-timeout.
         A stream whose handshake has not become a migration within TLS_START_S ends the
         run instead (measured: QEMU's status stays empty, no MIGRATION event)."""
-        watch = named(("MIGRATION",))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TLS_START_S
-        while (left := deadline - loop.time()) > 0:
-            found = await self.mon.next_event(watch, mark, left)
-            if found is None:
-                break
-            mark, event = found
-            if event["data"].get("status") not in ("none", "setup"):
-                return  # active (the handshake passed) or failed: _wait_resume_events says
+
+        def begun(event: Event) -> bool:
+            """Active (the handshake passed) or failed (_wait_resume_events says so)."""
+            status = event.get("data", {}).get("status")
+            return named("MIGRATION")(event) and status not in ("none", "setup")
+
+        if await self.mon.next_event(begun, mark, TLS_START_S) is not None:
+            return
         raise KatamaranError(
             f"the TLS stream from {peer} became no migration within {TLS_START_S:g}s (QEMU "
             "refused its certificate or it stalled: a TLS health check, a client without a "

@@ -338,14 +338,17 @@ class Rig:
         Stops both QEMUs (the disk is read with nothing writing it).  `poll` runs while
         waiting for the next acknowledgement, e.g. to report a dead guest.
         """
-        runs, disk = (self.dst, self.dst_disk) if on == "dst" else (self.src, self.src_disk)
+        runs, disk, side = (
+            (self.dst, self.dst_disk, "destination")
+            if on == "dst"
+            else (self.src, self.src_disk, "source")
+        )
         acked_on_source = last_ack(self.src.console_log)
         deadline = time.monotonic() + timeout
         while last_ack(runs.console_log) <= acked_on_source and time.monotonic() < deadline:
             poll()
             time.sleep(0.2)
         acked = max(acked_on_source, last_ack(runs.console_log))
-        side = "destination" if on == "dst" else "source"
         assert acked > acked_on_source, f"the guest did not keep writing on the {side}"
         self.src.stop()
         self.dst.stop()
