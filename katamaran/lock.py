@@ -30,6 +30,38 @@ def lock_dirs() -> list[Path]:
     return [LOCK_DIR, Path(tempfile.gettempdir()) / f"katamaran-locks-{os.getuid()}"]
 
 
+def lock_file(path: Path, *, wait: bool) -> int:
+    """Open and flock ``path``; the fd, locked.  Raises BlockingIOError if another process
+    holds it and ``wait`` is false.
+
+    Why the loop: the holder unlinks the file on release (see `unlock_file`), so a taker
+    that opened it before the unlink may lock an orphan.  It then sees that the path no
+    longer names the inode it locked and tries again on the file now there.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+
+
+def unlock_file(path: Path, fd: int) -> None:
+    """Remove the lock file, then let go of it: only a holder unlinks (see `lock_file`)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
+
+
 class VMLock:
     """Exclusive, non-blocking flock for one QMP socket; released when the process dies."""
 
@@ -44,30 +76,28 @@ class VMLock:
     def acquire(self) -> None:
         last: OSError | None = None
         for folder in self.dirs:
+            path = folder / f"{self.key}.lock"
             try:
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(folder / f"{self.key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fd = lock_file(path, wait=False)
+            except BlockingIOError:
+                raise KatamaranError(
+                    f"another katamaran (pid {_holder(path)}) is already migrating the VM "
+                    f"at {self.qmp}"
+                ) from None
             except OSError as err:
                 last = err
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise KatamaranError(
-                    f"another katamaran (pid {holder}) is already migrating the VM at {self.qmp}"
-                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self._fd = fd
-            self.path = folder / f"{self.key}.lock"
+            self.path = path
             return
         raise KatamaranError(f"cannot create a lock file for {self.qmp}: {last}")
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # the file stays: unlinking it would race a waiting run
+        if self._fd is not None and self.path is not None:
+            unlock_file(self.path, self._fd)
             self._fd = None
 
     def __enter__(self) -> VMLock:
@@ -99,3 +129,24 @@ class VMLock:
     def clear_state(self, part: str = "") -> None:
         with contextlib.suppress(FileNotFoundError):
             self._state(part).unlink()
+
+
+def _holder(path: Path) -> str:
+    """The pid the holder wrote into its lock file, or "?" (written just after locking)."""
+    try:
+        return path.read_text(errors="replace").strip() or "?"
+    except OSError:
+        return "?"
+
+
+def qemu_identity(pid: int | None) -> str | None:
+    """ "<pid>:<start time>" of a process, or None: a pid alone is reused, the pair is not
+    (field 22 of /proc/<pid>/stat, in clock ticks since boot)."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after its ")"
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
-import os
 import shutil
 import socket
 import subprocess
@@ -40,6 +38,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .config import IPAddress
+from .lock import lock_file, unlock_file
 from .names import crc
 
 T = TypeVar("T")
@@ -133,12 +132,12 @@ def _modprobe(module: str) -> None:
 def _device_lock(name: str) -> Iterator[None]:
     """Serialise create/reuse/remove of one shared device between katamaran processes."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_DIR / f"katamaran-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    path = LOCK_DIR / f"katamaran-{name}.lock"
+    fd = lock_file(path, wait=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        unlock_file(path, fd)
 
 
 def _ours(table: int | None) -> bool:
@@ -556,7 +555,17 @@ class DestDecap:
         return args
 
     def setup(self) -> list[str]:
-        """Tunnel device(s), hold veth with its redirect into the tap, routes, rules."""
+        """Tunnel device(s), hold veth with its redirect into the tap, routes, rules.
+
+        A shared tunnel's lock is held until this migration's rules and routes use it:
+        until then the device has no user, and another migration's `remove_stale` (two
+        destinations starting at once on one node) took it for a leftover and deleted
+        it under this one (seen in the two-VM hold case: `removed tunnel kmr-...`).
+        """
+        with contextlib.ExitStack() as held:
+            return self._setup(held)
+
+    def _setup(self, held: contextlib.ExitStack) -> list[str]:
         warnings: list[str] = []
         tap = self.ipr.link_lookup(ifname=self.tap)
         if not tap:
@@ -564,8 +573,9 @@ class DestDecap:
         for kind, version in self._kinds():
             name = self._device(kind, version)
             if self.source_ip is not None:
-                with _device_lock(name):
-                    warnings += ensure_tunnel(self.ipr, kind, self.source_ip, version)
+                if name not in self.devices:  # ip6tnl carries both versions: one lock
+                    held.enter_context(_device_lock(name))  # released once it is in use
+                warnings += ensure_tunnel(self.ipr, kind, self.source_ip, version)
             else:
                 _modprobe(MODULES[kind])
                 found = self.ipr.link_lookup(ifname=name)

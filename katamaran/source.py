@@ -54,7 +54,7 @@ from .config import Config, host_port
 from .errors import KatamaranError, OutcomeUncertain, QMPCommandError
 from .gate import SwitchoverGate, waits_at_gate
 from .gate import remove_all as remove_gate_bitmaps
-from .lock import VMLock
+from .lock import VMLock, qemu_identity
 from .names import divert_names
 from .progress import Progress, mib
 from .qmp import Event, Monitor, migration_status, named
@@ -331,7 +331,7 @@ class SourceMigration:
                 "it is a destination, not a source"
             )
         state = (await self.mon.execute("query-migrate")).get("status")
-        earlier = self.lock.load_state() if self.lock else None
+        earlier = self._journal()
         if status == "postmigrate" or state == "completed":
             done = []
             if earlier and await migration.restore(self.mon, earlier):
@@ -436,12 +436,34 @@ class SourceMigration:
                 await netlink(divert.close)
         return removed
 
+    def _journal(self) -> dict[str, Any] | None:
+        """What a killed katamaran saved for this VM, if it was saved for this very QEMU.
+
+        Why the check: the journal is named after the -qmp path, and a path outlives its
+        QEMU (a sandbox re-created under the same id, a VM killed with its katamaran).
+        A journal from another QEMU would put its settings on this one and `cont` a VM
+        that its operator paused; it is dropped instead, with a warning.
+        """
+        earlier = self.lock.load_state() if self.lock else None
+        if earlier is None or earlier.get("qemu") == qemu_identity(self.mon.peer_pid):
+            return earlier
+        self.progress.warn(
+            f"ignored the settings a killed katamaran saved for another QEMU at "
+            f"{self.mon.path} ({earlier.get('qemu') or 'unknown'}, now "
+            f"{qemu_identity(self.mon.peer_pid) or 'unknown'})"
+        )
+        if self.lock:
+            self.lock.clear_state()
+        return None
+
     async def _save_settings(self) -> None:
         """Every capability/parameter this run may change, saved before the first change
-        (also next to the lock, so a run after a SIGKILL can put them back)."""
+        (also next to the lock, so a run after a SIGKILL can put them back), with the
+        QEMU process it belongs to (see `_journal`)."""
         self.saved = await migration.snapshot(self.mon)
         if self.lock:
-            self.lock.save_state({**self.saved, "was_running": self.was_running})
+            ident = qemu_identity(self.mon.peer_pid)
+            self.lock.save_state({**self.saved, "was_running": self.was_running, "qemu": ident})
 
     async def _closefd(self, name: str) -> None:
         try:

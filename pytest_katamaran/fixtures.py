@@ -391,6 +391,8 @@ def results(
             "ping_interval": katamaran_config.ping_interval,
             # what this test's pings really used (the TCG fallback differs from the option)
             "ping_intervals_used": [m.interval for m in request.node.stash.get(PINGS_KEY, [])],
+            # each ping's socket receive buffer (None: left at iputils' own, see notes)
+            "ping_rcvbufs": [m.rcvbuf for m in request.node.stash.get(PINGS_KEY, [])],
             "kata": katamaran_config.kata,
             "workload_qemu": katamaran_config.workload_qemu,
             "tuning": dataclasses.asdict(katamaran_config.tuning),

@@ -36,6 +36,12 @@ from pytest_katamaran.agent.client import (
     stamped,
     wait_for_line,
 )
+from pytest_katamaran.checks.drops import (
+    NODE_DROPS_CMD,
+    describe_drops,
+    drops_delta,
+    parse_node_drops,
+)
 from pytest_katamaran.checks.ping import PingMonitor
 from pytest_katamaran.config import Tuning
 from pytest_katamaran.errors import HarnessError, PodError
@@ -116,6 +122,10 @@ class MigrationResult:
     dest_events: dict[str, float | None] = field(default_factory=dict)  # target's clock
     converged: dict[str, float] = field(default_factory=dict)
     hold_end: float | None = None  # source node's clock: when its tunnel went away
+    # per node, every drop counter that moved over the migration (checks.drops), read
+    # while the ping still ran; or why it could not be read
+    drops: dict[str, dict[str, int]] = field(default_factory=dict)
+    drops_error: str | None = None
     # the target's clock minus the source node's (measured after the run), and how sure
     dest_clock_offset_s: float | None = None
     clock_uncertainty_s: float | None = None
@@ -152,6 +162,8 @@ class MigrationResult:
             interval = interval or getattr(ping, "interval", 0.01)
             where = place_losses(stats, ping.output(), self.events, interval)
             parts.append(f"--- ping ---\n{stats.describe()}\n{where}".rstrip())
+        if self.drops or self.drops_error:
+            parts.append(describe_drops(self.drops) or f"drop counters: {self.drops_error}")
         parts.append(
             describe_logs(
                 {
@@ -183,6 +195,8 @@ class MigrationResult:
             "dest_clock_offset_s": self.dest_clock_offset_s,
             "clock_uncertainty_s": self.clock_uncertainty_s,
             "plug_released": self.plug_released,
+            "drops": self.drops,
+            "drops_error": self.drops_error,
             "problems": self.problems,
             "katamaran_source_log": self.source_log,
             "katamaran_dest_log": self.dest_log,
@@ -328,6 +342,7 @@ class _Run:
                "--tap", pod.tap, "--record-only")  # fmt: skip
         b.call("converge", "--role", "dest", "--pod-ip", pod.ip, "--tap", pod.tap, "--record-only")
 
+        drops_before = self.read_drops()
         # 2. katamaran: destination first, then the source; the CNI converges mid-hold.
         shared = ["-shared-storage"] if pod.shared_storage else []
         self.dst_proc = b.katamaran(
@@ -360,6 +375,10 @@ class _Run:
         res.source_rc = self.src_proc.wait(t.tunnel_hold + 300)
         res.dest_rc = self.dst_proc.wait(t.dest_hold_s + 300)
         self.measure_clocks()
+        if drops_before is not None and (drops_after := self.read_drops()) is not None:
+            res.drops = {
+                name: drops_delta(drops_before[name], drops_after[name]) for name in drops_after
+            }
         if self.ping is not None:
             # The migration is over: what the harness's own checks below cost a slow
             # nested guest (node-agent calls on a TCG node) is not the migration's.
@@ -368,6 +387,20 @@ class _Run:
         res.pod = self.dest_pod
         self.collect_logs()
         self.check()
+
+    def read_drops(self) -> dict[str, dict[str, int]] | None:
+        """Every drop counter on both nodes, pods' netns included (checks.drops); None,
+        with the reason in the result, if a node cannot say (not the migration's fault)."""
+        sides = (self.a, self.b)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                runs = {
+                    s.name: pool.submit(s.node.ssh.sudo, NODE_DROPS_CMD, timeout=60) for s in sides
+                }
+                return {name: parse_node_drops(run.result().stdout) for name, run in runs.items()}
+        except (OSError, ValueError, IndexError, CommandFailed, paramiko.SSHException) as exc:
+            self.result.drops_error = f"{type(exc).__name__}: {exc}"
+            return None
 
     def measure_clocks(self) -> None:
         """The target's clock against the source node's, for the timeline (see

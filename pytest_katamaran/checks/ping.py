@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +28,31 @@ DEFAULT_INTERVAL = 0.01
 # iputils refuses intervals below this for unprivileged users (older releases: 0.2 s).
 UNPRIVILEGED_MIN_INTERVAL = 0.2
 SEQ_MODULO = 1 << 16
+# ping's socket receive buffer once started (SO_RCVBUFFORCE; the kernel doubles it).
+# Why: iputils sets 64 KiB (128 KiB of skb truesize, ~170 replies).  When a stalled VM
+# answers its backlog at once, the replies reach the pinging node and die in ping's own
+# socket before ping reads them: a node's stall of 12 s at 10 ms lost 180 and 499 pings
+# with every one counted in the ICMP socket's drops, and none with this buffer.
+PING_RCVBUF = 16 << 20
+# Run as root beside ping (argv: pid, bytes): every socket of that process gets the
+# buffer, through a duplicate of its fd (pidfd_getfd(2)); prints `fd bytes` per socket.
+WIDEN_PY = """
+import ctypes, os, sys
+pid, size = int(sys.argv[1]), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(pid)
+want = ctypes.c_int(size)
+for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+    if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+        continue
+    fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
+    if fd < 0 or libc.setsockopt(fd, 1, 33, ctypes.byref(want), 4) != 0:  # SO_RCVBUFFORCE
+        sys.exit(f"socket fd {name} of pid {pid}: {os.strerror(ctypes.get_errno())}")
+    got, size_of = ctypes.c_int(0), ctypes.c_uint(4)
+    libc.getsockopt(fd, 1, 8, ctypes.byref(got), ctypes.byref(size_of))  # SO_RCVBUF
+    os.close(fd)
+    print(name, got.value)
+"""
 
 _TS = r"(?:\[(?P<ts>\d+(?:\.\d+)?)\]\s+)?"
 REPLY_RE = re.compile(
@@ -478,6 +504,7 @@ class PingMonitor:
         name: str | None = None,
         sudo: bool | None = None,
         extra_args: Sequence[str] = (),
+        rcvbuf: int | None = PING_RCVBUF,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"ping interval must be positive, got {interval}")
@@ -488,6 +515,9 @@ class PingMonitor:
         self.sudo = interval < UNPRIVILEGED_MIN_INTERVAL if sudo is None else sudo
         self.command = ping_command(target, interval, extra_args)
         self.handle: ProcessHandle | None = None
+        self.want_rcvbuf = rcvbuf  # None: leave ping's own (64 KiB)
+        self.rcvbuf: int | None = None  # ping's socket receive buffer, once widened
+        self.setup_notes: list[str] = []  # how the witness was set up, into the stats
         self.stats: PingStats | None = None
         self.exit_code: int | None = None
         self._final_output: str | None = None
@@ -501,6 +531,7 @@ class PingMonitor:
         *,
         netns: str | None = None,
         extra_args: Sequence[str] = (),
+        rcvbuf: int | None = PING_RCVBUF,
     ) -> PingMonitor:
         """A monitor pinging from this host (or from network namespace ``netns``);
         ``extra_args`` go to ping (e.g. ``-s 1400``)."""
@@ -511,6 +542,7 @@ class PingMonitor:
             interval,
             name=f"ping {target}{where}",
             extra_args=extra_args,
+            rcvbuf=rcvbuf,
         )
 
     @classmethod
@@ -527,6 +559,7 @@ class PingMonitor:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if HEADER_RE.search(self.handle.output()) or REPLY_RE.search(self.handle.output()):
+                self._widen_receive_buffer()
                 return self
             if not self.handle.is_running():
                 break
@@ -545,6 +578,34 @@ class PingMonitor:
             f"{self.name}: `{self.command}` exited early{hint}; "
             f"stdout: {out.strip()[-500:]!r}; stderr: {err.strip()[-500:]!r}"
         )
+
+    def _widen_receive_buffer(self) -> None:
+        """Give ping's socket PING_RCVBUF (see there), beside it: on this host, or over
+        the node's SSH.  A witness that cannot be widened says so in its notes (its
+        socket's drops then show in the migration's drop counters)."""
+        if self.want_rcvbuf is None:
+            return
+        pid = getattr(self.handle, "pid", None)
+        if not isinstance(pid, int) or pid <= 0:
+            self.setup_notes.append("receive buffer left at ping's own (its pid is unknown)")
+            return
+        args = [str(pid), str(self.want_rcvbuf)]
+        sudo = getattr(self.runner, "sudo", None)
+        if sudo is not None:  # a node: its python3, as root
+            res = sudo(shlex.join(["python3", "-c", WIDEN_PY, *args]), check=False)
+            rc, out, err = res.rc, res.stdout, res.stderr
+        else:
+            argv = [sys.executable, "-c", WIDEN_PY, *args]
+            if os.geteuid() != 0:
+                argv = ["sudo", "-n", *argv]
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            rc, out, err = done.returncode, done.stdout, done.stderr
+        sizes = [int(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2]
+        if rc != 0 or not sizes:
+            why = (err.strip().splitlines() or [f"exit {rc}"])[-1]
+            self.setup_notes.append(f"receive buffer left at ping's own: {why}")
+            return
+        self.rcvbuf = min(sizes)
 
     @property
     def running(self) -> bool:
@@ -621,7 +682,7 @@ class PingMonitor:
             self.exit_code = code
             self._final_output = self.handle.output()
             stats = parse_ping_output(self._final_output, self.interval)
-            stats.notes.extend(notes)
+            stats.notes.extend(self.setup_notes + notes)
             if stats.target is None:
                 stats.target = self.target
             self.stats = stats

@@ -9,6 +9,7 @@ network cutover; everything else (QMP, NBD mirror, RAM, cleanup) is the real flo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from katamaran.dest import SYSCTL_JOURNAL
+from katamaran.errors import KatamaranError
+from katamaran.lock import VMLock
 from katamaran.qmp import Monitor
 from pytest_katamaran.agent.node import process_state
 from pytest_katamaran.checks.disk import DiskReport, last_ack, verify_writes
@@ -161,9 +165,13 @@ class Rig:
         if self.own_lab:
             self.lab.up()
         if self.kata_pod:
-            self.pod = PodNet("kmr-pod-" + self.lab.a.netns[-6:], self.vm_ip, self.lab.a.netns)
+            # a second VM in another rig's lab gets its own pod netns and node-b tap
+            name = "kmr-pod-" + self.lab.a.netns[-6:]
+            if not self.own_lab:
+                name += "-" + self.vm_ip.rsplit(".", 1)[-1]
+            self.pod = PodNet(name, self.vm_ip, self.lab.a.netns, tap=self.tap)
             self.pod.setup()
-            self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=self.vm_ip)
+            self.dest_tap = prepare_dest_tap(self.lab.b.netns, self.tap, pod_ip=self.vm_ip)
         elif self.routed:
             self.src_tap = prepare_dest_tap(self.lab.a.netns, pod_ip=self.vm_ip)
             self.src_tap.add_pod_route()
@@ -222,6 +230,17 @@ class Rig:
             disk=self.dst_disk, incoming=incoming, run_dir=self.tmp / "b"
         )
         self.dst.start(dst_spec, netns=self.lab.b.netns)
+
+    def forget_journals(self) -> None:
+        """Remove what a killed katamaran saved next to its lock for this rig's VMs (the
+        source's settings, the destination's sysctls): their QEMUs end with the rig, and
+        /run/lock outlives the test (81 such files here in two days before this)."""
+        for box in (self.src, self.dst):
+            if box.spec is None:
+                continue
+            with contextlib.suppress(KatamaranError), VMLock(box.qmp_path) as lock:
+                lock.clear_state()
+                lock.clear_state(SYSCTL_JOURNAL)
 
     def katamaran(
         self, node: str, *args: str, log: str, env: dict[str, str] | None = None
@@ -376,6 +395,7 @@ class Rig:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        self.forget_journals()
         self.src.stop()
         self.dst.stop()
         for part in (self.pod, self.dest_tap, self.src_tap):

@@ -273,12 +273,17 @@ class DestTap:
     _created: bool = field(default=True, repr=False)
     _route: bool = field(default=False, repr=False)
 
-    def add_pod_route(self) -> None:
-        """The converged route `<pod-ip>/32 dev tap0_kata` the lab adds after cutover."""
+    def add_pod_route(self, vm_mac: str | None = None) -> None:
+        """The converged route `<pod-ip>/32 dev tap0_kata` the lab adds after cutover;
+        with `vm_mac`, the VM's MAC pinned on the tap as Felix pins a workload's (the
+        node then never ARPs for it: a VM that is slow to run after its move would let
+        the probe fail and the packets waiting for it be dropped)."""
         with ipr(self.node_netns) as ip:
             idx = _link_index(ip, self.tap)
             if idx is None:
                 raise FileNotFoundError(f"{self.tap} is gone from {self.node_netns}")
+            if vm_mac:
+                ip.neigh("replace", dst=self.pod_ip, lladdr=vm_mac, ifindex=idx, state=0x80)
             ip.route("replace", dst=f"{self.pod_ip}/32", oif=idx, scope="link")
         self._route = True
 

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from katamaran.network import (
     PlugQdisc,
     SourceTunnel,
     fit_tap_queue,
+    tunnel_name,
 )
 
 CLONE_NEWNET = 0x40000000
@@ -221,6 +223,59 @@ def churn() -> dict[str, dict[str, int]]:
             out[name] = {"sent": int(m[1]), "received": int(m[2])} if m else {}
     finally:
         sh("ip netns del ch; ip netns del cv", check=False)
+    return out
+
+
+def _waiting_on(path: Path) -> bool:
+    """Whether a thread is blocked in flock on `path` (/proc/locks' `->` lines)."""
+    try:
+        inode = str(path.stat().st_ino)
+    except FileNotFoundError:
+        return False
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 6 and fields[1] == "->" and fields[6].split(":")[-1] == inode:
+            return True
+    return False
+
+
+def setup_race(vm_mac: str) -> dict[str, object]:
+    """Two destinations start at once: B sweeps its leftovers while A has created the
+    shared tunnel and nothing of A uses it yet (A held there, B run meanwhile).  B must
+    wait for A's lock, then see the device in use and keep it."""
+    src = ipaddress.ip_address(SRC_IP)
+    out: dict[str, object] = {}
+    with inside("dst"):
+        a = DestDecap("tap0", vm_mac, ipaddress.ip_address(VM_IP), src)
+        b = DestDecap("tap0", vm_mac, ipaddress.ip_address(VM2_IP), src)
+        name = tunnel_name(src, 4)
+        out["fresh"] = not a.ipr.link_lookup(ifname=name)
+        swept: list[str] = []
+        sweep = threading.Thread(target=lambda: swept.extend(b.remove_stale()))
+        make_hold = a._make_hold
+
+        def held_after_the_tunnel(tap_index: int) -> None:
+            out["tunnel_made"] = bool(a.ipr.link_lookup(ifname=name))
+            sweep.start()
+            lock = Path(f"/run/lock/katamaran-{name}.lock")
+            deadline = time.monotonic() + 20
+            while sweep.is_alive() and not _waiting_on(lock) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            out["sweep_waited"] = sweep.is_alive()  # blocked on A's lock, not done
+            make_hold(tap_index)
+
+        a._make_hold = held_after_the_tunnel  # type: ignore[method-assign]
+        try:
+            a.setup()
+            sweep.join(20)
+            out["swept"] = swept
+            out["tunnel_kept"] = bool(a.ipr.link_lookup(ifname=name))
+        finally:
+            a.teardown()
+            a.close()
+            b.close()
+    # the last user gone, the device goes with it
+    out["gone_after"] = not sh(f"ip -br link show {name} 2>/dev/null || true", ns="dst").strip()
     return out
 
 
@@ -419,6 +474,7 @@ def main() -> dict[str, object]:
     facts["fallback"] = fallback(vm_mac, vm)
     facts["churn"] = churn()
     facts["mixed"] = mixed_families(vm_mac)
+    facts["setup_race"] = setup_race(vm_mac)
     facts["after"] = {"src": sysctls("src"), "dst": sysctls("dst")}
     facts["before"] = before
     facts["leftovers"] = {"src": leftovers("src"), "dst": leftovers("dst")}

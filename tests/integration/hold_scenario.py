@@ -46,7 +46,8 @@ from pytest_katamaran.bench.ping_rate import (
     Client,
     answer_rate,
 )
-from pytest_katamaran.checks.ping import PingMonitor
+from pytest_katamaran.checks.drops import DROPS_CMD, drops_delta, parse_drops
+from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
 from pytest_katamaran.migration import plug_limit
@@ -54,6 +55,15 @@ from pytest_katamaran.qemu.binary import WorkloadQemu
 
 INTERVAL = 0.01
 HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
+VM2_IP = "10.244.1.6"  # the second VM of the two-VM case (its tap: tap1_kata)
+VM2_PORTS = ("-nbd-port", "10811", "-migration-port", "4445")
+# Each VM's ping.  Four TCG QEMUs share the node here, and a guest that lags so far that
+# its receive ring (256) fills has QEMU park one frame, which QEMU drops when it pauses the
+# VM (not reachable from outside; README "nested lab").  At 20 ms each one run lost 1 ping
+# of 2392 at VM 1's pause (RTT up to 10.4 s: 500 pending), no node counter moving; at 50 ms
+# a 10 s lag leaves 200 pending, inside the ring.
+TWO_VM_INTERVAL = 0.05
+STALL_S = 12.0  # a stalled destination VM: 1200 pings at 10 ms, past a 1000-frame ring
 GATE_STOP_S = 0.5  # the source stopped at the gate: ~50 of the client's packets kept
 SYSCTLS = ("forwarding", "rp_filter", "ip_forward", "accept_local")  # compared per case
 
@@ -78,7 +88,7 @@ def network_state(netns: str) -> set[str]:
         routes = _sh(netns, "ip", family, "route", "show", "table", "all").splitlines()
         # the main table's routes to the VM are the CNI's step, not katamaran's
         lines |= {f"route{family} {ln.strip()}" for ln in routes
-                  if not (VM_IP in ln and "table" not in ln)}  # fmt: skip
+                  if not (ln.split()[:1] in ([VM_IP], [VM2_IP]) and "table" not in ln)}  # fmt: skip
     lines |= {f"qdisc {ln.strip()}" for ln in _sh(netns, "tc", "qdisc", "show").splitlines()}
     for ln in _sh(netns, "sysctl", "-a").splitlines():
         name = ln.split("=")[0].strip()
@@ -87,6 +97,11 @@ def network_state(netns: str) -> set[str]:
     # IPv6 link-local routes come and go with DAD on the lab's own links; a tap whose
     # QEMU died is `linkdown`: neither is katamaran's (its links are listed by name)
     return {ln.replace(" linkdown", "") for ln in lines if "fe80:" not in ln}
+
+
+def drops(netns: str) -> dict[str, int]:
+    """Every drop counter of a netns (pytest_katamaran.checks.drops), for the facts."""
+    return parse_drops(_sh(netns, "sh", "-c", DROPS_CMD))
 
 
 class Case:
@@ -98,41 +113,69 @@ class Case:
         if rig.pod is not None:
             self.netns["pod"] = rig.pod.netns
         self.before = {node: network_state(ns) for node, ns in self.netns.items()}
+        self.netns["client"] = client.netns  # counted for drops, not for leftovers
+        self.drops_before = {node: drops(ns) for node, ns in self.netns.items()}
         self.facts: dict[str, Any] = {"case": name}
         self.t0 = time.monotonic()
 
     def stamp(self, what: str) -> None:
         self.facts.setdefault("marks", {})[what] = round(time.monotonic() - self.t0, 2)
 
-    def katamaran(self, side: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """katamaran with the flags the e2e gives it (a re-run gets the very same)."""
+    def katamaran(
+        self, side: str, log: str, env: dict[str, str] | None = None, *ports: str
+    ) -> subprocess.Popen:
+        """katamaran with the flags the e2e gives it (a re-run gets the very same);
+        `ports`: -nbd-port/-migration-port for a second migration at once."""
         rig = self.rig
         if side == "source":
             args = ["-mode", "source", "-qmp", str(rig.src.qmp_path), "-dest-ip", DEST_IP]
-            args += ["-vm-ip", VM_IP, "-tunnel-hold", HOLD]
+            args += ["-vm-ip", rig.vm_ip, "-tunnel-hold", HOLD, *ports]
             return rig.katamaran("a", *args, log=log, env=env)
         args = ["-mode", "dest", "-qmp", str(rig.dst.qmp_path), "-tap", rig.tap]
-        args += ["-vm-ip", VM_IP, "-source-ip", SOURCE_IP, "-tunnel-hold", HOLD]
+        args += ["-vm-ip", rig.vm_ip, "-source-ip", SOURCE_IP, "-tunnel-hold", HOLD, *ports]
         args += ["-plug-limit", str(plug_limit(30.0, INTERVAL))]
         return rig.katamaran("b", *args, log=log)
 
     def converge(self) -> None:
-        """The CNI's step: node b routes the VM to its tap, node a routes it to node b."""
-        assert self.rig.dest_tap is not None
-        self.rig.dest_tap.add_pod_route()
-        self.rig.lab.run("a", ["ip", "route", "replace", f"{VM_IP}/32", "via", DEST_IP], check=True)
+        """The CNI's step: node b routes the VM to its tap (its MAC pinned, as Felix
+        does and the e2e's converge), node a routes it to node b."""
+        assert self.rig.dest_tap is not None and self.rig.pod is not None
+        self.rig.dest_tap.add_pod_route(vm_mac=self.rig.pod.mac)
+        route = ["ip", "route", "replace", f"{self.rig.vm_ip}/32", "via", DEST_IP]
+        self.rig.lab.run("a", route, check=True)
         self.stamp("converged")
 
     def left(self) -> dict[str, dict[str, list[str]]]:
         """Per node: lines present now and not before (`added`), and the other way."""
         out = {}
         for node, ns in self.netns.items():
+            if node == "client":
+                continue
             now = network_state(ns)
             out[node] = {
                 "added": sorted(now - self.before[node]),
                 "removed": sorted(self.before[node] - now),
             }
         return out
+
+    def count_drops(self) -> None:
+        """Every drop counter that moved since the case began; read while the pings still
+        run, as a socket's drops go with it."""
+        now = {node: drops(ns) for node, ns in self.netns.items()}
+        self.facts["drops"] = {n: drops_delta(self.drops_before[n], now[n]) for n in now}
+
+    def record_end(self, stats: PingStats, logs: list[str]) -> None:
+        """The case's outcome: the ping's figures, both QEMUs' states, what is left on
+        each node, and katamaran's logs."""
+        ping = stats.as_dict()
+        ping.pop("in_flight", None)
+        self.facts.update(
+            ping=ping,
+            source_status=self.status("source"),
+            dest_status=self.status("dest"),
+            left=self.left(),
+            logs={name: self.rig.log(name).splitlines() for name in logs},
+        )
 
     def status(self, side: str) -> str:
         box = self.rig.src if side == "source" else self.rig.dst
@@ -173,23 +216,79 @@ def run_case(name: str, rig: Rig, client: Client, fault: Fault) -> dict:
         for side in ("source", "dest"):
             case.facts[f"{side}_rc"] = rig.finish(procs[side], 300)
         case.stamp("both exited")
+        case.count_drops()
         stats = mon.finish(catch_up_s=30.0, settle_s=1.0)
     finally:
         mon.stop()  # idempotent
-    ping = stats.as_dict()
-    ping.pop("in_flight", None)
-    case.facts.update(
-        ping=ping,
-        source_status=case.status("source"),
-        dest_status=case.status("dest"),
-        left=case.left(),
-        logs={
-            name: rig.log(name).splitlines()
-            for name in sorted(os.listdir(rig.tmp))
-            if name.endswith(".log")
-        },  # fmt: skip
-    )
+    case.record_end(stats, sorted(n for n in os.listdir(rig.tmp) if n.endswith(".log")))
     return case.facts
+
+
+def run_two_vms(name: str, rig: Rig, client: Client) -> dict:
+    """Two VMs on node a migrate to node b at the same time through the real cutover,
+    each with its own ports, pod netns and node-b tap, both tunnelled over the one
+    `kmr-` device the kernel allows between two nodes; the client pings both all along
+    (every TWO_VM_INTERVAL each)."""
+    second = Rig(
+        rig.guest,
+        rig.tmp / "vm2",
+        kata_pod=True,
+        qemu=rig.qemu,
+        boot_timeout=rig.boot_timeout,
+        ready_timeout=rig.ready_timeout,
+        lab=rig.lab,
+        own_lab=False,
+        tap="tap1_kata",
+        vm_ip=VM2_IP,
+    )
+    second.tmp.mkdir()
+    try:
+        second.up()
+        return _two_vms(name, [Case(name, rig, client), Case(name, second, client)])
+    finally:
+        second.down()
+
+
+def _two_vms(name: str, cases: list[Case]) -> dict:
+    ports: list[tuple[str, ...]] = [(), VM2_PORTS]
+    mons = [
+        PingMonitor.local(c.rig.vm_ip, TWO_VM_INTERVAL, netns=c.client.netns).start() for c in cases
+    ]
+    procs: list[dict[str, subprocess.Popen]] = [{}, {}]
+    facts: dict[str, Any] = {"case": name}
+    try:
+        for mon in mons:
+            mon.wait_replies(10, timeout=300)
+        for case, port, proc in zip(cases, ports, procs, strict=True):
+            proc["dest"] = case.katamaran("dest", "dest.log", None, *port)
+        for case, proc in zip(cases, procs, strict=True):
+            case.rig.wait_for_line("dest.log", "destination ready", 600, proc["dest"])
+        for case, port, proc in zip(cases, ports, procs, strict=True):
+            proc["source"] = case.katamaran("source", "source.log", None, *port)
+        for case, proc in zip(cases, procs, strict=True):
+            wait_for_text(case.rig.tmp / "source.log", "migrating RAM", 900, proc["source"])
+        # both in their RAM phase before either holds: the migrations overlap
+        facts["both_under_way"] = all(p["source"].poll() is None for p in procs)
+        for case, proc in zip(cases, procs, strict=True):
+            wait_for_text(case.rig.tmp / "source.log", "holding tunnel", 900, proc["source"])
+            case.stamp("source hold began")
+        time.sleep(CONVERGE_DELAY)  # the CNI converges mid-hold, as in the e2e
+        for case in cases:
+            case.converge()
+        for case, proc in zip(cases, procs, strict=True):
+            for side in ("source", "dest"):
+                case.facts[f"{side}_rc"] = case.rig.finish(proc[side], 300)
+            case.stamp("both exited")
+        for case in cases:
+            case.count_drops()
+        stats = [mon.finish(catch_up_s=30.0, settle_s=1.0) for mon in mons]
+    finally:
+        for mon in mons:
+            mon.stop()  # idempotent
+    for key, case, stat in zip(("vm1", "vm2"), cases, stats, strict=True):
+        case.record_end(stat, ["source.log", "dest.log"])
+        facts[key] = case.facts
+    return facts
 
 
 def signal_source(sig: signal.Signals) -> Callable[[Case, dict], None]:
@@ -304,6 +403,26 @@ def signal_dest_at_pause(case: Case, procs: dict) -> None:
     procs["source"].send_signal(signal.SIGCONT)
 
 
+def dest_vm_stalls(case: Case, procs: dict) -> None:
+    """The destination VM does not run for STALL_S right after it resumed: its QEMU is
+    stopped (SIGSTOP), as a cold nested-TCG guest stalled in the e2e (pings answered
+    after up to 10 s, 12 of them lost in one CI run).  Everything sent meanwhile waits
+    in the tap's ring (sized by katamaran for the plug) and must be answered once the
+    VM runs again; the CNI converges mid-stall, the holds end during it."""
+    wait_for_text(case.rig.tmp / "dest.log", "VM resumed", 300, procs["dest"])
+    pid = case.rig.dst.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the QEMU this scenario started, by its PID
+    case.stamp("destination QEMU stopped")
+    try:
+        time.sleep(CONVERGE_DELAY)
+        case.converge()
+        time.sleep(STALL_S - CONVERGE_DELAY)  # the fault's length, not a wait for something
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    case.stamp("destination QEMU continued")
+
+
 def _exited_within(proc: subprocess.Popen, timeout: float) -> float | None:
     t0 = time.monotonic()
     try:
@@ -337,14 +456,18 @@ CASES: dict[str, Fault] = {
         failpoint="switched",
         ping_size=1400,
     ),
+    "dest-vm-stalls": Fault(dest_vm_stalls),
 }
+
+
+TWO_VMS = "two-vms"  # run_two_vms: no single fault, two migrations at once
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
         parser.add_argument(name, default="")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join([*CASES, TWO_VMS]))
     args = parser.parse_args()
     guest = GuestImage(Path(args.kernel), Path(args.initrd), "")
     qemu = WorkloadQemu(args.qemu, args.qemu_datadir, "")
@@ -359,7 +482,10 @@ def main() -> int:
             rig.up()
             client.up()
             _say(f"{name}: nested guest up in {time.monotonic() - t0:.0f} s")
-            results[name] = run_case(name, rig, client, CASES[name])
+            if name == TWO_VMS:
+                results[name] = run_two_vms(name, rig, client)
+            else:
+                results[name] = run_case(name, rig, client, CASES[name])
         except Exception as err:  # noqa: BLE001 - one case's failure is that case's fact
             results[name] = {"case": name, "error": f"{type(err).__name__}: {err}"[:4000]}
         finally:

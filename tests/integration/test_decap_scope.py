@@ -52,6 +52,18 @@ def test_two_migrations_share_the_tunnel_but_nothing_else(facts):
     assert facts["shared_tunnel_kept"] and facts["dst_kept_for_second"]
 
 
+def test_a_destination_starting_beside_another_does_not_sweep_its_new_tunnel(facts):
+    """Two destinations starting at once: B's leftover sweep ran while A had created the
+    shared tunnel and nothing of A used it yet.  B waited for A's lock, then found the
+    device in use and kept it (before, it deleted it as "left by an earlier run": the
+    two-VM hold case printed `removed tunnel kmr-...`)."""
+    race = facts["setup_race"]
+    assert race["fresh"] and race["tunnel_made"], race
+    assert race["sweep_waited"], race
+    assert race["tunnel_kept"] and race["swept"] == [], race
+    assert race["gone_after"], race  # A, its last user, removed it
+
+
 def test_hold_holds_and_its_end_drops_nothing_at_10ms(facts):
     assert facts["held_at_resume"] > 0 and facts["vm_echos_while_held"] == 0
     ping = facts["hold_ping"]

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from pytest_katamaran.checks.ping import PING_RCVBUF
+
 RESULT_TESTS = """
 import pytest
 from pytest_katamaran.checks.ping import parse_ping_output
@@ -118,6 +120,8 @@ def test_ping_fixture_wiring(pytester: pytest.Pytester):
     assert data["results"]["ping"]["lost"] == [] and data["results"]["ping"]["sent"] > 5
     # the interval the test's ping really used, and how much of it was answered
     assert data["katamaran"]["ping_intervals_used"] == [0.02]
+    # its socket's receive buffer, widened beside it (the kernel doubles what is set)
+    assert data["katamaran"]["ping_rcvbufs"] == [2 * PING_RCVBUF]
     assert data["results"]["ping"]["answer_rate"] > 0.5
     raw = pytester.path / "results" / "test_pings.py_test_ping_zero_drop.ping1.txt"
     assert "bytes from 127.0.0.1" in raw.read_text()

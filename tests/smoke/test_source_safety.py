@@ -8,6 +8,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from katamaran import cli
 from katamaran.errors import KatamaranError, OutcomeUncertain, UsageError
-from katamaran.lock import VMLock
+from katamaran.lock import VMLock, lock_file, qemu_identity, unlock_file
 from katamaran.progress import Progress
 from katamaran.source import Phase
 
@@ -30,6 +32,38 @@ def test_second_lock_on_the_same_socket_is_refused_with_the_holder_pid(tmp_path)
     )
     with VMLock(sock, [tmp_path / "locks"]):  # released: free again
         pass
+    assert list((tmp_path / "locks").iterdir()) == []  # and nothing left behind
+
+
+def _waiting_on(inode: int) -> bool:
+    """Whether some process is blocked in flock on ``inode`` (/proc/locks' `->` lines)."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[6].split(":")[-1] == str(inode):
+            return True
+    return False
+
+
+def test_a_waiter_on_a_released_lock_file_locks_the_new_file_not_the_orphan(tmp_path):
+    """The holder unlinks its file on release; one who waited on the old inode retries."""
+    path = tmp_path / "dev.lock"
+    held = lock_file(path, wait=False)
+    inode = os.fstat(held).st_ino
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(lock_file(path, wait=True)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not _waiting_on(inode):  # the waiter is in flock on the file about to go
+        assert time.monotonic() < deadline, "the waiter never blocked on the lock"
+        time.sleep(0.01)
+    unlock_file(path, held)
+    waiter.join(10)
+    assert got, "the waiter never got the lock"
+    assert os.fstat(got[0]).st_ino == path.stat().st_ino  # the file at the path, locked
+    with pytest.raises(BlockingIOError):
+        lock_file(path, wait=False)
+    unlock_file(path, got[0])
+    assert not path.exists()
 
 
 def test_lock_is_per_resolved_path_and_held_across_processes(tmp_path):
@@ -811,3 +845,44 @@ def test_a_netlink_error_in_cleanup_stops_no_other_step():
     assert "cleanup: removing tunnel kmr-0: (19, 'No such device')" in said
     assert calls.index("give the feed back") < calls.index("close divert"), calls
     assert calls[-2:] == ["remove tunnel", "close tunnel"], calls
+
+
+def test_qemu_identity_is_pid_and_start_time_even_with_a_parenthesised_name(tmp_path):
+    """The pair a reused pid cannot repeat; a command name like `a) b` must not shift it."""
+    odd = tmp_path / "a) b"
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import time; time.sleep(30)"])
+    try:
+        fields = Path(f"/proc/{child.pid}/stat").read_text().split()
+        assert "b)" in fields  # the name really splits the naive way
+        start = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        assert qemu_identity(child.pid) == f"{child.pid}:{start}"
+        assert qemu_identity(child.pid) != qemu_identity(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert qemu_identity(child.pid) is None  # gone
+    assert qemu_identity(None) is None
+
+
+def test_a_journal_saved_for_another_qemu_is_dropped_not_applied(tmp_path):
+    """Same -qmp path, another QEMU process: its saved settings and `was_running` would
+    be put on the wrong VM; the run says so and starts clean."""
+    from katamaran.config import Config
+    from katamaran.source import SourceMigration
+
+    lock = VMLock(tmp_path / "qmp.sock", [tmp_path / "locks"])
+    out = io.StringIO()
+    mon = types.SimpleNamespace(peer_pid=os.getpid(), path=tmp_path / "qmp.sock")
+    with lock:
+        source = SourceMigration(Config(mode="source"), mon, Progress(out), lock)  # type: ignore[arg-type]
+        mine = {"parameters": {"downtime-limit": 300}, "was_running": True}
+        lock.save_state({**mine, "qemu": qemu_identity(os.getpid())})
+        assert source._journal() == {**mine, "qemu": qemu_identity(os.getpid())}
+        lock.save_state({**mine, "qemu": "1:1"})  # init's pid, another start time
+        assert source._journal() is None
+        assert lock.load_state() is None
+    assert out.getvalue().strip() == (
+        f"katamaran: WARNING: ignored the settings a killed katamaran saved for another QEMU "
+        f"at {tmp_path / 'qmp.sock'} (1:1, now {qemu_identity(os.getpid())})"
+    )
