@@ -148,6 +148,10 @@ class Rig:
     # Another QEMU for both sides (binary, its firmware dir for -L), e.g. backports' 10.0
     # (pytest_katamaran.qemu.binary.backports_qemu) for what QEMU 7.2 lacks.
     qemu: WorkloadQemu | None = None
+    # The destination QEMU's own netns (made by the caller, holding only lo; the rig adds
+    # its tap there): a Kata QEMU lives in its pod's netns, where node traffic cannot
+    # reach it.  None: node b's, as katamaran.
+    dest_netns: str | None = None
     # Inside a TCG lab node the guest is nested TCG, ~17x slower: the boot and
     # "destination ready" waits are fields.
     boot_timeout: float = 120.0
@@ -177,8 +181,10 @@ class Rig:
             self.src_tap.add_pod_route()
             self.dest_tap = prepare_dest_tap(self.lab.b.netns, pod_ip=self.vm_ip)
         else:
-            for node in self.lab.nodes:
-                with ipr(node.netns) as ip:
+            for netns in [n.netns for n in self.lab.nodes] + [self.dest_netns]:
+                if netns is None:
+                    continue
+                with ipr(netns) as ip:
                     ip.link("add", ifname=self.tap, kind="tuntap", mode="tap")
                     ip.link("set", index=ip.link_lookup(ifname=self.tap)[0], state="up")
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
@@ -229,7 +235,7 @@ class Rig:
         dst_spec = spec.for_destination(
             disk=self.dst_disk, incoming=incoming, run_dir=self.tmp / "b"
         )
-        self.dst.start(dst_spec, netns=self.lab.b.netns)
+        self.dst.start(dst_spec, netns=self.dest_netns or self.lab.b.netns)
 
     def forget_journals(self) -> None:
         """Remove what a killed katamaran saved next to its lock for this rig's VMs (the

@@ -23,9 +23,24 @@ pytestmark = [
 ]
 
 SCENARIO = __file__.replace("test_hold_faults.py", "hold_scenario.py")
-SIGNAL_CASES = ["sigint-source", "sigterm-source", "sighup-source"]
-DEST_SIGNAL_CASES = ["sigterm-dest", "sighup-dest"]
-GATE_CASES = ["sigint-at-gate", "sigterm-at-gate", "sighup-at-gate"]
+# One signal per place (each of SIGINT, SIGTERM, SIGHUP runs somewhere): katamaran takes
+# the three through one handler, and each case costs a nested boot (~60-100 s) in a run
+# that must stay inside CI's time.  hold_scenario.py keeps the others (`--cases
+# sigint-source,sigterm-source,...`): all passed in every full run until 2026-12-02.
+SIGNAL_CASES = ["sighup-source"]
+DEST_SIGNAL_CASES = ["sigterm-dest"]
+GATE_CASES = ["sigint-at-gate"]
+OTHER_CASES = [
+    "sigkill-source-rerun",
+    "sigkill-dest-rerun",
+    "dest-qemu-killed",
+    "sigterm-at-pause",
+    "sigterm-dest-at-pause",
+    "sigterm-after-switch",
+    "dest-vm-stalls",
+    "two-vms",
+]
+SUITE = SIGNAL_CASES + DEST_SIGNAL_CASES + GATE_CASES + OTHER_CASES
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +51,7 @@ def cases(node_lab_config, qemu_backports):
     guest = build_guest()
     args = [SCENARIO, "--kernel", str(guest.kernel), "--initrd", str(guest.initrd)]
     args += ["--qemu", qemu_backports.binary, "--qemu-datadir", qemu_backports.datadir]
+    args += ["--cases", ",".join(SUITE)]
     try:
         return run_in_node(args, results_dir=node_lab_config.results_dir, timeout=3000)
     except NoNodeImage as err:

@@ -249,6 +249,44 @@ def test_scanners_on_both_ports_do_not_disturb_the_wait(rig_factory):
     no_listener_left(rig, 4444, 10809)
 
 
+@pytest.fixture
+def isolated_netns():
+    """A netns with only lo (before rig_factory: it goes after the rig's QEMU)."""
+    name = f"kmr-iso-{os.urandom(3).hex()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.qemu
+def test_a_destination_qemu_in_its_own_netns_gets_both_streams(isolated_netns, rig_factory):
+    """A Kata QEMU lives in its pod's netns, which node traffic does not reach: the
+    destination katamaran accepts the NBD and migration connections in the node's netns
+    and hands them to QEMU (getfd), so the migration (storage and RAM) completes though
+    QEMU's netns holds nothing but lo and its tap and has no route to the source."""
+    iso = isolated_netns
+    rig = rig_factory(dest_netns=iso)
+    rig.up()
+    unreachable = subprocess.run(
+        ["ip", "-n", iso, "route", "get", "10.0.0.1"], capture_output=True, text=True
+    )
+    assert unreachable.returncode != 0, unreachable.stdout  # no way to the source
+    dest = rig.start_dest("-source-ip", "10.0.0.1")
+    source = rig.start_source()
+    migrated(rig, source, dest)
+    log = rig.log("dest.log")
+    assert "migration stream from 10.0.0.1 handed to QEMU" in log, log
+    listening = subprocess.run(
+        ["ip", "netns", "exec", iso, "ss", "-Htln"], capture_output=True, text=True
+    )
+    assert listening.stdout.strip() == "", listening.stdout  # QEMU never listened
+    assert f"storage synchronized ({rig.disk_mib}.0 MiB)" in rig.log("source.log")
+    no_listener_left(rig, 4444, 10809)
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize(
     ("source_ip", "dest_ip"),
