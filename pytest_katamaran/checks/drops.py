@@ -94,7 +94,8 @@ def drops_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
 
 
 def describe_drops(delta: dict[str, dict[str, int]]) -> str:
-    """One line per node: `node-b: link tap0_kata tx_dropped +12, ...` or `none`."""
+    """One line per node: `drops counted on node-b: link tap0_kata tx_dropped +12, ...`
+    (`none` where nothing moved)."""
     lines = []
     for node, moved in delta.items():
         what = ", ".join(f"{k} {v:+d}" for k, v in sorted(moved.items())) or "none"

@@ -251,12 +251,13 @@ def run_two_vms(name: str, rig: Rig, client: Client) -> dict:
 
 def _two_vms(name: str, cases: list[Case]) -> dict:
     ports: list[tuple[str, ...]] = [(), VM2_PORTS]
-    mons = [
-        PingMonitor.local(c.rig.vm_ip, TWO_VM_INTERVAL, netns=c.client.netns).start() for c in cases
-    ]
+    mons: list[PingMonitor] = []
     procs: list[dict[str, subprocess.Popen]] = [{}, {}]
     facts: dict[str, Any] = {"case": name}
     try:
+        for case in cases:  # each started one is stopped below, whatever fails
+            mon = PingMonitor.local(case.rig.vm_ip, TWO_VM_INTERVAL, netns=case.client.netns)
+            mons.append(mon.start())
         for mon in mons:
             mon.wait_replies(10, timeout=300)
         for case, port, proc in zip(cases, ports, procs, strict=True):
