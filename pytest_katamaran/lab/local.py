@@ -83,6 +83,21 @@ def wait_for_path(path: Path, timeout: float, proc: subprocess.Popen | None = No
         time.sleep(0.05)
 
 
+def blocked_in_flock(path: Path) -> bool:
+    """Whether some thread is blocked in flock on the file now at ``path`` (the `->`
+    lines of /proc/locks name the inode they wait for): how a lock test knows its
+    waiter is waiting, instead of sleeping and hoping."""
+    try:
+        inode = str(path.stat().st_ino)
+    except FileNotFoundError:
+        return False
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 6 and fields[1] == "->" and fields[6].split(":")[-1] == inode:
+            return True
+    return False
+
+
 def wait_stopped(proc: subprocess.Popen, timeout: float) -> None:
     """Until `proc` is stopped (SIGSTOP: a failpoint, see katamaran.failpoint); fails at
     once if it exits first."""

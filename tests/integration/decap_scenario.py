@@ -33,6 +33,7 @@ from katamaran.network import (
     fit_tap_queue,
     tunnel_name,
 )
+from pytest_katamaran.lab.local import blocked_in_flock
 
 CLONE_NEWNET = 0x40000000
 VM_IP, OTHER_IP, VM2_IP = "10.8.0.9", "10.8.0.10", "10.8.0.19"
@@ -226,19 +227,6 @@ def churn() -> dict[str, dict[str, int]]:
     return out
 
 
-def _waiting_on(path: Path) -> bool:
-    """Whether a thread is blocked in flock on `path` (/proc/locks' `->` lines)."""
-    try:
-        inode = str(path.stat().st_ino)
-    except FileNotFoundError:
-        return False
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 6 and fields[1] == "->" and fields[6].split(":")[-1] == inode:
-            return True
-    return False
-
-
 def setup_race(vm_mac: str) -> dict[str, object]:
     """Two destinations start at once: B sweeps its leftovers while A has created the
     shared tunnel and nothing of A uses it yet (A held there, B run meanwhile).  B must
@@ -259,7 +247,7 @@ def setup_race(vm_mac: str) -> dict[str, object]:
             sweep.start()
             lock = Path(f"/run/lock/katamaran-{name}.lock")
             deadline = time.monotonic() + 20
-            while sweep.is_alive() and not _waiting_on(lock) and time.monotonic() < deadline:
+            while sweep.is_alive() and not blocked_in_flock(lock) and time.monotonic() < deadline:
                 time.sleep(0.01)
             out["sweep_waited"] = sweep.is_alive()  # blocked on A's lock, not done
             make_hold(tap_index)

@@ -20,6 +20,7 @@ from katamaran.errors import KatamaranError, OutcomeUncertain, UsageError
 from katamaran.lock import VMLock, lock_file, qemu_identity, unlock_file
 from katamaran.progress import Progress
 from katamaran.source import Phase
+from pytest_katamaran.lab.local import blocked_in_flock
 
 
 def test_second_lock_on_the_same_socket_is_refused_with_the_holder_pid(tmp_path):
@@ -35,25 +36,15 @@ def test_second_lock_on_the_same_socket_is_refused_with_the_holder_pid(tmp_path)
     assert list((tmp_path / "locks").iterdir()) == []  # and nothing left behind
 
 
-def _waiting_on(inode: int) -> bool:
-    """Whether some process is blocked in flock on ``inode`` (/proc/locks' `->` lines)."""
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[1] == "->" and fields[6].split(":")[-1] == str(inode):
-            return True
-    return False
-
-
 def test_a_waiter_on_a_released_lock_file_locks_the_new_file_not_the_orphan(tmp_path):
     """The holder unlinks its file on release; one who waited on the old inode retries."""
     path = tmp_path / "dev.lock"
     held = lock_file(path, wait=False)
-    inode = os.fstat(held).st_ino
     got: list[int] = []
     waiter = threading.Thread(target=lambda: got.append(lock_file(path, wait=True)))
     waiter.start()
     deadline = time.monotonic() + 10
-    while not _waiting_on(inode):  # the waiter is in flock on the file about to go
+    while not blocked_in_flock(path):  # the waiter is in flock on the file about to go
         assert time.monotonic() < deadline, "the waiter never blocked on the lock"
         time.sleep(0.01)
     unlock_file(path, held)
