@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "synchronized, where QEMU 8.2+ can switch), 'background' or 'write-blocking' "
         f"(default {config.COPY_MODE})",
     )
+    _flag(
+        parser,
+        "early-ram",
+        action="store_true",
+        help="source: start the RAM copy while the disk is still mirrored, held at the "
+        "switchover gate until the mirror is READY (needs QEMU 8.2+, KVM or 9.0+ under TCG, "
+        "and -vm-ip; elsewhere the disk is synchronized first, as without it)",
+    )
     for name, default, what in (
         ("migration-timeout", config.MIGRATION_TIMEOUT, "RAM migration must complete within"),
         ("storage-sync-timeout", config.STORAGE_SYNC_TIMEOUT, "drive-mirror must sync within"),
@@ -271,6 +279,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         drive_id=args.drive_id,
         shared_storage=args.shared_storage,
         copy_mode=args.copy_mode,
+        early_ram=args.early_ram,
         migration_timeout=_number("migration-timeout", args.migration_timeout),
         storage_sync_timeout=_number("storage-sync-timeout", args.storage_sync_timeout),
         qmp_timeout=_number("qmp-timeout", args.qmp_timeout),

@@ -50,6 +50,7 @@ class Config:
     drive_id: str = DEFAULT_DRIVE_ID
     shared_storage: bool = False
     copy_mode: str = COPY_MODE
+    early_ram: bool = False  # source: RAM copied while the mirror copies (see Source)
     migration_timeout: float = MIGRATION_TIMEOUT
     storage_sync_timeout: float = STORAGE_SYNC_TIMEOUT
     qmp_timeout: float = QMP_TIMEOUT

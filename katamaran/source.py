@@ -216,6 +216,10 @@ class SourceMigration:
         self.gate: SwitchoverGate | None = None  # see gate
         self.no_gate = ""  # why there is none
         self.held_at: float | None = None  # loop time the gate's hold began (see _hold_at_gate)
+        self.tcg_flaw: str | None = None  # see migration.tcg_dirty_tracking_flaw
+        self.mirror_sync: asyncio.Future[None] | None = None  # -early-ram: the mirror's READY
+        self.capped_at_gate = False  # -early-ram: bandwidth capped at the gate until READY
+        self.storage_ready = False  # -early-ram: the background mirror sync reached READY
 
     async def run(self) -> Summary:
         try:
@@ -232,6 +236,9 @@ class SourceMigration:
 
     async def _run(self) -> Summary:
         await self._check_state()
+        self.tcg_flaw = await migration.tcg_dirty_tracking_flaw(self.mon)
+        if self.tcg_flaw:
+            self.progress.warn(self.tcg_flaw)
         await self._save_settings()
         await migration.set_capabilities(self.mon)
         await migration.set_parameters(self.mon, self.cfg)
@@ -245,12 +252,15 @@ class SourceMigration:
             mirror = await self._mirror()
         # Needed only from the switchover on: made while QEMU copies the disk.
         await self._prepare_tunnel()
-        if mirror is not None:
-            await self._mirror_synchronized(*mirror)
+        if mirror is not None and not (self.cfg.early_ram and self.gate):
+            await self._synchronize_first(mirror)
+            mirror = None
         self._watch_taps()
         # 0.5 s on a nested TCG node: made while QEMU copies RAM, awaited at the switch
         self.diverts_ready = asyncio.ensure_future(self._prepare_diverts())
         await self._take_switchover_decision()
+        if mirror is not None:
+            await self._start_early_ram(mirror)
         self.phase = Phase.RAM
         summary = await self._migrate()
         try:
@@ -281,6 +291,8 @@ class SourceMigration:
                 return "at the switchover (VM paused, its traffic in the tunnel)"
             if self.kept_to_commit:
                 return "at the switchover (VM paused, its packets kept by katamaran)"
+            if self.mirror_sync is not None and not self.storage_ready:
+                return "during the disk mirror and RAM copy (-early-ram)"
         return self.phase.value
 
     def on_signal(self, name: str) -> bool:
@@ -523,13 +535,14 @@ class SourceMigration:
         """Lower QEMU's own downtime-limit so the pause is katamaran's call (_converged).
 
         QEMU then pauses the VM by itself only when almost nothing is left.  Skipped
-        where extra RAM passes are unsafe (see tcg_dirty_tracking_is_reliable): there
+        where extra RAM passes are unsafe (see tcg_dirty_tracking_flaw): there
         katamaran only races QEMU's identical test.
         """
-        if not (self.taps and self.taps.fds):
+        early = self.cfg.early_ram and self.gate is not None and not self.cfg.shared_storage
+        if not (self.taps and self.taps.fds) and not early:  # -early-ram needs the gate
             await self._remove_gate()  # nothing to take from the tap before the pause
             return  # nothing to drain: QEMU's own timing is as good
-        if not await migration.tcg_dirty_tracking_is_reliable(self.mon):
+        if self.tcg_flaw:
             self.progress.step(
                 "this QEMU's TCG dirty tracking is unreliable over many RAM passes (< 9.0): "
                 "leaving the pause to QEMU; what the VM has not read from its tap by then "
@@ -558,7 +571,7 @@ class SourceMigration:
         params = await self.mon.execute("query-migrate-parameters")
         if "avail-switchover-bandwidth" not in params:
             return  # QEMU < 8.2: no 1-byte threshold for the gate to hold
-        if not await migration.tcg_dirty_tracking_is_reliable(self.mon):
+        if self.tcg_flaw:
             return  # the decision is left to QEMU there
         try:
             self.gate, self.no_gate = await SwitchoverGate.place(self.mon, self.cfg.drive_id)
@@ -729,6 +742,58 @@ class SourceMigration:
                 "what the guest writes last is drained while the VM is paused"
             )
 
+    async def _synchronize_first(self, mirror: tuple[int, bool]) -> None:
+        """The mirror READY before `migrate` (the usual order); under -early-ram, where
+        no gate could be closed, one line says why."""
+        if self.cfg.early_ram:
+            if self.tcg_flaw:
+                why = "TCG before QEMU 9.0"
+            elif not self.cfg.vm_ip:
+                why = "no -vm-ip"
+            else:
+                why = self.no_gate or "QEMU < 8.2 (no avail-switchover-bandwidth)"
+            self.progress.step(f"-early-ram: no switchover gate ({why})")
+        await self._mirror_synchronized(*mirror)
+
+    async def _start_early_ram(self, mirror: tuple[int, bool]) -> None:
+        """-early-ram: the mirror goes on synchronizing in the background and `migrate`
+        starts now, its RAM pass overlapping the disk copy, where the gate can hold QEMU
+        after that pass until the mirror is READY (see gate; the RAM loop keeps it closed
+        meanwhile).  Without a closed gate QEMU could pause the VM before READY and wait
+        with it paused for the disk: the disk is synchronized first, as without the flag.
+        """
+        if self.gate is None:  # the decision could not close it (no_gate says why)
+            await self._synchronize_first(mirror)
+            return
+
+        async def synchronize() -> None:
+            await self._mirror_synchronized(*mirror)
+            self.storage_ready = True
+
+        self.mirror_sync = asyncio.ensure_future(synchronize())
+        self.progress.step("-early-ram: RAM copied while the disk is mirrored")
+
+    def _storage_in_sync(self) -> bool:
+        """Whether the mirror is READY (or there is none): before that the gate stays
+        closed and no switchover is taken.  A failed background sync raises here."""
+        if self.mirror_sync is None:
+            return True
+        if not self.mirror_sync.done():
+            return False
+        self.mirror_sync.result()  # its KatamaranError ends the RAM loop
+        return True
+
+    async def _cap_at_gate(self) -> None:
+        """QEMU sent its first pass before the disk is READY and spins at the gate (see
+        gate): cap its bandwidth until then; _hold_at_gate lifts the cap."""
+        if self.capped_at_gate:
+            return
+        params = await self.mon.execute("query-migrate-parameters")
+        self.saved_params.setdefault("max-bandwidth", params["max-bandwidth"])
+        await self.mon.execute("migrate-set-parameters", {"max-bandwidth": DRAIN_MAX_BANDWIDTH})
+        self.capped_at_gate = True
+        self.progress.step("first RAM pass sent before the disk: held at the switchover gate")
+
     async def _make_write_blocking(self) -> None:
         """-copy-mode auto, at READY: from now on each guest write completes on both disks.
 
@@ -830,8 +895,14 @@ class SourceMigration:
             info = await self._ask("query-migrate")
             if info is None:
                 continue  # the STOP that came meanwhile is handled first
+            in_sync = self._storage_in_sync()
+            if not in_sync:  # -early-ram: the storage has its own timeout until READY
+                self.deadline = loop.time() + self.cfg.migration_timeout
             if self.gate and not self.gate.opened and waits_at_gate(info):
-                await self._hold_at_gate(info, mark)
+                if in_sync:
+                    await self._hold_at_gate(info, mark)
+                else:
+                    await self._cap_at_gate()
                 continue
             if (
                 self.held_at is not None
@@ -842,7 +913,7 @@ class SourceMigration:
             if loop.time() >= next_show:
                 self._show_ram(info)
                 next_show = loop.time() + 1.0
-            if not self.switchover_started and await self._converged(info):
+            if not self.switchover_started and in_sync and await self._converged(info):
                 await self._switchover(info, mark)
         info = await self.mon.execute("query-migrate")
         ram = info.get("ram", {})
@@ -1409,7 +1480,9 @@ class SourceMigration:
         Both are restored when the limit is lifted, or in _cleanup.
         """
         params = await self.mon.execute("query-migrate-parameters")
-        self.saved_params.update({key: params[key] for key in EASED_PARAMS if key in params})
+        for key in EASED_PARAMS:  # the values before katamaran capped anything
+            if key in params:
+                self.saved_params.setdefault(key, params[key])
         throttles = dict.fromkeys(migration.THROTTLE_PARAMS, 1)
         eased = {"max-bandwidth": DRAIN_MAX_BANDWIDTH, **throttles}
         await self.mon.execute("migrate-set-parameters", eased)
@@ -1500,6 +1573,7 @@ class SourceMigration:
         """Undo everything not needed any more; every step tolerates a dead QEMU, and a
         step that fails (any exception) never keeps the others from running."""
         await self._end_stop_watch()  # before the taps close: its take may be reading them
+        await self._end_mirror_sync()
         self._release_taps()
         await self._regain_monitor()
         steps: list[tuple[str, object]] = []
@@ -1544,6 +1618,16 @@ class SourceMigration:
                 await netlink(self.tunnel.close)
             except Exception as err:  # noqa: BLE001
                 self.progress.warn(f"cleanup: closing netlink: {err}")
+
+    async def _end_mirror_sync(self) -> None:
+        """-early-ram: stop waiting for READY (the job itself is cancelled below); its
+        failure, already reported through the RAM loop or superseded, is not raised."""
+        task = self.mirror_sync  # kept: `where` still names the phase it ended in
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
     async def _release_hold(self, what: str) -> tuple[int, int]:
         """tapqueue.Hold.release off the event loop: (held, sent); (0, 0) with a warning

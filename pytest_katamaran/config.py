@@ -143,10 +143,17 @@ class KatamaranConfig:
     tuning: Tuning = Tuning()
 
     def pod_ping_interval(self, accel: Accel | None) -> float:
-        """The ping interval towards a nested pod: the user's, else a rate TCG can answer."""
-        if not self.ping_interval_set and accel is not None and accel.name == "tcg":
+        """The ping interval towards a nested pod: the user's, else a rate TCG can answer
+        (the fastest one: see `paces_pod_ping`)."""
+        if self.paces_pod_ping(accel):
             return self.tuning.nested_tcg_ping_interval
         return self.ping_interval
+
+    def paces_pod_ping(self, accel: Accel | None) -> bool:
+        """Whether the ping towards a nested pod is paced (pytest_katamaran.checks.pace):
+        under TCG, unless the user set --ping-interval.  The pod is probed first and
+        pinged at --nested-tcg-ping-interval, or slower if it cannot answer that."""
+        return not self.ping_interval_set and accel is not None and accel.name == "tcg"
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> KatamaranConfig:

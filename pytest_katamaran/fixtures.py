@@ -19,13 +19,14 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pytest_katamaran import backend as _backend
+from pytest_katamaran.checks.pace import pace
 from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.config import KatamaranConfig
 from pytest_katamaran.errors import KataUnavailable, RuntimeNotImplemented
@@ -272,7 +273,9 @@ def ping(
     NIC's 10.0.2.15, identical on both nodes), which node B answers locally once the pod
     lives there.  ``source=""`` lets the kernel choose.  ``node=None`` pings from this
     host.  The interval is ``--ping-interval``; towards a ``KataPod`` under TCG without
-    ``--ping-interval`` it is ``--nested-tcg-ping-interval``.  ``.wait_replies(n)``,
+    ``--ping-interval`` it is ``--nested-tcg-ping-interval``, or slower if the pod cannot
+    answer that many: the pod is probed first (pytest_katamaran.checks.pace) and the
+    choice is written in the ping's notes.  ``.wait_replies(n)``,
     ``.finish()`` / ``.stop()`` give the stats for ``assert_zero_drop``.  Every monitor
     still running is stopped at teardown; in a test using ``results`` its raw output is
     kept as ``<results-dir>/<test>.ping<N>.txt``.
@@ -284,19 +287,28 @@ def ping(
         node: Any, target: Any, interval: float | None = None, source: str | None = None
     ) -> PingMonitor:
         ip = target.ip if isinstance(target, KataPod) else str(target)
-        every = interval
+        src = getattr(node, "private_ip", None) if source is None else source
+
+        def monitor(every: float, more: Sequence[str] = ()) -> PingMonitor:
+            if node is None:
+                return PingMonitor.local(ip, every, extra_args=more)
+            extra = ("-I", src, *more) if src else tuple(more)
+            name = f"ping {ip} from {node.name}" + (f" ({src})" if src else "")
+            return PingMonitor(node.ssh, ip, every, name=name, extra_args=extra)
+
+        ready = 10.0 if node is None else 60.0
+        every, notes = interval, []
         if every is None and isinstance(target, KataPod):
-            every = katamaran_config.pod_ping_interval(request.getfixturevalue("accelerator"))
+            accel = request.getfixturevalue("accelerator")
+            every = katamaran_config.pod_ping_interval(accel)
+            if katamaran_config.paces_pod_ping(accel):  # a nested TCG guest: measured
+                paced = pace(lambda i, more: monitor(i, more).start(ready_timeout=ready), every)
+                every, notes = paced.interval, [paced.describe()]
         if every is None:
             every = katamaran_config.ping_interval
-        if node is None:
-            monitor = PingMonitor.local(ip, every)
-            return _started(monitors, monitor, 10.0)
-        src = getattr(node, "private_ip", None) if source is None else source
-        extra = ("-I", src) if src else ()
-        name = f"ping {ip} from {node.name}" + (f" ({src})" if src else "")
-        monitor = PingMonitor(node.ssh, ip, every, name=name, extra_args=extra)
-        return _started(monitors, monitor, 60.0)
+        started = monitor(every)
+        started.setup_notes.extend(notes)
+        return _started(monitors, started, ready)
 
     yield start
     problems = []

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import py_compile
 import re
 import shlex
 import tarfile
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -750,10 +752,16 @@ def build_zipapp(out: Path, packages: Sequence[str] = BUNDLE_PACKAGES) -> Path:
     have a python3 (Ubuntu 22.04: 3.10, enough for the core) but not our packages, maybe
     no PyPI. ``scp katamaran.pyz node:katamaran && sudo ./katamaran -mode ...`` then works
     with qemu.qmp and pyroute2 (pure Python) vendored inside the archive.
+
+    Each module also goes in compiled by this Python (see `_pyc`): zipimport cannot cache
+    what it compiles, so without them every run compiled pyroute2's ~400 modules again.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    with (
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf,
+        tempfile.TemporaryDirectory() as work,
+    ):
         zf.writestr("__main__.py", _ZIPAPP_MAIN)
         dirs: set[str] = set()
         for path, arcname in _package_files(packages):
@@ -765,11 +773,35 @@ def build_zipapp(out: Path, packages: Sequence[str] = BUNDLE_PACKAGES) -> Path:
                     dirs.add(name)
                     zf.writestr(zipfile.ZipInfo(name), b"")
             zf.write(path, arcname)
+            if path.suffix == ".py":
+                zf.write(_pyc(path, arcname, Path(work)), arcname[:-3] + ".pyc")
     data = tmp.read_bytes()
     tmp.write_bytes(b"#!/usr/bin/env python3\n" + data)  # zip readers allow a prefix
     tmp.chmod(0o755)
     tmp.replace(out)
     return out
+
+
+def _pyc(path: Path, arcname: str, work: Path) -> Path:
+    """`path` compiled by this Python, as zipimport takes it from beside the ``.py``.
+
+    zipimport prefers ``<module>.pyc`` and, when its magic number is not the running
+    Python's (a node with another version), falls back to the ``.py``: right everywhere,
+    fast where the versions match (importing katamaran's cli, dest and source from
+    katamaran.pyz took 0.42-0.63 s without, 0.14-0.31 s with, five runs each on this
+    machine's 3.11: each katamaran process starts that much sooner).  Unchecked-hash:
+    the archive's ``.py`` never changes under it, and a zip's 2-second timestamps would
+    not match a source mtime.
+    """
+    cfile = work / "module.pyc"
+    py_compile.compile(
+        str(path),
+        cfile=str(cfile),
+        dfile=arcname,  # tracebacks name the module's place in the archive
+        doraise=True,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    return cfile
 
 
 # --------------------------------------------------------------------------- QEMU replay

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from katamaran.dest import SYSCTL_JOURNAL
-from katamaran.errors import KatamaranError
+from katamaran.errors import KatamaranError, QMPClosed
 from katamaran.lock import VMLock
 from katamaran.qmp import Monitor
 from pytest_katamaran.agent.node import process_state
@@ -148,6 +148,9 @@ class Rig:
     pod: PodNet | None = None
     dest_tap: DestTap | None = None
     disk_dir: Path | None = None  # where the source disk lives (a test's own small fs)
+    disk_format: str = "qcow2"
+    werror: str | None = None  # the source drive's write-error policy (QEMU's werror)
+    blkdebug: Path | None = None  # blkdebug rules under the source drive (see SandboxSpec)
     # A second VM in another rig's lab (two migrations between the same two nodes):
     # give it that rig's `lab`, own_lab=False and its own tap, VM IP and tmp dir.
     own_lab: bool = True
@@ -174,11 +177,11 @@ class Rig:
 
     @property
     def src_disk(self) -> Path:
-        return (self.disk_dir or self.tmp) / "src.qcow2"
+        return (self.disk_dir or self.tmp) / f"src.{self.disk_format}"
 
     @property
     def dst_disk(self) -> Path:
-        return self.src_disk if self.shared else self.tmp / "dst.qcow2"
+        return self.src_disk if self.shared else self.tmp / f"dst.{self.disk_format}"
 
     def up(self, incoming: str = "defer") -> None:
         if self.own_lab:
@@ -202,14 +205,14 @@ class Rig:
                 with ipr(netns) as ip:
                     ip.link("add", ifname=self.tap, kind="tuntap", mode="tap")
                     ip.link("set", index=ip.link_lookup(ifname=self.tap)[0], state="up")
-        create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        create = ["qemu-img", "create", "-q", "-f", self.disk_format]
         subprocess.run([*create, self.src_disk, f"{self.disk_mib}M"], check=True)
         # Data the guest did not write, so an idle migration still has blocks to copy.
         subprocess.run(
             [
                 "qemu-io",
                 "-f",
-                "qcow2",
+                self.disk_format,
                 "-c",
                 f"write -P 0x5a {self.disk_mib - self.fill_mib}M {self.fill_mib}M",
                 self.src_disk,
@@ -236,6 +239,9 @@ class Rig:
             append=append,
             run_dir=self.tmp / "a",
             disk=self.src_disk,
+            disk_format=self.disk_format,
+            werror=self.werror,
+            blkdebug=self.blkdebug,
             extra_monitor=self.extra_monitor,
             tap=self.tap,
             memory_mib=self.memory_mib,
@@ -398,18 +404,27 @@ class Rig:
         return report
 
     def status(self, box: Sandbox) -> str:
-        """QEMU's run state; if QEMU is gone, say so with its own last words."""
-        if not box.alive():
-            err = box.spec.sandbox_dir / "qemu.stderr" if box.spec else None
-            tail = err.read_text(errors="replace")[-1500:] if err and err.exists() else ""
-            code = box.proc.returncode if box.proc else None
-            console = box.console_log.read_text(errors="replace")[-3000:] if box.spec else ""
-            if "Kernel panic" in console:
-                raise GuestPanicked(console[console.rfind("Kernel panic") :].splitlines()[0])
-            raise AssertionError(
-                f"QEMU exited ({code}); stderr:\n{tail}\nguest console:\n{console}"
-            )
-        return qmp(box.qmp_path, "query-status")["status"]
+        """QEMU's run state; if QEMU is gone, say so with its own last words.
+
+        A QEMU that exits while it is asked (a guest panic under -no-reboot ends it: the
+        CI saw the monitor close under query-status) is given up to 5 s to be gone, and
+        is then reported as gone."""
+        try:
+            if box.alive():
+                return qmp(box.qmp_path, "query-status")["status"]
+        except QMPClosed:  # box.proc is set: it was alive
+            assert box.proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                box.proc.wait(timeout=5)
+            if box.alive():
+                raise
+        err = box.spec.sandbox_dir / "qemu.stderr" if box.spec else None
+        tail = err.read_text(errors="replace")[-1500:] if err and err.exists() else ""
+        code = box.proc.returncode if box.proc else None
+        console = box.console_log.read_text(errors="replace")[-3000:] if box.spec else ""
+        if "Kernel panic" in console:
+            raise GuestPanicked(console[console.rfind("Kernel panic") :].splitlines()[0])
+        raise AssertionError(f"QEMU exited ({code}); stderr:\n{tail}\nguest console:\n{console}")
 
     def down(self) -> None:
         for proc in self.procs:

@@ -6,18 +6,19 @@ the other by a veth pair (10.0.0.1/24 <-> 10.0.0.2/24, fd00:10::1/64 <-> ::2/64)
 Names carry a random suffix so pytest-xdist workers never collide, and teardown
 deletes exactly the two namespaces it created (their links go with them).
 
-The helpers (`netns_preexec`, `write_sysctl`, `popen_in_netns`) live here because
+The helpers (`netns_preexec`, `write_sysctl`, `popen_in_netns`, `scratch_netns`) live here because
 every module that touches a namespace (sandbox, podnet) needs the same few.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,22 @@ def ipr(name: str | None) -> IPRoute:
     if not netns_exists(name):
         raise FileNotFoundError(f"netns {name!r} does not exist")
     return IPRoute(netns=name, flags=0)
+
+
+@contextlib.contextmanager
+def scratch_netns(prefix: str) -> Iterator[str]:
+    """A fresh netns holding only lo (up), named `<prefix>-<random>` so xdist workers
+    never collide, deleted on the way out whatever happened inside (its links go with
+    it): a test's own client, target or isolated QEMU namespace."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    netns.create(name)
+    try:
+        with ipr(name) as ip:
+            ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+        yield name
+    finally:
+        if netns_exists(name):
+            netns.remove(name)
 
 
 @dataclass(frozen=True)

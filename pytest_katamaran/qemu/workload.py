@@ -46,6 +46,11 @@ class SandboxSpec:
     disk: Path | None = None
     disk_format: str = "qcow2"
     drive_id: str = DEFAULT_DRIVE_ID
+    # The drive's write-error policy (QEMU's werror: None keeps its default, enospc).
+    werror: str | None = None
+    # A blkdebug rules file put between the drive's format and its file, so a test can
+    # make QEMU see an I/O error (the source only: for_destination drops it).
+    blkdebug: Path | None = None
     memory_mib: int = 128
     smp: int = 1
     machine: str = "pc"
@@ -106,6 +111,7 @@ class SandboxSpec:
         return dataclasses.replace(
             self,
             disk=self.disk if disk is None else disk,
+            blkdebug=None,
             incoming=incoming,
             run_dir=self.run_dir if run_dir is None else run_dir,
             extra_args=list(self.extra_args),
@@ -181,10 +187,14 @@ def sandbox_argv(spec: SandboxSpec) -> list[str]:
         "node,memdev=dimm1",
     ]
     if spec.disk is not None:
+        file = _opt(spec.disk)
+        if spec.blkdebug is not None:
+            file = f"blkdebug:{_opt(spec.blkdebug)}:{file}"
+        werror = f",werror={spec.werror}" if spec.werror else ""
         argv += [
             "-drive",
-            f"id={spec.drive_id},if=none,file={_opt(spec.disk)},format={spec.disk_format},"
-            "aio=threads,cache=writeback",
+            f"id={spec.drive_id},if=none,file={file},format={spec.disk_format},"
+            f"aio=threads,cache=writeback{werror}",
             "-device",
             f"virtio-blk-pci,drive={spec.drive_id},id=virtio-disk0,config-wce=off,share-rw=on",
         ]

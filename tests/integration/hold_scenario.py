@@ -6,12 +6,13 @@ test_hold_faults.py boots one lab node (pytest_katamaran.lab.node) and runs this
 Each case is one real migration in `locallab.Rig` (two netns nodes, a Kata-shaped pod on
 node a, QEMU from the command line, katamaran's CLI on both sides at the default 5 s
 hold, the CNI step 2 s after `migration completed`) with a client pinging the VM every
-10 ms through it, and one fault once the hold has begun: a signal to either katamaran,
-a SIGKILL followed by a re-run with the same flags, the destination QEMU killed; or a
-signal to the source at the switchover gate (the VM running, its packets kept), at the
-pause (the VM paused, its packets kept, no `migrate-continue` yet) or just after the
-switch (`migrate-continue` sent, the VM's traffic in the tunnel); a signal to the
-destination while the source is stopped at the pause.
+10 ms through it (slower where the nested guest cannot answer that: the case probes it
+first, pytest_katamaran.checks.pace), and one fault once the hold has begun: a signal
+to either katamaran, a SIGKILL followed by a re-run with the same flags, the destination
+QEMU killed; or a signal to the source at the switchover gate (the VM running, its
+packets kept), at the pause (the VM paused, its packets kept, no `migrate-continue` yet)
+or just after the switch (`migrate-continue` sent, the VM's traffic in the tunnel); a
+signal to the destination while the source is stopped at the pause.
 
 Each fault is placed by a line katamaran prints (the hold has begun), not by a sleep; the
 gate, pause and switch cases arm the source's `gate-held` / `paused` / `switched`
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,14 @@ from pytest_katamaran.bench.ping_rate import (
     answer_rate,
 )
 from pytest_katamaran.checks.drops import DROPS_CMD, drops_delta, parse_drops
+from pytest_katamaran.checks.pace import Pace, pace
 from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
 from pytest_katamaran.migration import plug_limit
 from pytest_katamaran.qemu.binary import WorkloadQemu
 
-INTERVAL = 0.01
+INTERVAL = 0.01  # the guide's; slower where the nested guest cannot answer it (Case.pace)
 HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
 VM2_IP = "10.244.1.6"  # the second VM of the two-VM case (its tap: tap1_kata)
 VM2_PORTS = ("-nbd-port", "10811", "-migration-port", "4445")
@@ -107,15 +109,16 @@ def drops(netns: str) -> dict[str, int]:
 class Case:
     """One migration under ping with one fault in the hold; `facts` holds what was seen."""
 
-    def __init__(self, name: str, rig: Rig, client: Client) -> None:
+    def __init__(self, name: str, rig: Rig, client: Client, paced: Pace) -> None:
         self.name, self.rig, self.client = name, rig, client
+        self.interval = paced.interval
         self.netns = {"a": rig.lab.a.netns, "b": rig.lab.b.netns}
         if rig.pod is not None:
             self.netns["pod"] = rig.pod.netns
         self.before = {node: network_state(ns) for node, ns in self.netns.items()}
         self.netns["client"] = client.netns  # counted for drops, not for leftovers
         self.drops_before = {node: drops(ns) for node, ns in self.netns.items()}
-        self.facts: dict[str, Any] = {"case": name}
+        self.facts: dict[str, Any] = {"case": name, "pace": paced.as_dict()}
         self.t0 = time.monotonic()
 
     def stamp(self, what: str) -> None:
@@ -133,7 +136,7 @@ class Case:
             return rig.katamaran("a", *args, log=log, env=env)
         args = ["-mode", "dest", "-qmp", str(rig.dst.qmp_path), "-tap", rig.tap]
         args += ["-vm-ip", rig.vm_ip, "-source-ip", SOURCE_IP, "-tunnel-hold", HOLD, *ports]
-        args += ["-plug-limit", str(plug_limit(30.0, INTERVAL))]
+        args += ["-plug-limit", str(plug_limit(30.0, self.interval))]
         return rig.katamaran("b", *args, log=log)
 
     def converge(self) -> None:
@@ -194,12 +197,12 @@ class Fault:
     ping_size: int = 0  # ICMP payload bytes (ping -s); 0: ping's default 56
 
 
-def run_case(name: str, rig: Rig, client: Client, fault: Fault) -> dict:
+def run_case(name: str, rig: Rig, client: Client, fault: Fault, paced: Pace) -> dict:
     """Migrate under ping with one fault (see Fault)."""
-    case = Case(name, rig, client)
+    case = Case(name, rig, client, paced)
     size = ("-s", str(fault.ping_size)) if fault.ping_size else ()
     case.facts["ping_size"] = fault.ping_size or 56
-    mon = PingMonitor.local(VM_IP, INTERVAL, netns=client.netns, extra_args=size).start()
+    mon = PingMonitor.local(VM_IP, case.interval, netns=client.netns, extra_args=size).start()
     try:
         mon.wait_replies(10, timeout=300)
         procs = {"dest": case.katamaran("dest", "dest.log")}
@@ -224,7 +227,7 @@ def run_case(name: str, rig: Rig, client: Client, fault: Fault) -> dict:
     return case.facts
 
 
-def run_two_vms(name: str, rig: Rig, client: Client) -> dict:
+def run_two_vms(name: str, rig: Rig, client: Client, paced: Pace) -> dict:
     """Two VMs on node a migrate to node b at the same time through the real cutover,
     each with its own ports, pod netns and node-b tap, both tunnelled over the one
     `kmr-` device the kernel allows between two nodes; the client pings both all along
@@ -244,7 +247,8 @@ def run_two_vms(name: str, rig: Rig, client: Client) -> dict:
     second.tmp.mkdir()
     try:
         second.up()
-        return _two_vms(name, [Case(name, rig, client), Case(name, second, client)])
+        cases = [Case(name, rig, client, paced), Case(name, second, client, paced)]
+        return _two_vms(name, cases)
     finally:
         second.down()
 
@@ -256,7 +260,8 @@ def _two_vms(name: str, cases: list[Case]) -> dict:
     facts: dict[str, Any] = {"case": name}
     try:
         for case in cases:  # each started one is stopped below, whatever fails
-            mon = PingMonitor.local(case.rig.vm_ip, TWO_VM_INTERVAL, netns=case.client.netns)
+            case.interval = max(TWO_VM_INTERVAL, case.interval)  # its plug is sized for it
+            mon = PingMonitor.local(case.rig.vm_ip, case.interval, netns=case.client.netns)
             mons.append(mon.start())
         for mon in mons:
             mon.wait_replies(10, timeout=300)
@@ -330,7 +335,7 @@ def sigkill_source_then_rerun(case: Case, procs: dict) -> None:
     # Does the VM answer now?  (Until the re-run removed the rule, node a's packets went into
     # the tunnel; whether the destination still decapsulated them depends on how long the
     # re-run took, so the first ping's losses are a fact, not the check.)
-    case.facts["ping_after_rerun"] = answer_rate(VM_IP, INTERVAL, case.client.netns, 3.0)
+    case.facts["ping_after_rerun"] = answer_rate(VM_IP, case.interval, case.client.netns, 3.0)
 
 
 def sigkill_dest_then_rerun(case: Case, procs: dict) -> None:
@@ -461,6 +466,15 @@ CASES: dict[str, Fault] = {
 }
 
 
+def measure_pace(client: Client) -> Pace:
+    """The client's ping interval: INTERVAL, or slower if the guest cannot answer it."""
+
+    def start(every: float, more: Sequence[str]) -> PingMonitor:
+        return PingMonitor.local(VM_IP, every, netns=client.netns, extra_args=more).start()
+
+    return pace(start, INTERVAL)
+
+
 TWO_VMS = "two-vms"  # run_two_vms: no single fault, two migrations at once
 
 
@@ -483,10 +497,12 @@ def main() -> int:
             rig.up()
             client.up()
             _say(f"{name}: nested guest up in {time.monotonic() - t0:.0f} s")
+            paced = measure_pace(client)
+            _say(f"{name}: {paced.describe()}")
             if name == TWO_VMS:
-                results[name] = run_two_vms(name, rig, client)
+                results[name] = run_two_vms(name, rig, client, paced)
             else:
-                results[name] = run_case(name, rig, client, CASES[name])
+                results[name] = run_case(name, rig, client, CASES[name], paced)
         except Exception as err:  # noqa: BLE001 - one case's failure is that case's fact
             results[name] = {"case": name, "error": f"{type(err).__name__}: {err}"[:4000]}
         finally:

@@ -1,9 +1,9 @@
 """The demo (`python -m pytest_katamaran.demo`) leaves its results and timeline picture.
 
 Real run: netns nodes, TCG VM, both katamaran processes, node A's ping.  The host kernel
-has no ipip/sch_plug, so pings around the switchover are lost: counted, not judged.  QEMU
-7.2's TCG now and then panics the destination guest (README); the demo then exits 1 saying
-so, and its results and picture must exist all the same.
+has no ipip/sch_plug, so pings around the switchover are lost: counted, not judged.  The
+VM runs backports' QEMU, as by default: the system's 7.2 loses TCG guest stores during
+migration and now and then panicked the destination guest.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from pytest_katamaran import demo
 pytestmark = pytest.mark.qemu
 
 
-def test_demo_writes_results_and_timeline(guest, tmp_path, capsys):
+def test_demo_writes_results_and_timeline(guest, katamaran_config, workload_qemu, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install -e '.[test]')")
     out = tmp_path / "results"
-    rc = demo.main(["--results-dir", str(out), "--ping-interval", "0.02"])
+    choice = katamaran_config.workload_qemu  # backports unless --workload-qemu=system
+    rc = demo.main(["--results-dir", str(out), "--ping-interval", "0.02", "--qemu", choice])
     err = capsys.readouterr().err
-    panicked = "destination guest kernel panicked" in err  # QEMU 7.2 under TCG (README)
-    assert rc == 0 or panicked, err[-3000:]
+    assert rc == 0, err[-3000:]
     payload = json.loads((out / "demo.json").read_text())
+    # the QEMU the harness picked (the same cache, the same choice), recorded
+    assert payload["katamaran"]["qemu"]["binary"] == workload_qemu.binary
     moved = payload["results"]["migration"]
-    # a panic ends the destination QEMU (-no-reboot): its katamaran then exits 1 (gone)
-    assert moved["source_rc"] == 0 and (moved["dest_rc"] == 0 or panicked), err[-3000:]
+    assert moved["source_rc"] == 0 and moved["dest_rc"] == 0, err[-3000:]
     assert moved["events_source"]["STOP"] is not None
     assert moved["events_dest"]["RESUME (plug released)"] is not None
     assert set(moved["converged_at"]) == {"node A", "node B"}

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from pytest_katamaran.checks.disk import last_ack, verify_writes
 from pytest_katamaran.images.guest import READY_MARKER, GuestImage, build_guest, kernel_cmdline
+from pytest_katamaran.net.hostlab import scratch_netns
 
 QEMU = shutil.which("qemu-system-x86_64")
 BOOT_TIMEOUT = 90.0  # generous: CI machines are shared and TCG is slow under load
@@ -158,19 +158,14 @@ def netns() -> Iterator[str]:
     reason = _can_make_netns()
     if reason:
         pytest.skip(reason)
-    name = f"kmr-guest-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_netns("kmr-guest") as name:
         for cmd in (
             ["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
             ["ip", "addr", "add", "10.244.1.1/24", "dev", "tap0"],
             ["ip", "link", "set", "tap0", "up"],
-            ["ip", "link", "set", "lo", "up"],
         ):
             subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_guest_answers_ping(guest, spawn, netns, tmp_path):

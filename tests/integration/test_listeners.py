@@ -28,7 +28,7 @@ from katamaran.listener import MigrationListener, open_listener
 from katamaran.qmp import Monitor
 from pytest_katamaran.certs import SERVER_SAN, OpensslMissing, lab_certs
 from pytest_katamaran.lab.local import qmp, wait_for_text
-from pytest_katamaran.net.hostlab import run_in_netns
+from pytest_katamaran.net.hostlab import run_in_netns, scratch_netns
 from pytest_katamaran.qemu.sandbox import Sandbox
 
 SOURCE = "127.0.0.2"
@@ -252,13 +252,8 @@ def test_scanners_on_both_ports_do_not_disturb_the_wait(rig_factory):
 @pytest.fixture
 def isolated_netns():
     """A netns with only lo (before rig_factory: it goes after the rig's QEMU)."""
-    name = f"kmr-iso-{os.urandom(3).hex()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with scratch_netns("kmr-iso") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.mark.qemu

@@ -58,6 +58,11 @@ def test_nbd_migration_carries_the_disk(rig_factory, dest_ip):
     source = rig.start_source(dest_ip)
     assert_migrated(rig, rig.finish(source), rig.finish(dest))
     assert "downtime" in rig.log("source.log") and "storage" in rig.log("source.log")
+    # the rig's VM runs under TCG: before QEMU 9.0 its migration can lose guest stores,
+    # and the operator is told (system QEMU here: Debian 12's 7.2)
+    version = qmp(rig.src.qmp_path, "query-version")["qemu"]
+    warned = "WARNING: the VM runs under TCG on QEMU" in rig.log("source.log")
+    assert warned == ((version["major"], version["minor"]) < (9, 0)), rig.log("source.log")
     assert_nothing_left(rig)
     # both sides put back every capability and parameter they changed
     assert [migration_settings(box) for box in (rig.src, rig.dst)] == before
@@ -80,16 +85,21 @@ def test_incoming_tcp_destination(rig_factory):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["nbd", "shared-storage"])
-def test_writing_guest_loses_no_write(rig_factory, shared):
-    """Every write the guest completed, before or after the switch, is on the final disk."""
-    rig = rig_factory(writer=True, shared=shared)
+def test_writing_guest_loses_no_write(rig_factory, qemu_backports, shared):
+    """Every write the guest completed, before or after the switch, is on the final disk.
+
+    On backports' QEMU (10.0), as the e2e pods: the host's 7.2 loses TCG guest stores
+    during migration (katamaran warns, see migration.tcg_dirty_tracking_flaw), and its
+    destination guest died under this test in CI (2026-12-02)."""
+    rig = rig_factory(writer=True, shared=shared, qemu=qemu_backports)
     rig.up()
     wait_for_text(rig.src.console_log, "ACK ", 60)
     dest = rig.start_dest()
     source = rig.start_source()
     assert_migrated(rig, rig.finish(source), rig.finish(dest))
-    if not shared:  # QEMU 7.2 has no block-job-change: -copy-mode auto stays background
-        assert "mirror stays background" in rig.log("source.log")
+    assert "WARNING: the VM runs under TCG" not in rig.log("source.log")
+    if not shared:  # -copy-mode auto: QEMU 8.2+ switches the READY mirror
+        assert "mirror switched to write-blocking" in rig.log("source.log")
     # The writer goes on at the destination; a dead destination guest is reported as
     # such (dest_status), not as "no writes".
     rig.check_writes_survived(poll=lambda: dest_status(rig))

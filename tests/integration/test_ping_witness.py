@@ -16,24 +16,28 @@ was lost before ping reads again.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from pytest_katamaran.checks.pace import PROBE_S, Pace, pace
 from pytest_katamaran.checks.ping import PING_RCVBUF, PingMonitor
+from pytest_katamaran.net.hostlab import scratch_netns
 
 CLIENT, TARGET = "10.8.8.1", "10.8.8.2"
 HELD_S = 6.0  # the responder's stall: ~500 requests at 10 ms, past ping's 64 KiB
 
 # An ICMP echo responder on a raw socket; prints `idle N` (N answered so far) whenever
-# no request is left to answer.
+# no request is left to answer.  argv[1], if given: at most that many answers per second
+# (a target of known capacity, for the pace probe).
 RESPONDER = """
-import socket, struct, sys
+import socket, struct, sys, time
+gap = 1 / float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: it holds the backlog
 def csum(data):
@@ -56,6 +60,8 @@ while True:
     reply = b"\\0\\0" + struct.pack("!H", csum(reply)) + icmp[4:]
     s.sendto(reply, (src, 0))
     answered += 1
+    if gap:
+        time.sleep(gap)
 """
 
 
@@ -82,34 +88,30 @@ def _socket_drops(ns: str, pid: int) -> int:
 
 
 @pytest.fixture
-def pair():
-    """Two netns on a veth: the client pings, the target answers only in user space."""
-    tag = secrets.token_hex(3)
-    cli, srv = f"kmr-pw-c-{tag}", f"kmr-pw-s-{tag}"
+def pair(request):
+    """Two netns on a veth: the client pings, the target answers only in user space (at
+    most `request.param` answers/s when parametrized indirectly)."""
+    pace_arg = [str(request.param)] if hasattr(request, "param") else []
     procs: list[subprocess.Popen] = []
-    for ns in (cli, srv):
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(
-            ["ip", "-n", cli, "link", "add", "v0", "type", "veth", "peer", "v1", "netns", srv],
-            check=True,
-        )
-        for ns, dev, ip in ((cli, "v0", CLIENT), (srv, "v1", TARGET)):
-            _ns(ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
-            _ns(ns, "ip", "link", "set", dev, "up")
-            _ns(ns, "ip", "link", "set", "lo", "up")
-        _ns(srv, "sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1")
-        argv = ["ip", "netns", "exec", srv, sys.executable, "-c", RESPONDER]
-        responder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        procs.append(responder)
-        assert responder.stdout is not None and responder.stdout.readline() == "ready\n"
-        yield cli, responder
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        for ns in (cli, srv):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+    with scratch_netns("kmr-pw-c") as cli, scratch_netns("kmr-pw-s") as srv:
+        try:
+            subprocess.run(
+                ["ip", "-n", cli, "link", "add", "v0", "type", "veth", "peer", "v1", "netns", srv],
+                check=True,
+            )
+            for ns, dev, ip in ((cli, "v0", CLIENT), (srv, "v1", TARGET)):
+                _ns(ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
+                _ns(ns, "ip", "link", "set", dev, "up")
+            _ns(srv, "sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1")
+            argv = ["ip", "netns", "exec", srv, sys.executable, "-c", RESPONDER, *pace_arg]
+            responder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            procs.append(responder)
+            assert responder.stdout is not None and responder.stdout.readline() == "ready\n"
+            yield cli, responder
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
 
 
 def _burst_into_stopped_ping(cli: str, responder: subprocess.Popen, mon: PingMonitor) -> int:
@@ -157,3 +159,34 @@ def test_the_same_burst_overflows_pings_own_buffer(pair):
         mon.stop()
     assert dropped > 100, dropped
     assert stats.lost_count >= dropped, (stats.describe(), dropped)
+
+
+# The pace probe (pytest_katamaran.checks.pace) against a target of known capacity: the
+# responder answers at most 25/s.  It cannot keep up with a ping every 10 or 20 ms (iputils
+# sends 63/s and 42/s at those here, 100/s and 50/s at best), it can with one every 50 ms
+# (18-20/s).
+def _pace(cli: str) -> Pace:
+    def start(every: float, more: Sequence[str]) -> PingMonitor:
+        return PingMonitor.local(TARGET, every, netns=cli, extra_args=more).start()
+
+    return pace(start)
+
+
+@pytest.mark.parametrize("pair", [25], indirect=True, ids=["25/s"])
+def test_the_pace_probe_finds_the_rate_the_target_keeps_up_with(pair):
+    paced = _pace(pair[0])
+    assert paced.interval == 0.05 and paced.slowed, paced.describe()
+    assert [step["interval"] for step in paced.steps] == [0.01, 0.02, 0.05]
+    *refused, kept = paced.steps
+    for step in refused:  # answered at the responder's pace: a queue, or ping gave up
+        assert not step["kept_up"] and step["replies_per_s"] <= 25 * 1.05, step
+        assert step["drained_s"] is not None, step  # its queue emptied before the next
+    assert kept["kept_up"] and kept["sent"] == kept["received"] == PROBE_S / 0.05, kept
+    assert "ping every 50 ms, not 10: the target did not keep up" in paced.describe()
+
+
+def test_a_target_that_keeps_up_is_pinged_every_10_ms(pair):
+    paced = _pace(pair[0])
+    assert paced.interval == 0.01 and not paced.slowed, paced.describe()
+    (step,) = paced.steps
+    assert step["kept_up"] and step["sent"] == step["received"] == PROBE_S / 0.01, step

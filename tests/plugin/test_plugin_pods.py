@@ -317,6 +317,49 @@ def test_ping_leaves_from_the_node_cluster_address(pytester: pytest.Pytester):
     result.assert_outcomes(passed=2)
 
 
+def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
+    pytester: pytest.Pytester,
+):
+    """Towards a pod under TCG without --ping-interval the ping fixture probes it first
+    (pytest_katamaran.checks.pace; the pod here: this host's loopback, which keeps up)
+    and says so in the ping's notes; with --ping-interval it pings at that, unprobed."""
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_katamaran.checks.ping import LocalRunner
+        from pytest_katamaran.pod import KataPod
+        from pytest_katamaran.qemu.accel import Accel
+
+        class Node:
+            name = "node-x"
+            private_ip = "127.0.0.1"
+            ssh = LocalRunner()
+
+        @pytest.fixture(scope="session")
+        def accelerator():
+            return Accel("tcg", "forced for this test", "max")
+
+        def test_paced(ping, katamaran_config):
+            pod = KataPod(Node(), "127.0.0.1", "", "", "", "", side=None)
+            mon = ping(Node(), pod)
+            stats = mon.finish(catch_up_s=5, settle_s=0.5)
+            expect = katamaran_config.pod_ping_interval(Accel("tcg", "", "max"))
+            assert mon.interval == expect
+            paced = [n for n in stats.notes if n.startswith("ping every")]
+            print("NOTES", "|".join(paced) or "none", "SET", katamaran_config.ping_interval_set)
+            assert stats.received > 0 and not stats.lost
+        """
+    )
+    result = pytester.runpytest("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*NOTES ping every 10 ms (kept up: 500 of 500, RTT p90 * ms) SET False"]
+    )
+    result = pytester.runpytest("-s", "--ping-interval=0.05")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*NOTES none SET True"])
+
+
 # --------------------------------------------------------------------------- options
 
 

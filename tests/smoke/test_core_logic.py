@@ -13,7 +13,7 @@ import pytest
 from katamaran.cli import parse_args
 from katamaran.config import host_port
 from katamaran.errors import KatamaranError, QMPTimeout, UsageError
-from katamaran.migration import can_switch_copy_mode
+from katamaran.migration import can_switch_copy_mode, tcg_dirty_tracking_flaw
 from katamaran.network import (
     TABLE_BASE,
     TABLE_MASK,
@@ -151,6 +151,39 @@ def test_copy_mode_switch_needs_block_job_change():
     assert not can_switch_copy_mode(qemu_7_2)
     assert can_switch_copy_mode([*qemu_7_2, {"name": "block-job-change"}])
     assert not can_switch_copy_mode([])
+
+
+class _AnswerMon:
+    """QMP answers by command: tcg_dirty_tracking_flaw asks only query-kvm/query-version."""
+
+    def __init__(self, kvm: bool, version: tuple[int, int, int]) -> None:
+        major, minor, micro = version
+        self.answers = {
+            "query-kvm": {"enabled": kvm, "present": kvm},
+            "query-version": {"qemu": {"major": major, "minor": minor, "micro": micro}},
+        }
+
+    async def execute(self, command: str) -> dict:
+        return self.answers[command]
+
+
+@pytest.mark.parametrize(
+    ("kvm", "version", "flawed"),
+    [
+        (False, (7, 2, 22), True),  # Debian 12's: warned
+        (False, (8, 2, 9), True),
+        (False, (9, 0, 0), False),  # the fix (03bfc2188f) is in 9.0
+        (False, (10, 0, 2), False),
+        (True, (7, 2, 22), False),  # KVM tracks dirty pages itself
+    ],
+)
+def test_tcg_dirty_tracking_flaw_is_tcg_before_9_0(kvm, version, flawed):
+    flaw = asyncio.run(tcg_dirty_tracking_flaw(_AnswerMon(kvm, version)))  # type: ignore[arg-type]
+    if flawed:
+        assert flaw is not None and f"QEMU {'.'.join(map(str, version))}," in flaw
+        assert "(fixed in QEMU 9.0)" in flaw
+    else:
+        assert flaw is None
 
 
 # ---------------------------------------------------------------- tap leftovers

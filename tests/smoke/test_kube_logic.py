@@ -726,6 +726,9 @@ def test_zipapp_runs_with_nothing_but_python(tmp_path):
     r = _run([sys.executable, "-I", "-S", "-c", where, str(app)], cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert all(f.startswith(f"{app}/") for f in r.stdout.split()), r.stdout
+    # built and run by one Python: each module comes compiled, none is compiled per run
+    # (another version falls back to the .py: test_zipapp_on_a_real_cpython_310)
+    assert all(f.endswith(".pyc") for f in r.stdout.split()), r.stdout
     r = _run([str(app), "--version"], cwd=tmp_path, env=env)  # #!/usr/bin/env python3
     assert r.returncode == 0 and r.stdout.startswith("katamaran "), r.stdout + r.stderr
 

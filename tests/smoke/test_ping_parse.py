@@ -369,3 +369,55 @@ def test_a_local_process_leaves_no_file_even_if_never_cleaned_up():
     del proc
     gc.collect()
     assert not any(f.exists() for f in files), files
+
+
+# --------------------------------------------------------------------------- pace
+
+
+def _step(interval: float, rtts_ms: list[float], answered: int | None = None):
+    """PingStats of a probe step: one ping every `interval`, replies `rtts_ms` in order."""
+    from pytest_katamaran.checks.ping import PingStats
+
+    n = answered if answered is not None else len(rtts_ms)
+    replies = {seq: (1000.0 + seq * interval + rtt / 1000, rtt) for seq, rtt in
+               enumerate(rtts_ms[:n], 1)}  # fmt: skip
+    stamps = [ts for ts, _ in replies.values()]
+    return PingStats(
+        target="t", sent=len(rtts_ms), received=n, lost=[], duplicates=0, reordered=0,
+        first_reply_ts=min(stamps), last_reply_ts=max(stamps),
+        replies=replies,
+    )  # fmt: skip
+
+
+def test_a_target_answering_each_ping_at_once_keeps_up():
+    from pytest_katamaran.checks.pace import keeps_up
+
+    assert keeps_up(_step(0.01, [20.0] * 500)) is None
+
+
+def test_a_lost_probe_a_slow_answer_or_a_queue_is_not_keeping_up():
+    from pytest_katamaran.checks.pace import keeps_up
+
+    assert keeps_up(_step(0.01, [20.0] * 500, answered=499)) == "499 of 500 answered"
+    # answering 50/s of 100/s: each ping waits 10 ms more than the one before
+    assert keeps_up(_step(0.01, [20.0 + 10 * i for i in range(500)])) == "RTT p90 4510 ms"
+    # answering 96 % of 100/s: +0.4 ms per ping, under the bound after 5 s
+    assert keeps_up(_step(0.01, [20.0 + 0.4 * i for i in range(500)])) is None
+    # the rate kept, but every answer 300 ms late: a queue (the lab node behind)
+    assert keeps_up(_step(0.02, [300.0] * 250)) == "RTT p90 300 ms"
+
+
+def test_the_candidates_start_at_the_fastest_asked():
+    from pytest_katamaran.checks.pace import candidates_from
+
+    assert candidates_from(0.01) == [0.01, 0.02, 0.05, 0.1]
+    assert candidates_from(0.03) == [0.03, 0.05, 0.1]  # the one asked, then slower ones
+    assert candidates_from(0.5) == [0.5]
+
+
+def test_no_interval_kept_up_with_is_the_labs_failure():
+    from pytest_katamaran.checks.pace import LabTooSlow
+
+    steps = [{"interval": 0.1, "verdict": "3 replies/s to 10/s"}]
+    with pytest.raises(LabTooSlow, match="not keep up with a ping every 100 ms .3 replies"):
+        raise LabTooSlow(steps)

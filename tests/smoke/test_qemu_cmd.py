@@ -179,6 +179,21 @@ def test_commas_in_disk_path_are_escaped():
     assert "file=/x/a,,b.img," in drive
 
 
+def test_blkdebug_and_werror_go_on_the_source_drive_only():
+    """A fault test's I/O error: blkdebug between the format and the file, the drive's
+    werror policy; the destination gets the same werror but never the blkdebug rules
+    (they would fail the mirror's writes there)."""
+    src = make_spec(blkdebug=Path("/t/rules.conf"), werror="stop", disk_format="raw")
+    (drive,) = opt_after(sandbox_argv(src), "-drive")
+    d = kv(drive)
+    assert d["file"] == "blkdebug:/t/rules.conf:/var/lib/kmr/src.qcow2"
+    assert d["werror"] == "stop" and d["format"] == "raw"
+    (dst_drive,) = opt_after(sandbox_argv(src.for_destination(disk=Path("/d.raw"))), "-drive")
+    assert kv(dst_drive)["file"] == "/d.raw" and kv(dst_drive)["werror"] == "stop"
+    (plain,) = opt_after(sandbox_argv(make_spec()), "-drive")
+    assert "werror" not in kv(plain) and "blkdebug" not in plain
+
+
 def test_overlong_socket_path_is_rejected_early():
     with pytest.raises(ValueError, match="too long"):
         sandbox_argv(make_spec(run_dir=Path("/tmp/" + "d" * 100)))
