@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_katamaran.images.guest import cache_root
 from pytest_katamaran.images.node import NodeImage, build_image, create_overlay
 from pytest_katamaran.images.seed import DEFAULT_USER, write_seed
+from pytest_katamaran.qemu.binary import WorkloadQemu, node_qemu
 from pytest_katamaran.qemu.node import (
     BOOT_TIMEOUTS,
     PRIVATE_IPS,
@@ -127,6 +129,7 @@ class QemuNodes:
         self.log_dir = results / "nodes" / worker
         self.workdir: Path | None = None
         self.image: NodeImage | None = None
+        self.qemu = WorkloadQemu("qemu-system-x86_64", "", "")  # resolved by start()
         self._procs: dict[str, NodeProcess] = {}
         self._nodes: dict[str, QemuNode] = {}
 
@@ -190,6 +193,9 @@ class QemuNodes:
         t0 = time.monotonic()
         accel, cpu = _accel(self.config)
         self.image = build_image(self.image_kind, progress=self.progress)
+        self.qemu, note = node_qemu(cache_root())
+        if note:
+            self.progress(f"katamaran: WARNING: {note}")
         self.workdir = Path(tempfile.mkdtemp(prefix="katamaran-nodes-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         key = generate_keypair(self.workdir / "id_rsa")
@@ -206,7 +212,7 @@ class QemuNodes:
             )
         self.progress(
             f"katamaran: lab prepared in {time.monotonic() - t0:.1f}s "
-            f"({self.image.kind} image, {accel}); booting "
+            f"({self.image.kind} image, {accel}, QEMU {self.qemu.version}); booting "
             + " and ".join(f"node-{role}" for role in self.roles)
         )
         self._launch_both(accel, cpu)
@@ -256,6 +262,8 @@ class QemuNodes:
             link_port=link_port,
             accel=accel,
             cpu=cpu,
+            qemu=self.qemu.binary,
+            qemu_datadir=self.qemu.datadir,
         )
 
     def _launch_both(self, accel: str, cpu: str | None) -> None:

@@ -127,13 +127,18 @@ def probe(start: Callable[[float, Sequence[str]], PingMonitor], interval: float)
     """PROBE_S of pings every `interval`; `start(interval, extra_args)` starts a
     PingMonitor where the check's ping will run.  Returns once ping has exited."""
     count = math.ceil(PROBE_S / interval)
-    mon = start(interval, ("-c", str(count)))
+    return _run_to_exit(start(interval, ("-c", str(count))), PROBE_WAIT_S)
+
+
+def _run_to_exit(mon: PingMonitor, timeout: float) -> PingStats:
+    """Wait up to `timeout` for a counted ping to exit, then its stats (ping already
+    exited: its summary is there; else stop() interrupts it)."""
     try:
-        deadline = time.monotonic() + PROBE_WAIT_S
+        deadline = time.monotonic() + timeout
         while mon.running and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        stats = mon.stop()  # ping already exited: its summary is there; else SIGINT
+        stats = mon.stop()
     return stats
 
 
@@ -161,11 +166,5 @@ def drain(start: Callable[[float, Sequence[str]], PingMonitor]) -> float | None:
     """Wait for the target's queue to empty (see DRAIN_S); the seconds it took, None if
     it was not answered within DRAIN_S."""
     t0 = time.monotonic()
-    mon = start(1.0, ("-c", "1", "-W", f"{DRAIN_S:g}"))
-    try:
-        deadline = t0 + DRAIN_S + 10.0
-        while mon.running and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        stats = mon.stop()
+    stats = _run_to_exit(start(1.0, ("-c", "1", "-W", f"{DRAIN_S:g}")), DRAIN_S + 10.0)
     return round(time.monotonic() - t0, 2) if stats.received else None

@@ -51,13 +51,20 @@ def run_in_node(
         raise NoNodeImage(f"no Debian node image: {err}") from None
     command = shlex.join(["env", f"PYTHONPATH={REPO}", sys.executable, *args])
     serial = ""
+
+    def node_log() -> str:  # read while the node's log is still there
+        return "\n\n".join(f"{title}:\n{text}" for title, text in serial_tails(lab))
+
     try:
         proc = lab.node_a.ssh.start(command, sudo=True)
-        rc = _relay(proc, timeout)
+        try:
+            rc = _relay(proc, timeout)
+        except NodeRunError as err:  # a hung node: its kernel's last words say why
+            raise NodeRunError(f"{err}\ncommand: {command}\n{node_log()}") from None
         out, err = proc.output(), proc.errors()
         lines = out.strip().splitlines()
-        if rc != 0 or not lines:  # read while the node's log is still there
-            serial = "\n\n".join(f"{title}:\n{text}" for title, text in serial_tails(lab))
+        if rc != 0 or not lines:
+            serial = node_log()
     finally:
         lab.stop()
     if rc != 0 or not lines:
@@ -80,5 +87,11 @@ def _relay(proc: Any, timeout: float) -> int | None:
         if rc is not None:
             return rc
         if time.monotonic() > deadline:
-            proc.stop()
+            try:
+                proc.stop()
+            except Exception as err:  # noqa: BLE001 - a hung node does not answer ssh
+                raise NodeRunError(
+                    f"the run inside the lab node took over {timeout:g} s, and the node "
+                    f"no longer answers ssh ({err})"
+                ) from None
             raise NodeRunError(f"the run inside the lab node took over {timeout:g} s")

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_katamaran.images.guest import cache_root
 from pytest_katamaran.images.node import (
     IMAGE_KINDS,
     SCRATCH_LABEL,
@@ -48,6 +49,7 @@ from pytest_katamaran.images.node import (
 )
 from pytest_katamaran.logtail import tail
 from pytest_katamaran.net.listening import is_listening
+from pytest_katamaran.qemu.binary import node_qemu
 from pytest_katamaran.qemu.process import start_qemu
 
 Progress = Callable[[str], None]
@@ -112,6 +114,7 @@ class NodeSpec:
     memory_mib: int | None = None
     python: str = ""  # interpreter the debian node runs node-cloudinit with; "" = ours
     qemu: str = QEMU_BINARY
+    qemu_datadir: str = ""  # that QEMU's own firmware (-L); "" for the system QEMU
     pidfile: Path | None = None
 
     def __post_init__(self) -> None:
@@ -210,6 +213,8 @@ def node_argv(spec: NodeSpec) -> list[str]:
             f"local,id={HOSTROOT_TAG},path=/,security_model=none,readonly=on,multidevs=remap",
             "-device", f"virtio-9p-pci,fsdev={HOSTROOT_TAG},mount_tag={HOSTROOT_TAG}",
         ]  # fmt: skip
+    if spec.qemu_datadir:
+        argv += ["-L", spec.qemu_datadir]
     if spec.pidfile is not None:
         argv += ["-pidfile", str(spec.pidfile)]
     return argv
@@ -426,6 +431,7 @@ class Testenv:
         for path in (self.disk(role), self.seed(role), self.key, *image.files()):
             if not path.exists():
                 raise MissingFile(path)
+        qemu = json.loads(self.manifest.read_text()).get("qemu", {})  # setup's node_qemu
         return NodeSpec(
             role=role,
             image=image,
@@ -436,6 +442,8 @@ class Testenv:
             link_port=TESTENV_LINK_PORT,
             accel=accel,
             cpu=cpu,
+            qemu=qemu.get("binary", QEMU_BINARY),
+            qemu_datadir=qemu.get("datadir", ""),
             pidfile=self.pidfile(role),
         )
 
@@ -545,7 +553,16 @@ def cmd_setup(env: Testenv, kind: str, accel: str) -> int:
     say("==> katamaran for the nodes (one file; qemu.qmp and pyroute2 inside)")
     build_zipapp(env.zipapp)
     say(f"    {_display(env.zipapp)} (python3 >= 3.10 on the node)")
-    manifest = {"image": image.to_dict(), "accel": accel}
+    say("==> QEMU for the nodes")
+    qemu, note = node_qemu(cache_root())
+    say(f"    {qemu.version}: {qemu.binary}")
+    if note:
+        say(f"    WARNING: {note}")
+    manifest = {
+        "image": image.to_dict(),
+        "accel": accel,
+        "qemu": {"binary": qemu.binary, "datadir": qemu.datadir, "version": qemu.version},
+    }
     env.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     key = _display(env.key)
     say(

@@ -138,6 +138,30 @@ def test_node_argv_debian_layout(tmp_path):
     assert any("node-a-seed.iso" in d and "readonly=on" in d for d in drives)
 
 
+def test_node_argv_runs_the_chosen_qemu_with_its_firmware(tmp_path):
+    """The nodes run backports' QEMU (qemu.binary.node_qemu) with its own firmware dir."""
+    spec = _spec(tmp_path, "a")
+    assert "-L" not in node_argv(spec)  # the system QEMU finds its own
+    qemu = "/cache/qemu-backports/usr/bin/qemu-system-x86_64"
+    argv = node_argv(
+        NodeSpec(**{**spec.__dict__, "qemu": qemu, "qemu_datadir": "/cache/share/qemu"})
+    )
+    assert argv[0] == qemu and _opt(argv, "-L") == ["/cache/share/qemu"]
+
+
+def test_guide_nodes_run_the_qemu_setup_chose(tmp_path):
+    env = _fake_setup(tmp_path / "te")
+    image, _ = env.load()
+    for path in (env.disk("a"), env.seed("a"), env.key, *image.files()):
+        path.write_text("x")
+    assert env.spec("a", "tcg").qemu == "qemu-system-x86_64"  # a manifest from before
+    data = json.loads(env.manifest.read_text())
+    data["qemu"] = {"binary": "/q/qemu-system-x86_64", "datadir": "/q/share", "version": "10"}
+    env.manifest.write_text(json.dumps(data))
+    spec = env.spec("a", "tcg")
+    assert (spec.qemu, spec.qemu_datadir) == ("/q/qemu-system-x86_64", "/q/share")
+
+
 def test_node_argv_ubuntu_boots_its_disk_under_kvm(tmp_path):
     spec = _spec(tmp_path, "b", UbuntuImage(base=tmp_path / "jammy.img"))
     argv = node_argv(NodeSpec(**{**spec.__dict__, "accel": "kvm"}))
