@@ -120,15 +120,20 @@ def workload_qemu(choice: str, cache: Path) -> tuple[WorkloadQemu, str | None]:
     A failed backports fetch (no archive reachable) falls back to the system QEMU with
     the note, which the caller shows as a warning: the run may then corrupt the guest.
     """
-    note = None
     if choice == "backports":
-        try:
-            return backports_qemu(cache), None
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            note = (
-                f"backports QEMU unavailable ({exc}); the workload runs on the system QEMU, "
-                "whose TCG migration can corrupt the guest"
-            )
+        return _backports_else_system(
+            cache, "the workload runs on the system QEMU, whose TCG migration can corrupt the guest"
+        )
+    return WorkloadQemu(SYSTEM_QEMU, "", qemu_version(SYSTEM_QEMU)), None
+
+
+def _backports_else_system(cache: Path, fallback: str) -> tuple[WorkloadQemu, str | None]:
+    """Backports' QEMU; where it cannot be fetched, the system one and a note that says
+    so, ending with `fallback` (what running on the system QEMU risks)."""
+    try:
+        return backports_qemu(cache), None
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        note = f"backports QEMU unavailable ({exc}); {fallback}"
     return WorkloadQemu(SYSTEM_QEMU, "", qemu_version(SYSTEM_QEMU)), note
 
 
@@ -143,11 +148,7 @@ def node_qemu(cache: Path) -> tuple[WorkloadQemu, str | None]:
     added and removed under a 2 ms ping, 8 times over) ran through, each round in about
     half the time (29-41 s against 56-83 s): the nested lab's capacity grows with it.
     """
-    try:
-        return backports_qemu(cache), None
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        note = (
-            f"backports QEMU unavailable ({exc}); the lab nodes run on the system QEMU, "
-            "whose two-vCPU TCG nodes can hang (soft lockups)"
-        )
-    return WorkloadQemu(SYSTEM_QEMU, "", qemu_version(SYSTEM_QEMU)), note
+    return _backports_else_system(
+        cache,
+        "the lab nodes run on the system QEMU, whose two-vCPU TCG nodes can hang (soft lockups)",
+    )
