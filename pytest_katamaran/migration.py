@@ -42,7 +42,12 @@ from pytest_katamaran.checks.drops import (
     drops_delta,
     parse_node_drops,
 )
-from pytest_katamaran.checks.ping import PingMonitor
+from pytest_katamaran.checks.ping import (
+    PingMonitor,
+    answers_command,
+    format_seq_ranges,
+    unanswered,
+)
 from pytest_katamaran.config import Tuning
 from pytest_katamaran.errors import HarnessError, PodError
 from pytest_katamaran.pod import DISK_DIR, DISK_SIZE, KataPod, PodLab
@@ -481,9 +486,13 @@ class _Run:
             problems.append(f"destination VM on {b.name} is {dst_state!r}, not running")
         # The workload answers on the target itself (converged route, no tunnel).
         ip = self.pod.ip
-        pong = self.to.ssh.run(f"ping -c 5 -i 0.2 -W 5 -n {ip}", timeout=60, check=False)
-        if " 0% packet loss" not in pong.stdout:
-            problems.append(f"pod {ip} does not answer on {self.to.name}: {pong.stdout.strip()}")
+        pong = self.to.ssh.run(answers_command(ip), timeout=60, check=False)
+        missing = unanswered(pong.stdout)
+        if missing:
+            problems.append(
+                f"pod {ip} does not answer on {self.to.name} (no reply to icmp_seq "
+                f"{format_seq_ranges(missing)}): {pong.stdout.strip()}"
+            )
 
     def diagnostics(self) -> str:
         """The VMs' consoles and status, drop counters and node serial tails, gathered now."""

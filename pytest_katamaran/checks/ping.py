@@ -404,6 +404,24 @@ def assert_zero_drop(stats: PingStats, *, max_gap_s: float | None = None) -> Non
         raise AssertionError(f"ping{target}: {stats.describe()} ({'; '.join(problems)})")
 
 
+def answers_command(target: str, count: int = 5, deadline_s: int = 30) -> str:
+    """A short ping that waits up to ``deadline_s`` for ``count`` answers, late ones too.
+
+    ``-w`` and not ``-W``: once a reply has come, iputils waits only two of the
+    slowest RTTs for the last one, so a guest that answered its first ping in
+    165 ms and its fifth in 400 ms (a slow TCG guest; CI, 2026-12-02) was reported
+    as not answering.  With a deadline ping keeps sending until ``count`` answers
+    arrive, so a lost one shows as a sequence number that never got a reply.
+    """
+    return f"ping -c {count} -i 0.2 -w {deadline_s} -n {target}"
+
+
+def unanswered(text: str, count: int = 5) -> list[int]:
+    """Sequence numbers 1..``count`` that got no reply in ``ping``'s output."""
+    answered = parse_ping_output(text).replies
+    return [seq for seq in range(1, count + 1) if seq not in answered]
+
+
 # --------------------------------------------------------------------------- running
 
 

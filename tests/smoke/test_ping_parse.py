@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
 
 from pytest_katamaran.checks.ping import (
     PingMonitor,
+    answers_command,
     assert_zero_drop,
     format_seq_ranges,
     parse_ping_output,
     ping_command,
+    unanswered,
 )
 
 # ping -D -O -n -i 0.01 -c 50 127.0.0.1   (as root)
@@ -421,3 +424,55 @@ def test_no_interval_kept_up_with_is_the_labs_failure():
     steps = [{"interval": 0.1, "verdict": "3 replies/s to 10/s"}]
     with pytest.raises(LabTooSlow, match="not keep up with a ping every 100 ms .3 replies"):
         raise LabTooSlow(steps)
+
+
+# CI, 2026-12-02: the pod on the destination answered its fifth ping after ping had
+# stopped waiting (two of its slowest RTTs, 330 ms): not an answer missing for good.
+FIFTH_LATE_WITH_W = """\
+PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data.
+64 bytes from 10.244.1.5: icmp_seq=1 ttl=64 time=165 ms
+64 bytes from 10.244.1.5: icmp_seq=2 ttl=64 time=24.9 ms
+64 bytes from 10.244.1.5: icmp_seq=3 ttl=64 time=10.7 ms
+64 bytes from 10.244.1.5: icmp_seq=4 ttl=64 time=9.88 ms
+64 bytes from 10.244.1.5: icmp_seq=5 ttl=64 time=612 ms
+
+--- 10.244.1.5 ping statistics ---
+6 packets transmitted, 5 received, 16.6667% packet loss, time 1206ms
+"""
+
+# With -w ping sends past the count while one is missing: seq 3 never came back.
+THIRD_LOST_WITH_W = """\
+PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data.
+64 bytes from 10.244.1.5: icmp_seq=1 ttl=64 time=9.1 ms
+64 bytes from 10.244.1.5: icmp_seq=2 ttl=64 time=9.0 ms
+64 bytes from 10.244.1.5: icmp_seq=4 ttl=64 time=9.3 ms
+64 bytes from 10.244.1.5: icmp_seq=5 ttl=64 time=9.2 ms
+64 bytes from 10.244.1.5: icmp_seq=6 ttl=64 time=9.4 ms
+
+--- 10.244.1.5 ping statistics ---
+6 packets transmitted, 5 received, 16.6667% packet loss, time 1005ms
+"""
+
+
+def test_a_late_answer_is_an_answer_a_lost_one_is_not():
+    assert unanswered(FIFTH_LATE_WITH_W) == []
+    assert unanswered(THIRD_LOST_WITH_W) == [3]
+    assert unanswered("PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data.\n") == [1, 2, 3, 4, 5]
+
+
+def test_answers_command_waits_on_a_deadline_not_on_two_rtts():
+    cmd = answers_command("10.244.1.5", count=5, deadline_s=30)
+    assert cmd.split() == ["ping", "-c", "5", "-i", "0.2", "-w", "30", "-n", "10.244.1.5"]
+
+
+@pytest.mark.skipif(shutil.which("ping") is None, reason="needs iputils ping")
+def test_answers_command_against_loopback_finds_every_answer():
+    run = subprocess.run(
+        answers_command("127.0.0.1", count=3, deadline_s=10).split(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if "Operation not permitted" in run.stderr:
+        pytest.skip(f"ping may not open its socket here: {run.stderr.strip()}")
+    assert unanswered(run.stdout, count=3) == [], run.stdout + run.stderr
