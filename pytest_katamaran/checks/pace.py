@@ -17,6 +17,14 @@ up in the RTTs) is the check's.  A burst does not measure this: the same guest a
 packet depends on the rate: a burst is handled in batches).  The interval chosen and each
 step's figures go into the results next to the ping's, so a run at 50 ms says so; the
 assertion stays zero lost pings at that interval.
+
+Headroom: the probe runs before the migration, on an idle node; the migration then takes
+the node's vCPUs from the guest (TCG: the source QEMU's RAM copy runs on the same two
+vCPUs).  On 2026-12-03 CI's hold-fault cases kept up with 100/s (RTT p90 246 ms) and
+50/s when probed, then answered about 70 % and 93 % of that during the migration and lost
+1376 of 4617 and 246 of 3391 pings: steady shortfall, not a cutover glitch.  A check
+that must not measure the lab asks for `headroom` (2: ping at half the rate the target
+kept up with at idle, the next candidate at or above twice its interval).
 """
 
 from __future__ import annotations
@@ -65,29 +73,40 @@ class LabTooSlow(AssertionError):
 class Pace:
     """The interval chosen and why: each step the probe took."""
 
-    interval: float
+    interval: float  # the check's
     fastest: float  # the interval asked for first (the guide's 10 ms unless set)
     steps: tuple[dict[str, Any], ...]
+    kept_up: float = 0.0  # the fastest interval the target kept up with (0: `interval`)
+    headroom: float = 1.0
 
     @property
     def slowed(self) -> bool:
         return self.interval > self.fastest
 
     def describe(self) -> str:
-        if not self.slowed:
-            return f"ping every {self.interval * 1000:g} ms ({self.steps[-1]['verdict']})"
+        kept = self.kept_up or self.interval
+        spare = ""
+        if self.interval > kept:
+            spare = (
+                f", {self.headroom:g}x the {kept * 1000:g} ms it kept up with when idle"
+                " (headroom for the migration's load)"
+            )
         refused = "; ".join(
             f"{step['interval'] * 1000:g} ms: {step['verdict']}" for step in self.steps[:-1]
         )
+        if not refused:
+            return f"ping every {self.interval * 1000:g} ms{spare} ({self.steps[-1]['verdict']})"
         return (
-            f"ping every {self.interval * 1000:g} ms, not {self.fastest * 1000:g}: the target "
-            f"did not keep up with a faster one ({refused})"
+            f"ping every {self.interval * 1000:g} ms, not {self.fastest * 1000:g}{spare}: the"
+            f" target did not keep up with a faster one ({refused})"
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "interval": self.interval,
             "fastest": self.fastest,
+            "kept_up": self.kept_up or self.interval,
+            "headroom": self.headroom,
             "steps": list(self.steps),
             "description": self.describe(),
         }
@@ -147,8 +166,19 @@ def candidates_from(fastest: float, candidates: Sequence[float] = CANDIDATES) ->
     return sorted({fastest, *(c for c in candidates if c > fastest)})
 
 
+def with_headroom(
+    kept_up: float, headroom: float, candidates: Sequence[float] = CANDIDATES
+) -> float:
+    """The check's interval for a target that kept up with `kept_up`: the first candidate
+    at or above `headroom` times it, or that product past the slowest candidate."""
+    wanted = kept_up * headroom
+    return min((c for c in candidates if c >= wanted - 1e-9), default=round(wanted, 6))
+
+
 def pace(
-    start: Callable[[float, Sequence[str]], PingMonitor], fastest: float = CANDIDATES[0]
+    start: Callable[[float, Sequence[str]], PingMonitor],
+    fastest: float = CANDIDATES[0],
+    headroom: float = 1.0,
 ) -> Pace:
     """Probe the target and choose the check's interval (see the module's docstring)."""
     steps: list[dict[str, Any]] = []
@@ -157,7 +187,8 @@ def pace(
         verdict = keeps_up(stats)
         steps.append(step_facts(stats, interval, verdict))
         if verdict is None:
-            return Pace(interval, fastest, tuple(steps))
+            chosen = with_headroom(interval, headroom) if headroom > 1 else interval
+            return Pace(chosen, fastest, tuple(steps), kept_up=interval, headroom=headroom)
         steps[-1]["drained_s"] = drain(start)
     raise LabTooSlow(steps)
 

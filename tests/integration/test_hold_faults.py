@@ -117,7 +117,29 @@ def assert_no_loss(facts: dict) -> None:
     ping, paced = facts["ping"], facts["pace"]
     # never faster than the guest kept up with (two-vms pings each VM every 50 ms at least)
     assert ping["interval"] >= paced["interval"], (ping["interval"], paced)
-    assert ping["sent"] > 0 and ping["lost_count"] == 0, (ping, facts.get("drops"), paced)
+    assert ping["sent"] > 0 and ping["lost_count"] == 0, loss_report(facts)
+
+
+def loss_report(facts: dict) -> str:
+    """Where the pings went, readable in CI's truncated output: the lost seqs with the
+    case time each was sent at (ping starts with the case), the case's marks, every drop
+    counter that moved, and the pace."""
+    ping, interval = facts["ping"], facts["ping"]["interval"]
+    lost = ping.get("lost", [])
+    at = ""
+    if lost:
+        at = f" (sent at ~{lost[0] * interval:.1f}-{lost[-1] * interval:.1f} s)"
+    return "\n".join(
+        [
+            f"lost {ping['lost_count']} of {ping['sent']} at {interval * 1000:g} ms: seqs "
+            f"{ping.get('lost_ranges', '')}{at}",
+            f"longest gap {ping.get('longest_gap_s')} s after seq "
+            f"{ping.get('longest_gap_after_seq')}; rtt max {ping.get('rtt_max_ms')} ms",
+            f"marks (s): {facts.get('marks')}",
+            f"drops: {facts.get('drops')}",
+            f"pace: {facts['pace'].get('description')}",
+        ]
+    )
 
 
 def assert_given_back(source_log: str) -> None:

@@ -418,6 +418,24 @@ def test_the_candidates_start_at_the_fastest_asked():
     assert candidates_from(0.5) == [0.5]
 
 
+def test_headroom_pings_at_half_the_rate_kept_up_with():
+    from pytest_katamaran.checks.pace import Pace, with_headroom
+
+    assert with_headroom(0.01, 2.0) == 0.02
+    assert with_headroom(0.02, 2.0) == 0.05  # the next candidate at or above 40 ms
+    assert with_headroom(0.1, 2.0) == 0.2  # past the slowest candidate: the product
+    step = {"interval": 0.01, "verdict": "kept up: 500 of 500, RTT p90 246 ms"}
+    paced = Pace(0.02, 0.01, (step,), kept_up=0.01, headroom=2.0)
+    assert paced.describe() == (
+        "ping every 20 ms, 2x the 10 ms it kept up with when idle (headroom for the "
+        "migration's load) (kept up: 500 of 500, RTT p90 246 ms)"
+    )
+    assert paced.as_dict()["kept_up"] == 0.01
+    assert Pace(0.01, 0.01, (step,)).describe() == (
+        "ping every 10 ms (kept up: 500 of 500, RTT p90 246 ms)"
+    )
+
+
 def test_no_interval_kept_up_with_is_the_labs_failure():
     from pytest_katamaran.checks.pace import LabTooSlow
 
