@@ -444,32 +444,22 @@ def test_no_interval_kept_up_with_is_the_labs_failure():
         raise LabTooSlow(steps)
 
 
+def _ping_c_output(rtts: dict[int, float], transmitted: int) -> str:
+    """What `ping -c ... -n 10.244.1.5` prints for these replies (seq: RTT in ms)."""
+    lines = ["PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data."]
+    lines += [f"64 bytes from 10.244.1.5: icmp_seq={seq} ttl=64 time={rtt} ms"
+              for seq, rtt in rtts.items()]  # fmt: skip
+    loss = 100 * (transmitted - len(rtts)) / transmitted
+    summary = f"{transmitted} packets transmitted, {len(rtts)} received, {loss:g}% packet loss"
+    lines += ["", "--- 10.244.1.5 ping statistics ---", summary]
+    return "\n".join(lines) + "\n"
+
+
 # CI, 2026-12-02: the pod on the destination answered its fifth ping after ping had
 # stopped waiting (two of its slowest RTTs, 330 ms): not an answer missing for good.
-FIFTH_LATE_WITH_W = """\
-PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data.
-64 bytes from 10.244.1.5: icmp_seq=1 ttl=64 time=165 ms
-64 bytes from 10.244.1.5: icmp_seq=2 ttl=64 time=24.9 ms
-64 bytes from 10.244.1.5: icmp_seq=3 ttl=64 time=10.7 ms
-64 bytes from 10.244.1.5: icmp_seq=4 ttl=64 time=9.88 ms
-64 bytes from 10.244.1.5: icmp_seq=5 ttl=64 time=612 ms
-
---- 10.244.1.5 ping statistics ---
-6 packets transmitted, 5 received, 16.6667% packet loss, time 1206ms
-"""
-
+FIFTH_LATE_WITH_W = _ping_c_output({1: 165, 2: 24.9, 3: 10.7, 4: 9.88, 5: 612}, 5)
 # With -w ping sends past the count while one is missing: seq 3 never came back.
-THIRD_LOST_WITH_W = """\
-PING 10.244.1.5 (10.244.1.5) 56(84) bytes of data.
-64 bytes from 10.244.1.5: icmp_seq=1 ttl=64 time=9.1 ms
-64 bytes from 10.244.1.5: icmp_seq=2 ttl=64 time=9.0 ms
-64 bytes from 10.244.1.5: icmp_seq=4 ttl=64 time=9.3 ms
-64 bytes from 10.244.1.5: icmp_seq=5 ttl=64 time=9.2 ms
-64 bytes from 10.244.1.5: icmp_seq=6 ttl=64 time=9.4 ms
-
---- 10.244.1.5 ping statistics ---
-6 packets transmitted, 5 received, 16.6667% packet loss, time 1005ms
-"""
+THIRD_LOST_WITH_W = _ping_c_output({1: 9.1, 2: 9.0, 4: 9.3, 5: 9.2, 6: 9.4}, 6)
 
 
 def test_a_late_answer_is_an_answer_a_lost_one_is_not():
