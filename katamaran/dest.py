@@ -313,6 +313,19 @@ class DestMigration:
             f"tunnel quiet for {DECAP_QUIET:g} s ({last} packet(s) tunnelled in all): "
             "decapsulation removed"
         )
+        await self._report_hold_drops()
+
+    async def _report_hold_drops(self) -> None:
+        """Say whether the hold lost any tunnelled packet on its way to the tap (the plug
+        past its limit, the veth pair), while the counters still exist."""
+        assert self.decap is not None
+        plug = await netlink(self.plug.drops) if self.plug else 0
+        veth = await netlink(self.decap.dropped)
+        if plug or veth:
+            self.progress.warn(
+                f"{plug + veth} tunnelled packet(s) dropped on the way to {self.cfg.tap} "
+                f"(plug qdisc: {plug}, hold veth {self.decap.hold}: {veth})"
+            )
 
     async def _wait_unless(self, cut: asyncio.Event, seconds: float) -> bool:
         """Wait `seconds`; True as soon as `cut` is set (a signal, see on_signal) or the

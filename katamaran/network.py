@@ -715,6 +715,19 @@ class DestDecap:
         stats = self.ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
         return int(stats["tx_packets"]) if stats else 0
 
+    def dropped(self) -> int:
+        """Packets the hold veth pair dropped (its end's tx, its peer's rx and tx): read
+        before the teardown, as the counters go with the pair."""
+        total = 0
+        for name, keys in (
+            (self.hold, ("tx_dropped",)),
+            (self.hold_peer, ("rx_dropped", "tx_dropped")),
+        ):
+            found = self.ipr.link_lookup(ifname=name)
+            stats = self.ipr.get_links(found[0])[0].get_attr("IFLA_STATS64") if found else None
+            total += sum(int(stats[key]) for key in keys) if stats else 0
+        return total
+
     def unsteer(self) -> None:
         """Stop steering: new tunnelled packets for the VM take the node's own route."""
         for args in self.rules:

@@ -94,6 +94,14 @@ TUNABLES = (
         "Default 0.01, the guide's 10 ms (10 of 10 e2e cases zero-drop here since the "
         "switchover gate); raise it where the nested pod cannot answer 100 pings/s",
     ),
+    Tunable(
+        "nested_tcg_ping_headroom",
+        2.0,
+        "the paced ping towards a nested TCG pod runs at this fraction of the rate the "
+        "pod kept up with when probed on an idle node (2: half; 1: that rate). The "
+        "migration takes the node's vCPUs from the pod: on 2026-12-03 a pod probed at 50 "
+        "ms fell 20-60 s behind during the move and lost 13 and 572 pings. Default 2",
+    ),
 )
 
 
@@ -108,6 +116,7 @@ class Tuning:
     tap_drain: float = 2.0
     max_pause: float = 60.0
     nested_tcg_ping_interval: float = 0.01
+    nested_tcg_ping_headroom: float = 2.0
 
     @property
     def dest_hold_s(self) -> float:
@@ -190,6 +199,11 @@ class KatamaranConfig:
             base = config.inipath.parent if config.inipath else config.rootpath
             results = Path(base, ini_results)
         tuning = Tuning(**{t.name: _tunable(config, t) for t in TUNABLES})
+        if tuning.nested_tcg_ping_headroom < 1:
+            raise pytest.UsageError(
+                "katamaran: --nested-tcg-ping-headroom must be >= 1 (1: the rate the pod "
+                f"kept up with), got {tuning.nested_tcg_ping_headroom:g}"
+            )
         if tuning.converge_delay >= tuning.tunnel_hold:
             raise pytest.UsageError(
                 f"katamaran: converge delay ({tuning.converge_delay:g} s) must be below the "

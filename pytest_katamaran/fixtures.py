@@ -274,8 +274,9 @@ def ping(
     lives there.  ``source=""`` lets the kernel choose.  ``node=None`` pings from this
     host.  The interval is ``--ping-interval``; towards a ``KataPod`` under TCG without
     ``--ping-interval`` it is ``--nested-tcg-ping-interval``, or slower if the pod cannot
-    answer that many: the pod is probed first (pytest_katamaran.checks.pace) and the
-    choice is written in the ping's notes.  ``.wait_replies(n)``,
+    answer that many: the pod is probed first (pytest_katamaran.checks.pace), pinged at
+    ``--nested-tcg-ping-headroom`` times the interval it kept up with, and the choice is
+    written in the ping's notes.  ``.wait_replies(n)``,
     ``.finish()`` / ``.stop()`` give the stats for ``assert_zero_drop``.  Every monitor
     still running is stopped at teardown; in a test using ``results`` its raw output is
     kept as ``<results-dir>/<test>.ping<N>.txt``.
@@ -302,7 +303,10 @@ def ping(
             accel = request.getfixturevalue("accelerator")
             every = katamaran_config.pod_ping_interval(accel)
             if katamaran_config.paces_pod_ping(accel):  # a nested TCG guest: measured
-                paced = pace(lambda i, more: monitor(i, more).start(ready_timeout=ready), every)
+                headroom = katamaran_config.tuning.nested_tcg_ping_headroom
+                paced = pace(
+                    lambda i, more: monitor(i, more).start(ready_timeout=ready), every, headroom
+                )
                 every, notes = paced.interval, [paced.describe()]
         if every is None:
             every = katamaran_config.ping_interval

@@ -157,7 +157,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"tunnel-hold={t.tunnel_hold:g}s dest-hold={t.dest_hold_s:g}s "
         f"converge-delay={t.converge_delay:g}s writer-rate={t.writer_rate}/s "
         f"tap-drain={t.tap_drain:g}s max-pause={t.max_pause:g}s "
-        f"nested-tcg-ping-interval={t.nested_tcg_ping_interval:g}s",
+        f"nested-tcg-ping-interval={t.nested_tcg_ping_interval:g}s "
+        f"nested-tcg-ping-headroom={t.nested_tcg_ping_headroom:g}",
     ]
 
 

@@ -321,11 +321,13 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
     pytester: pytest.Pytester,
 ):
     """Towards a pod under TCG without --ping-interval the ping fixture probes it first
-    (pytest_katamaran.checks.pace; the pod here: this host's loopback, which keeps up)
+    (pytest_katamaran.checks.pace; the pod here: this host's loopback, which keeps up),
+    pings at --nested-tcg-ping-headroom times the interval kept up with (2 by default)
     and says so in the ping's notes; with --ping-interval it pings at that, unprobed."""
     pytester.makepyfile(
         """
         import pytest
+        from pytest_katamaran.checks.pace import with_headroom
         from pytest_katamaran.checks.ping import LocalRunner
         from pytest_katamaran.pod import KataPod
         from pytest_katamaran.qemu.accel import Accel
@@ -343,14 +345,22 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
             pod = KataPod(Node(), "127.0.0.1", "", "", "", "", side=None)
             mon = ping(Node(), pod)
             stats = mon.finish(catch_up_s=5, settle_s=0.5)
-            expect = katamaran_config.pod_ping_interval(Accel("tcg", "", "max"))
-            assert mon.interval == expect
+            fastest = katamaran_config.pod_ping_interval(Accel("tcg", "", "max"))
+            headroom = katamaran_config.tuning.nested_tcg_ping_headroom
+            assert mon.interval == (fastest if katamaran_config.ping_interval_set else
+                                    with_headroom(fastest, headroom))  # fmt: skip
             paced = [n for n in stats.notes if n.startswith("ping every")]
             print("NOTES", "|".join(paced) or "none", "SET", katamaran_config.ping_interval_set)
             assert stats.received > 0 and not stats.lost
         """
     )
     result = pytester.runpytest("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*NOTES ping every 20 ms, 2x the 10 ms it kept up with when idle (headroom for the "
+         "migration's load) (kept up: 500 of 500, RTT p90 * ms) SET False"]
+    )  # fmt: skip
+    result = pytester.runpytest("-s", "--nested-tcg-ping-headroom=1")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         ["*NOTES ping every 10 ms (kept up: 500 of 500, RTT p90 * ms) SET False"]
@@ -371,13 +381,14 @@ TUNING = (
     "tap-drain",
     "max-pause",
     "nested-tcg-ping-interval",
+    "nested-tcg-ping-headroom",
 )
 
 PRINT_TUNING = """
 def test_show(katamaran_config):
     t = katamaran_config.tuning
     print(f"TUNING {t.tunnel_hold} {t.dest_hold_s} {t.converge_delay} {t.writer_rate} "
-          f"{t.tap_drain} {t.max_pause} {t.nested_tcg_ping_interval} "
+          f"{t.tap_drain} {t.max_pause} {t.nested_tcg_ping_interval} {t.nested_tcg_ping_headroom} "
           f"{katamaran_config.kata} {katamaran_config.workload_qemu}")
 """
 
@@ -392,7 +403,7 @@ def test_tuning_options_and_ini_keys_in_help(pytester: pytest.Pytester):
 def test_tuning_defaults(pytester: pytest.Pytester):
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest("-s")
-    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.01 auto backports"])
+    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.01 2.0 auto backports"])
 
 
 def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
@@ -404,7 +415,7 @@ def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
     result = pytester.runpytest(
         "-s", "--tunnel-hold=20", "--dest-hold=21", "--workload-qemu=system"
     )
-    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 sandbox system"])
+    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 2.0 sandbox system"])
     result.stdout.fnmatch_lines(["katamaran: kata=sandbox workload-qemu=system tunnel-hold=20s*"])
 
 
@@ -416,6 +427,7 @@ def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
         (["--tap-drain=0"], "--tap-drain (ini katamaran_tap_drain) must be > 0, got 0"),
         (["--converge-delay=-1"], "--converge-delay (ini katamaran_converge_delay) must be >= 0*"),
         (["--tunnel-hold=3", "--converge-delay=5"], "converge delay (5 s) must be below the*"),
+        (["--nested-tcg-ping-headroom=0.5"], "--nested-tcg-ping-headroom must be >= 1*"),
     ],
 )
 def test_bad_tuning_is_a_usage_error(pytester: pytest.Pytester, args, message):
