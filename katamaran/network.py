@@ -707,26 +707,22 @@ class DestDecap:
                 "(kernel modules sch_ingress, cls_matchall, act_mirred)"
             ) from None
 
+    def _counters(self, name: str, *keys: str) -> int:
+        """The sum of a link's IFLA_STATS64 `keys` (0 once the link is gone)."""
+        found = self.ipr.link_lookup(ifname=name)
+        stats = self.ipr.get_links(found[0])[0].get_attr("IFLA_STATS64") if found else None
+        return sum(int(stats[key]) for key in keys) if stats else 0
+
     def forwarded(self) -> int:
         """Packets that went into the hold (this migration's tunnelled packets only)."""
-        found = self.ipr.link_lookup(ifname=self.hold)
-        if not found:
-            return 0
-        stats = self.ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
-        return int(stats["tx_packets"]) if stats else 0
+        return self._counters(self.hold, "tx_packets")
 
     def dropped(self) -> int:
         """Packets the hold veth pair dropped (its end's tx, its peer's rx and tx): read
         before the teardown, as the counters go with the pair."""
-        total = 0
-        for name, keys in (
-            (self.hold, ("tx_dropped",)),
-            (self.hold_peer, ("rx_dropped", "tx_dropped")),
-        ):
-            found = self.ipr.link_lookup(ifname=name)
-            stats = self.ipr.get_links(found[0])[0].get_attr("IFLA_STATS64") if found else None
-            total += sum(int(stats[key]) for key in keys) if stats else 0
-        return total
+        return self._counters(self.hold, "tx_dropped") + self._counters(
+            self.hold_peer, "rx_dropped", "tx_dropped"
+        )
 
     def unsteer(self) -> None:
         """Stop steering: new tunnelled packets for the VM take the node's own route."""

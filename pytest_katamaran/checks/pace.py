@@ -54,6 +54,9 @@ PROBE_WAIT_S = 60.0  # for ping to exit: its sends, then its wait for late repli
 # answering 25/s).  One more ping, answered after that queue (first in, first out), says
 # it is empty before the next step; up to this long.
 DRAIN_S = 60.0
+# Checks that must not measure the lab ping at 1/HEADROOM of the rate the target kept up
+# with when idle (see "Headroom" above): the hold-fault cases and the e2e's default.
+HEADROOM = 2.0
 
 
 class LabTooSlow(AssertionError):

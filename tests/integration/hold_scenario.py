@@ -48,7 +48,9 @@ from pytest_katamaran.bench.ping_rate import (
     answer_rate,
 )
 from pytest_katamaran.checks.drops import DROPS_CMD, drops_delta, parse_drops
-from pytest_katamaran.checks.pace import Pace, pace
+
+# HEADROOM: these cases test katamaran's faults, not the lab's capacity (checks.pace)
+from pytest_katamaran.checks.pace import HEADROOM, Pace, pace
 from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
@@ -56,9 +58,6 @@ from pytest_katamaran.migration import plug_limit
 from pytest_katamaran.qemu.binary import WorkloadQemu
 
 INTERVAL = 0.01  # the guide's; slower where the nested guest cannot answer it (Case.pace)
-# These cases test katamaran's faults, not the lab's capacity: the pings leave the guest
-# half its idle answer rate for the migration's load (CI 2026-12-03, checks.pace).
-HEADROOM = 2.0
 HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
 VM2_IP = "10.244.1.6"  # the second VM of the two-VM case (its tap: tap1_kata)
 VM2_PORTS = ("-nbd-port", "10811", "-migration-port", "4445")
