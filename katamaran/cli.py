@@ -127,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         parser,
         "early-ram",
-        action="store_true",
+        metavar="BOOL",
+        nargs="?",
+        const="true",
+        default="true" if config.EARLY_RAM else "false",
         help="source: start the RAM copy while the disk is still mirrored, held at the "
         "switchover gate until the mirror is READY (needs QEMU 8.2+, KVM or 9.0+ under TCG, "
-        "and -vm-ip; elsewhere the disk is synchronized first, as without it)",
+        "and -vm-ip; elsewhere the disk is synchronized first); -early-ram=false always "
+        f"synchronizes the disk first (default {str(config.EARLY_RAM).lower()})",
     )
     for name, default, what in (
         ("migration-timeout", config.MIGRATION_TIMEOUT, "RAM migration must complete within"),
@@ -208,6 +212,14 @@ def _number(flag: str, value: str, kind: type = float) -> float:
     return number
 
 
+def _bool(flag: str, value: str) -> bool:
+    """A Go-style boolean flag's value (-flag, -flag=true, -flag=false)."""
+    known = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}
+    if value.lower() not in known:
+        raise UsageError(f'invalid -{flag} "{value}" (want true or false)')
+    return known[value.lower()]
+
+
 def _port(flag: str, value: str) -> int:
     try:
         port = int(value)
@@ -279,7 +291,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         drive_id=args.drive_id,
         shared_storage=args.shared_storage,
         copy_mode=args.copy_mode,
-        early_ram=args.early_ram,
+        early_ram=_bool("early-ram", args.early_ram),
         migration_timeout=_number("migration-timeout", args.migration_timeout),
         storage_sync_timeout=_number("storage-sync-timeout", args.storage_sync_timeout),
         qmp_timeout=_number("qmp-timeout", args.qmp_timeout),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from katamaran.dest import SYSCTL_JOURNAL
-from katamaran.errors import KatamaranError, QMPClosed
+from katamaran.errors import KatamaranError
 from katamaran.lock import VMLock
 from katamaran.qmp import Monitor
 from pytest_katamaran.agent.node import process_state
@@ -58,6 +58,29 @@ def qmp(path: Path, command: str, timeout: float = 60, **args: object) -> Any:
             await mon.close()
 
     return asyncio.run(once())
+
+
+def run_state(box: Sandbox, path: Path | None = None) -> str | None:
+    """QEMU's run state (asked on `path`, by default the box's client socket); None once
+    the process has exited, GuestPanicked if its guest panicked (-no-reboot then ends it).
+
+    A QEMU that exits while it is asked can close the monitor before poll() sees the exit
+    (a SIGKILL in a syscall, 1 run under -n 2; a guest panic, the CI saw the monitor close
+    under query-status): it is given 5 s to be gone, and is then reported as gone.  Alive
+    and not answering, the error is real."""
+    try:
+        if box.alive():
+            return qmp(path or box.qmp_path, "query-status", timeout=20)["status"]
+    except KatamaranError:  # QMPClosed, or the socket refused: box.proc is set
+        assert box.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            box.proc.wait(timeout=5)
+        if box.alive():
+            raise
+    console = box.console_log.read_text(errors="replace") if box.spec else ""
+    if "Kernel panic" in console:
+        raise GuestPanicked(console[console.rfind("Kernel panic") :].splitlines()[0])
+    return None
 
 
 def accepts(path: Path) -> bool:
@@ -404,26 +427,14 @@ class Rig:
         return report
 
     def status(self, box: Sandbox) -> str:
-        """QEMU's run state; if QEMU is gone, say so with its own last words.
-
-        A QEMU that exits while it is asked (a guest panic under -no-reboot ends it: the
-        CI saw the monitor close under query-status) is given up to 5 s to be gone, and
-        is then reported as gone."""
-        try:
-            if box.alive():
-                return qmp(box.qmp_path, "query-status")["status"]
-        except QMPClosed:  # box.proc is set: it was alive
-            assert box.proc is not None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                box.proc.wait(timeout=5)
-            if box.alive():
-                raise
+        """QEMU's run state; if QEMU is gone, say so with its own last words."""
+        state = run_state(box)
+        if state is not None:
+            return state
         err = box.spec.sandbox_dir / "qemu.stderr" if box.spec else None
         tail = err.read_text(errors="replace")[-1500:] if err and err.exists() else ""
         code = box.proc.returncode if box.proc else None
         console = box.console_log.read_text(errors="replace")[-3000:] if box.spec else ""
-        if "Kernel panic" in console:
-            raise GuestPanicked(console[console.rfind("Kernel panic") :].splitlines()[0])
         raise AssertionError(f"QEMU exited ({code}); stderr:\n{tail}\nguest console:\n{console}")
 
     def down(self) -> None:

@@ -37,7 +37,14 @@ from katamaran.migration import (
     OWN_SWITCHOVER_LIMIT_MS,
 )
 from pytest_katamaran.images.guest import with_hook
-from pytest_katamaran.lab.local import Rig, qmp, wait_for_text, wait_stopped
+from pytest_katamaran.lab.local import (
+    GuestPanicked,
+    Rig,
+    qmp,
+    run_state,
+    wait_for_text,
+    wait_stopped,
+)
 from pytest_katamaran.qemu.sandbox import Sandbox
 
 pytestmark = pytest.mark.qemu
@@ -78,30 +85,16 @@ def socket_fds(box: Sandbox) -> int:
 
 
 def status(box: Sandbox) -> str | None:
-    """QEMU's run state, None once the process has exited.
+    """QEMU's run state on the primary monitor, None once the process has exited.
 
     A guest kernel panic (QEMU 7.2 TCG corrupting guest RAM across migration, seen with
-    bare QMP too: see locallab.GuestPanicked) is reported as an expected failure.
+    bare QMP too: see GuestPanicked) is reported as an expected failure.
     """
-    if not box.alive():
-        console = box.console_log.read_text(errors="replace") if box.spec else ""
-        if "Kernel panic" in console:
-            panic = console[console.rfind("Kernel panic") :].splitlines()[0]
-            pytest.xfail(f"guest kernel panicked after migration: {panic}")
-        return None
+    assert box.spec is not None
     try:
-        return watch(box, "query-status")["status"]
-    except Exception:  # noqa: BLE001 - exiting while we asked
-        # A QEMU SIGKILLed while blocked in a syscall exits only once that returns: its
-        # monitor can reset our connection before poll() sees the exit (1 run under -n 2).
-        assert box.proc is not None
-        try:
-            box.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        else:
-            return None
-        raise  # alive and not answering: the failure is real
+        return run_state(box, box.spec.qmp_path)
+    except GuestPanicked as panic:
+        pytest.xfail(f"guest kernel panicked after migration: {panic}")
 
 
 def wait_exit(box: Sandbox, timeout: float = 30) -> None:

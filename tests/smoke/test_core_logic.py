@@ -132,6 +132,7 @@ def test_tunnel_rule_is_a_host_route_to_the_vm_only():
         (["-mode", "dest", "-qmp-timeout", "abc"], 'invalid -qmp-timeout "abc"'),
         (["-mode", "dest", "-copy-mode", "sync"], 'invalid -copy-mode "sync"'),
         (["-mode", "dest", "-drive-id", ""], "-drive-id must not be empty"),
+        (["-mode", "dest", "-early-ram=maybe"], 'invalid -early-ram "maybe" \\(want true'),
     ],
 )
 def test_parse_args_rejects(argv, message):
@@ -143,6 +144,18 @@ def test_parse_args_accepts_bracketed_ipv6_and_defaults():
     cfg = parse_args(["-mode", "source", "-dest-ip", "[fd00::2]", "-vm-ip", "10.244.1.5"])
     assert str(cfg.dest_ip) == "fd00::2" and cfg.tunnel_hold == 5.0
     assert cfg.drive_id == "drive-virtio-disk0" and cfg.copy_mode == "auto"
+    assert cfg.early_ram
+
+
+@pytest.mark.parametrize(
+    ("flag", "early"),
+    [("-early-ram", True), ("-early-ram=true", True), ("-early-ram=false", False),
+     ("--early-ram=0", False), ("-early-ram=F", False)],
+)  # fmt: skip
+def test_early_ram_is_a_go_style_boolean(flag, early):
+    """On by default; Go's forms turn it off (-early-ram=false), a bare flag keeps it on."""
+    argv = ["-mode", "source", "-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5", flag]
+    assert parse_args(argv).early_ram is early
 
 
 def test_copy_mode_switch_needs_block_job_change():
