@@ -1305,7 +1305,16 @@ class SourceMigration:
     async def _give_back_early(self) -> None:
         """RAM has not converged GATE_HOLD_S after the gate: the VM gets its feed and the
         kept packets back and runs on until katamaran's switchover takes them again
-        (where QEMU may pause an idle VM first, see gate)."""
+        (where QEMU may pause an idle VM first, see gate).
+
+        Why the gate stays open meanwhile: QEMU runs the dirty sync only when its
+        estimate is under the same threshold that lets it pause (migration_iteration_run:
+        `pending < threshold` → exact sync → `pending < threshold` → pause), and at the
+        end of a pass the estimate is the gate's bitmap alone.  A gate closed again would
+        stop the syncs, and with them the RAM copy and the convergence test katamaran
+        reads (_converged): the migration would only wait out -migration-timeout.  Open,
+        QEMU pauses by itself only at a sync that finds not one dirty page, which a guest
+        that has kept RAM from converging for GATE_HOLD_S rarely gives."""
         async with self._using_taps():  # a STOP meanwhile is taken once this is done
             for divert in self.diverts:
                 await netlink(divert.undivert)
