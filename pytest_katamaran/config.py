@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_katamaran import backend as _backend
-from pytest_katamaran.checks.pace import HEADROOM
+from pytest_katamaran.checks.pace import E2E_HEADROOM
 from pytest_katamaran.qemu.accel import ACCEL_CHOICES, Accel
 from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES
 
@@ -97,11 +97,12 @@ TUNABLES = (
     ),
     Tunable(
         "nested_tcg_ping_headroom",
-        HEADROOM,
+        E2E_HEADROOM,
         "the paced ping towards a nested TCG pod runs at 1/X of the rate the pod kept up "
-        "with when probed on an idle node (2: half; 1: that rate). The "
-        "migration takes the node's vCPUs from the pod: on 2026-12-03 a pod probed at 50 "
-        "ms fell 20-60 s behind during the move and lost 13 and 572 pings. Default 2",
+        "with when probed on an idle node (4: a quarter; 1: that rate). The migration "
+        "takes the node's vCPUs from the pod and the destination's copy starts cold: on "
+        "2026-12-03 pods pinged every 50 ms fell 15-60 s behind after the move and lost "
+        "13, 572 and 153 pings. Default 4",
     ),
 )
 
@@ -117,7 +118,7 @@ class Tuning:
     tap_drain: float = 2.0
     max_pause: float = 60.0
     nested_tcg_ping_interval: float = 0.01
-    nested_tcg_ping_headroom: float = HEADROOM
+    nested_tcg_ping_headroom: float = E2E_HEADROOM
 
     @property
     def dest_hold_s(self) -> float:

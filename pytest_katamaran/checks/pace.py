@@ -55,8 +55,16 @@ PROBE_WAIT_S = 60.0  # for ping to exit: its sends, then its wait for late repli
 # it is empty before the next step; up to this long.
 DRAIN_S = 60.0
 # Checks that must not measure the lab ping at 1/HEADROOM of the rate the target kept up
-# with when idle (see "Headroom" above): the hold-fault cases and the e2e's default.
+# with when idle (see "Headroom" above): the hold-fault cases.
 HEADROOM = 2.0
+# The e2e's default is larger: its witness runs on through the destination's cold start
+# (both TCG levels translating again) for up to a minute after RESUME.  A fresh-clone CI
+# of 2026-12-03 07:00, paced at 50 ms (kept up with 20 ms), lost 153 of 2625 in the shared
+# case: the pod's replies stopped for 22 s, 15 s after RESUME, then came back in bursts,
+# and 153 consecutive ones were missing from one burst (no node counter moved).  Since
+# 2026-12-02 the e2e cases paced at 50 ms lost pings in 3 of 5, those paced at 100 or
+# 200 ms in none of 3.
+E2E_HEADROOM = 4.0
 
 
 class LabTooSlow(AssertionError):
@@ -91,7 +99,7 @@ class Pace:
         spare = ""
         if self.interval > kept:
             spare = (
-                f", {self.headroom:g}x the {kept * 1000:g} ms it kept up with when idle"
+                f", at least {self.headroom:g}x the {kept * 1000:g} ms it kept up with when idle"
                 " (headroom for the migration's load)"
             )
         refused = "; ".join(

@@ -322,7 +322,7 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
 ):
     """Towards a pod under TCG without --ping-interval the ping fixture probes it first
     (pytest_katamaran.checks.pace; the pod here: this host's loopback, which keeps up),
-    pings at --nested-tcg-ping-headroom times the interval kept up with (2 by default)
+    pings at --nested-tcg-ping-headroom times the interval kept up with (4 by default)
     and says so in the ping's notes; with --ping-interval it pings at that, unprobed."""
     pytester.makepyfile(
         """
@@ -357,8 +357,8 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        ["*NOTES ping every 20 ms, 2x the 10 ms it kept up with when idle (headroom for the "
-         "migration's load) (kept up: 500 of 500, RTT p90 * ms) SET False"]
+        ["*NOTES ping every 50 ms, at least 4x the 10 ms it kept up with when idle (headroom "
+         "for the migration's load) (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )  # fmt: skip
     result = pytester.runpytest("-s", "--nested-tcg-ping-headroom=1")
     result.assert_outcomes(passed=1)
@@ -403,7 +403,7 @@ def test_tuning_options_and_ini_keys_in_help(pytester: pytest.Pytester):
 def test_tuning_defaults(pytester: pytest.Pytester):
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest("-s")
-    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.01 2.0 auto backports"])
+    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.01 4.0 auto backports"])
 
 
 def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
@@ -415,7 +415,7 @@ def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
     result = pytester.runpytest(
         "-s", "--tunnel-hold=20", "--dest-hold=21", "--workload-qemu=system"
     )
-    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 2.0 sandbox system"])
+    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 4.0 sandbox system"])
     result.stdout.fnmatch_lines(["katamaran: kata=sandbox workload-qemu=system tunnel-hold=20s*"])
 
 

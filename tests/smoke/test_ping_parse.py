@@ -427,7 +427,7 @@ def test_headroom_pings_at_half_the_rate_kept_up_with():
     step = {"interval": 0.01, "verdict": "kept up: 500 of 500, RTT p90 246 ms"}
     paced = Pace(0.02, 0.01, (step,), kept_up=0.01, headroom=2.0)
     assert paced.describe() == (
-        "ping every 20 ms, 2x the 10 ms it kept up with when idle (headroom for the "
+        "ping every 20 ms, at least 2x the 10 ms it kept up with when idle (headroom for the "
         "migration's load) (kept up: 500 of 500, RTT p90 246 ms)"
     )
     assert paced.as_dict()["kept_up"] == 0.01
