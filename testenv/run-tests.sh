@@ -16,7 +16,7 @@ pytest_run() {  # exit status 5 (no test selected by the extra arguments) is no 
     "$KATAMARAN_PY" -m pytest "$@" || rc=$?
     [[ $rc -eq 0 || $rc -eq 5 ]] || return "$rc"
 }
-pytest_run -n 2 -m "not lab_nodes" -p no:cacheprovider -rs "$@"
-pytest_run -m lab_nodes -p no:cacheprovider -rs "$@"
-"$KATAMARAN_PY" -m pytest tests/e2e --nodes=qemu -p no:cacheprovider -rs \
+pytest_run -n 2 -m "not lab_nodes" -p no:cacheprovider -rs --durations=10 "$@"
+pytest_run -m lab_nodes -p no:cacheprovider -rs --durations=15 "$@"
+"$KATAMARAN_PY" -m pytest tests/e2e --nodes=qemu -p no:cacheprovider -rs --durations=10 \
     --session-timeout="${E2E_SESSION_TIMEOUT:-1800}" "$@"

@@ -31,6 +31,7 @@ from pytest_katamaran.qemu.node import (
     NodeBootError,
     NodeProcess,
     NodeSpec,
+    NodeStalled,
     free_port,
     nic_macs,
     wait_listening,
@@ -42,6 +43,8 @@ SSH_TIMEOUTS = {"debian": 90.0, "ubuntu": 300.0}
 # QEMU messages meaning "a port we picked was taken meanwhile": pick others and retry.
 _PORT_RACE = ("Could not set up host forwarding rule", "Address already in use")
 _LAUNCH_TRIES = 3
+# Boots per start(): one more after a stalled CPU (NodeStalled), never for other failures.
+_BOOT_TRIES = 2
 
 
 def _stderr_progress(msg: str) -> None:
@@ -200,26 +203,13 @@ class QemuNodes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         key = generate_keypair(self.workdir / "id_rsa")
         pubkey = key.with_name(key.name + ".pub").read_text().strip()
-        for role in self.roles:
-            create_overlay(self.image, self.workdir / f"node-{role}.qcow2")
-            write_seed(
-                self.workdir / f"node-{role}-seed.iso",
-                hostname=f"node-{role}",
-                authorized_keys=[pubkey],
-                private_ip=f"{PRIVATE_IPS[role]}/{PRIVATE_PREFIX}",
-                nic_macs=nic_macs(role),
-                instance_id=f"katamaran-node-{role}-{os.getpid()}",
-            )
+        self._write_disks(pubkey)
         self.progress(
             f"katamaran: lab prepared in {time.monotonic() - t0:.1f}s "
             f"({self.image.kind} image, {accel}, QEMU {self.qemu.version}); booting "
             + " and ".join(f"node-{role}" for role in self.roles)
         )
-        self._launch_both(accel, cpu)
-        for role in self.roles:
-            proc = self._procs[role]
-            seconds = proc.wait_ready(self.boot_timeout)
-            self.progress(f"katamaran: {proc.spec.name}: READY after {seconds:.1f}s")
+        self._boot(accel, cpu, pubkey)
         for role in self.roles:
             proc = self._procs[role]
             client = SSHClient(
@@ -249,6 +239,56 @@ class QemuNodes:
             )
             self._nodes[role] = node
             self.progress(f"katamaran: {node.name}: SSH ready after {node.ssh_seconds:.1f}s")
+
+    def _write_disks(self, pubkey: str) -> None:
+        """A fresh overlay and cloud-init seed per node (a new boot starts from scratch)."""
+        assert self.image is not None and self.workdir is not None
+        for role in self.roles:
+            overlay = self.workdir / f"node-{role}.qcow2"
+            overlay.unlink(missing_ok=True)
+            create_overlay(self.image, overlay)
+            write_seed(
+                self.workdir / f"node-{role}-seed.iso",
+                hostname=f"node-{role}",
+                authorized_keys=[pubkey],
+                private_ip=f"{PRIVATE_IPS[role]}/{PRIVATE_PREFIX}",
+                nic_macs=nic_macs(role),
+                instance_id=f"katamaran-node-{role}-{os.getpid()}",
+            )
+
+    def _boot(self, accel: str, cpu: str | None, pubkey: str) -> None:
+        """Launch the nodes and wait for READY; boot all of them again after a stalled CPU.
+
+        A stalled boot (``NodeStalled``: a TCG vCPU whose timer stopped firing) never
+        recovers, and a fresh QEMU comes up normally.  Every node restarts, because node
+        B's link is a connection to node A's socket.  The stalled console is kept next to
+        the new one and named in the warning; any other failure is raised at once.
+        """
+        for attempt in range(1, _BOOT_TRIES + 1):
+            self._launch_both(accel, cpu)
+            try:
+                for role in self.roles:
+                    proc = self._procs[role]
+                    seconds = proc.wait_ready(self.boot_timeout)
+                    self.progress(f"katamaran: {proc.spec.name}: READY after {seconds:.1f}s")
+                return
+            except NodeStalled as e:
+                if attempt == _BOOT_TRIES:
+                    raise
+                for proc in self._procs.values():
+                    proc.kill()
+                kept = []
+                for proc in self._procs.values():
+                    log = proc.spec.serial_log
+                    if log.exists():
+                        kept.append(log.rename(log.with_suffix(f".stalled-{attempt}.log")))
+                self.progress(
+                    f"katamaran: WARNING: {e.args[0].splitlines()[0]}; booting "
+                    f"{' and '.join(p.spec.name for p in self._procs.values())} again "
+                    f"(attempt {attempt + 1} of {_BOOT_TRIES}); the stalled consoles: "
+                    + ", ".join(str(k) for k in kept)
+                )
+                self._write_disks(pubkey)
 
     def _spec(self, role: str, accel: str, cpu: str | None, link_port: int) -> NodeSpec:
         assert self.image is not None and self.workdir is not None

@@ -65,6 +65,13 @@ NAT_SLOT, PRIVATE_SLOT, DISK_SLOT, SEED_SLOT = 3, 4, 5, 6
 HOSTROOT_TAG = "hostroot"
 READY_MARKER = "KATAMARAN-NODE-READY"
 FAILED_MARKER = "KATAMARAN-NODE-FAILED"
+# What the node kernel prints every ~21 s while a CPU holds up an RCU grace period.  In
+# CI on 2026-12-03 node B's vCPU 1 sat idle with a timer that never fired under TCG
+# ("rcu_preempt kthread timer wakeup didn't happen ... Possible timer handling issue on
+# cpu=1"): eight reports, no further boot progress, READY never came.  Three reports
+# before READY (a minute without a grace period) mark such a boot as lost.
+STALL_MARKER = "detected stalls on CPUs"
+STALL_REPORTS = 3
 # The guide's ports; the socket link port is ours (the guide's scripts hard-coded one too).
 TESTENV_SSH_PORTS = {"a": 2222, "b": 2223}
 TESTENV_LINK_PORT = 1234
@@ -227,6 +234,14 @@ class NodeBootError(RuntimeError):
     """A node did not come up; the message carries the QEMU argv and the log tails."""
 
 
+class NodeStalled(NodeBootError):
+    """The node kernel kept reporting a stalled CPU before READY.
+
+    Seen under TCG as a vCPU whose timer stops firing during boot; the boot never
+    recovers, while a fresh QEMU process comes up normally, so the caller may boot again.
+    """
+
+
 class NodeProcess:
     """One node's QEMU process: launch, wait for the READY marker, kill by PID."""
 
@@ -276,6 +291,14 @@ class NodeProcess:
         if FAILED_MARKER in text:
             why = text.split(FAILED_MARKER, 1)[1].lstrip(": ").splitlines()[0]
             raise NodeBootError(self.describe_failure(f"{self.spec.name} failed to boot: {why}"))
+        stalls = text.count(STALL_MARKER)
+        if stalls >= STALL_REPORTS:
+            raise NodeStalled(
+                self.describe_failure(
+                    f"{self.spec.name}: its kernel reported a stalled CPU {stalls} times "
+                    f"before {READY_MARKER} (a vCPU whose timer stopped firing)"
+                )
+            )
         if self.proc is None or self.proc.poll() is not None:
             rc = None if self.proc is None else self.proc.returncode
             raise NodeBootError(

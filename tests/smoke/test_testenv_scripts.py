@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -411,3 +412,104 @@ def test_node_clock_check(uptime, lo, hi, verdict):
     else:
         assert problem is not None and f"clock runs {verdict}" in problem
         assert f"uptime {uptime:.1f} s" in problem
+
+
+_STALL = (
+    "[   23.596662] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+    "[   23.613868] rcu: \tPossible timer handling issue on cpu=1 timer-softirq=8\n"
+)
+
+
+def test_a_boot_whose_kernel_keeps_reporting_a_stalled_cpu_is_lost(tmp_path):
+    """Two stall reports may still recover; the third (a minute without RCU) is a lost boot."""
+    proc = node_vm.NodeProcess(_spec(tmp_path, "b"), progress=lambda _m: None)
+    proc.proc = subprocess.Popen(["sleep", "60"])
+    try:
+        log = proc.spec.serial_log
+        log.write_text(_STALL * 2)
+        assert proc.check() is False
+        log.write_text(_STALL * 3)
+        with pytest.raises(node_vm.NodeStalled) as err:
+            proc.check()
+        headline = str(err.value).splitlines()[0]
+        assert headline == (
+            "node-b: its kernel reported a stalled CPU 3 times before KATAMARAN-NODE-READY "
+            "(a vCPU whose timer stopped firing)"
+        )
+        assert "Possible timer handling issue on cpu=1" in str(err.value)  # the console tail
+        log.write_text(_STALL * 3 + "KATAMARAN-NODE-READY\n")  # READY wins over old reports
+        assert proc.check() is True
+    finally:
+        proc.kill()
+    assert proc.proc.returncode is not None
+
+
+class _FakeBoot:
+    """A node process for ``QemuNodes._boot``: fails its wait as told, records kills."""
+
+    def __init__(self, spec: NodeSpec, outcome: Exception | None, killed: list[str]) -> None:
+        self.spec, self.outcome, self.killed = spec, outcome, killed
+        spec.serial_log.write_text(f"console of {spec.name}\n")
+
+    def wait_ready(self, timeout: float) -> float:
+        if self.outcome is not None:
+            raise self.outcome
+        return 12.5
+
+    def kill(self) -> None:
+        self.killed.append(self.spec.name)
+
+
+def _boot_with(tmp_path, monkeypatch, outcomes: list[Exception | None]):
+    """Run QemuNodes._boot with node B failing its boots by ``outcomes`` (A always READY)."""
+    from pytest_katamaran.backend import qemu as backend
+
+    lines: list[str] = []
+    killed: list[str] = []
+    disks: list[str] = []
+    nodes = backend.QemuNodes(SimpleNamespace(results_dir=tmp_path), progress=lines.append)
+    launches = iter(outcomes)
+
+    def launch_both(accel: str, cpu: str | None) -> None:
+        outcome = next(launches)
+        nodes._procs = {
+            "a": _FakeBoot(_spec(tmp_path, "a"), None, killed),
+            "b": _FakeBoot(_spec(tmp_path, "b"), outcome, killed),
+        }
+
+    monkeypatch.setattr(nodes, "_launch_both", launch_both)
+    monkeypatch.setattr(nodes, "_write_disks", disks.append)
+    return nodes, lines, killed, disks
+
+
+def test_a_stalled_boot_boots_both_nodes_once_more_keeping_the_console(tmp_path, monkeypatch):
+    stalled = node_vm.NodeStalled("node-b: its kernel reported a stalled CPU 3 times\nQEMU argv")
+    nodes, lines, killed, disks = _boot_with(tmp_path, monkeypatch, [stalled, None])
+    nodes._boot("tcg", None, "ssh-rsa KEY")
+    assert killed == ["node-a", "node-b"]  # both, since B's link is a connection to A
+    assert disks == ["ssh-rsa KEY"]  # fresh overlays and seeds for the second boot
+    kept = tmp_path / "node-b.stalled-1.log"
+    assert kept.read_text() == "console of node-b\n"
+    warning = next(line for line in lines if "WARNING" in line)
+    assert warning.startswith(
+        "katamaran: WARNING: node-b: its kernel reported a stalled CPU 3 times; "
+        "booting node-a and node-b again (attempt 2 of 2); the stalled consoles: "
+    )
+    assert str(kept) in warning
+    assert lines[-2:] == [
+        "katamaran: node-a: READY after 12.5s",
+        "katamaran: node-b: READY after 12.5s",
+    ]
+
+
+def test_a_second_stall_or_any_other_boot_failure_is_raised(tmp_path, monkeypatch):
+    stalled = node_vm.NodeStalled("node-b: its kernel reported a stalled CPU 3 times")
+    nodes, _lines, _killed, _disks = _boot_with(tmp_path, monkeypatch, [stalled, stalled])
+    with pytest.raises(node_vm.NodeStalled):
+        nodes._boot("tcg", None, "k")
+    timeout = node_vm.NodeBootError("node-b did not print KATAMARAN-NODE-READY within 180s")
+    nodes, lines, killed, disks = _boot_with(tmp_path, monkeypatch, [timeout, None])
+    with pytest.raises(node_vm.NodeBootError) as err:
+        nodes._boot("tcg", None, "k")
+    assert err.value is timeout and killed == [] and disks == []
+    assert not any("WARNING" in line for line in lines)
