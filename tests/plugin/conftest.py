@@ -107,6 +107,16 @@ def guest_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def accelerator():
+    # TCG, as the auto probe finds on a machine without usable KVM, but without its 20 s
+    # probe boot in every run (a KVM vCPU spinning in the kernel: a whole core, under the
+    # suite's other QEMUs); the probe and its note have their own tests.
+    from pytest_katamaran.qemu.accel import Accel
+
+    return Accel("tcg", "forced by the fake agent", "max")
+
+
+@pytest.fixture(scope="session")
 def workload_qemu():
     return SimpleNamespace(version="fake", nodeside_args=lambda: ["--qemu-binary", "qemu"])
 
