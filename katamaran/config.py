@@ -35,10 +35,16 @@ MAX_STREAM_BUFFER = 1 << 30  # the kernel caps it far lower (net.core.*mem_max)
 COPY_MODE = "auto"
 COPY_MODES = ("auto", "background", "write-blocking")
 # -early-ram: `migrate` starts while the disk is still mirrored, QEMU held at the
-# switchover gate after its first RAM pass until the mirror is READY (see Source).  On by
-# default: measured 2026-12-02, katamaran's migration took 0.87-0.97x bare QEMU's with
-# it, 1.05-1.13x without; where no gate can be closed it changes nothing.
-EARLY_RAM = True
+# switchover gate after its first RAM pass until the mirror is READY (see Source).  Off by
+# default, as libvirt and KubeVirt order it (disk first, then RAM): the two copies compete
+# for the same CPUs and link, and RAM dirtied meanwhile is sent again.  Measured
+# 2026-12-03 (2-core Xeon, TCG, 5 rounds per point, one run per arm, each against its own
+# bare rounds), katamaran's migration over bare's with it / without: disk 512 MiB + RAM
+# 512 MiB 1.22-1.26x / 0.98x (the mirror took 1.09 s instead of 0.58), RAM 128 MiB
+# 1.10-1.33x / 1.06x, the RAM-dirtying guest 1.10-1.24x / 1.05x; it paid only where one
+# copy dwarfs the other: disk 2 GiB 0.95-0.99x / 1.03x, RAM 2 GiB 0.80-1.00x / 1.01x
+# (on 2026-12-02's AMD machine 0.87-0.97x / 1.05-1.13x at those large points).
+EARLY_RAM = False
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

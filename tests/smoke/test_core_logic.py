@@ -144,7 +144,7 @@ def test_parse_args_accepts_bracketed_ipv6_and_defaults():
     cfg = parse_args(["-mode", "source", "-dest-ip", "[fd00::2]", "-vm-ip", "10.244.1.5"])
     assert str(cfg.dest_ip) == "fd00::2" and cfg.tunnel_hold == 5.0
     assert cfg.drive_id == "drive-virtio-disk0" and cfg.copy_mode == "auto"
-    assert cfg.early_ram
+    assert cfg.early_ram is False  # disk first, then RAM (config.EARLY_RAM says why)
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_parse_args_accepts_bracketed_ipv6_and_defaults():
      ("--early-ram=0", False), ("-early-ram=F", False)],
 )  # fmt: skip
 def test_early_ram_is_a_go_style_boolean(flag, early):
-    """On by default; Go's forms turn it off (-early-ram=false), a bare flag keeps it on."""
+    """Off by default; a bare flag or Go's forms turn it on, -early-ram=false keeps it off."""
     argv = ["-mode", "source", "-dest-ip", "10.0.0.2", "-vm-ip", "10.244.1.5", flag]
     assert parse_args(argv).early_ram is early
 
