@@ -30,7 +30,7 @@ from pytest_katamaran.lab.local import VM_IP, GuestPanicked, Rig, wait_for_text
 from pytest_katamaran.migration import MigrationResult
 from pytest_katamaran.qemu.binary import WORKLOAD_QEMU_CHOICES, workload_qemu
 from pytest_katamaran.qemu.sandbox import Sandbox
-from pytest_katamaran.timeline import draw_results
+from pytest_katamaran.timeline import after_resume_figures, draw_results
 
 TITLE = "python -m pytest_katamaran.demo"
 DEMO_PING_INTERVAL = 0.01  # the guide's 100 pings/s
@@ -206,6 +206,9 @@ def write_results(out_dir: Path, record: dict[str, Any], *, ok: bool, say: Any) 
     A picture that cannot be drawn is a warning: the migration's own verdict stands.
     """
     results = {k: record[k] for k in ("migration", "ping", "disk") if k in record}
+    figures = after_resume_figures(results)
+    if figures is not None:
+        results["after_resume"] = figures
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "nodeid": TITLE,

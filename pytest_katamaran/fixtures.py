@@ -386,6 +386,12 @@ def results(
     data: dict[str, Any] = {}
     started = _dt.datetime.now(_dt.timezone.utc)
     yield data
+    if "after_resume" not in data:  # the migrated VM's first reply and its catch-up
+        from pytest_katamaran.timeline import after_resume_figures
+
+        figures = after_resume_figures(data)
+        if figures is not None:
+            data["after_resume"] = figures
     reports = request.node.stash.get(REPORTS_KEY, {})
     call = reports.get("call")
     failure = None

@@ -3,6 +3,7 @@ a drawing that fails is a warning line there, never a test failure."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -83,6 +84,15 @@ def check_summary(pytester: pytest.Pytester, result: pytest.RunResult) -> None:
     assert "test_no_migration" not in summary
     assert len(summary.splitlines()) == 3, summary
     assert sorted(p.name for p in out.glob("*.tmp")) == []  # nothing half-written
+    # the first reply after RESUME (100.6) is seq 18's at 100.8, sent 10 ms before: on time
+    moved_json = json.loads((out / "test_tl.py_test_moved.json").read_text())
+    assert moved_json["results"]["after_resume"] == {
+        "first_reply_s": pytest.approx(0.2),
+        "on_time_s": pytest.approx(0.2),
+        "on_time_ms": 250.0,
+    }
+    alone = json.loads((out / "test_tl.py_test_no_migration.json").read_text())
+    assert "after_resume" not in alone["results"]
 
 
 def test_summary_names_pictures_and_warns_for_a_broken_one(pytester: pytest.Pytester):

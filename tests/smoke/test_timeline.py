@@ -16,7 +16,10 @@ from pytest_katamaran.errors import TimelineError
 from pytest_katamaran.timeline import (
     DPI,
     HEIGHT_IN,
+    ON_TIME_MS,
     WIDTH_IN,
+    after_resume,
+    after_resume_figures,
     build_timeline,
     draw,
     draw_results,
@@ -231,6 +234,73 @@ def test_draw_writes_a_png_of_the_expected_size(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["case.timeline.png"]  # no temp left
 
 
+RESUME = 100.6  # DEST_LOG's "VM resumed" stamp
+
+
+def cold_target_log(count: int = 60) -> str:
+    """A target that answers nothing until 103.0 (2.4 s after RESUME), then its backlog
+    (seqs 14-40, sent 100.3-102.9) one per ms, then every ping within 30 ms."""
+    lines = ["PING 10.244.1.5 (10.244.1.5) from 10.0.0.1 : 56(84) bytes of data."]
+    for seq in range(1, count + 1):
+        if seq <= 13:
+            received = sent(seq) + 0.010
+        elif seq <= 40:
+            received = 103.0 + 0.001 * (seq - 14)
+        else:
+            received = sent(seq) + 0.030
+        rtt = (received - sent(seq)) * 1000
+        lines.append(
+            f"[{received:.6f}] 64 bytes from 10.244.1.5: icmp_seq={seq} ttl=63 time={rtt:.3f} ms"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_after_resume_first_reply_and_back_on_time():
+    stats = parse_ping_output(cold_target_log(), INTERVAL)
+    found = after_resume(stats, migration())
+    assert found is not None and found.on_time_ms == ON_TIME_MS == 250.0
+    # the first reply received after RESUME is seq 14's, at 103.0
+    assert found.first_reply_s == pytest.approx(2.4)
+    # seq 38 (sent 102.7, 324 ms) is still late; seq 39 (sent 102.8, 225 ms) is on time
+    assert found.on_time_s == pytest.approx(103.025 - RESUME)
+    assert found.describe() == (
+        "first reply 2.4 s after RESUME, on time (RTT <= 250 ms) after 2.4 s"
+    )
+    stricter = after_resume(stats, migration(), on_time_ms=100.0)  # seq 41: 103.03
+    assert stricter is not None and stricter.on_time_s == pytest.approx(103.03 - RESUME)
+    title = build_timeline(stats, migration(), "t::cold").title
+    assert title.splitlines()[2] == found.describe()
+
+
+def test_after_resume_never_on_time_and_without_resume():
+    backlog_only = parse_ping_output(cold_target_log(count=30), INTERVAL)  # seq 30: 1.5 s late
+    found = after_resume(backlog_only, migration())
+    assert found is not None and found.first_reply_s == pytest.approx(2.4)
+    assert found.on_time_s is None and "on time (RTT <= 250 ms) after never" in found.describe()
+    no_resume = {**migration(), "events_dest": {}}
+    assert after_resume(backlog_only, no_resume) is None
+    assert len(build_timeline(backlog_only, no_resume, "t").title.splitlines()) == 2
+
+
+def test_after_resume_figures_for_the_results_json():
+    stats = parse_ping_output(cold_target_log(), INTERVAL)
+
+    class Moved:  # a MigrationResult stand-in: only as_dict() is used
+        def as_dict(self) -> dict:
+            return migration()
+
+    figures = after_resume_figures({"migration": Moved(), "ping": stats})
+    assert figures == {
+        "first_reply_s": pytest.approx(2.4),
+        "on_time_s": pytest.approx(2.425),
+        "on_time_ms": 250.0,
+    }
+    assert after_resume_figures({"migration": migration(), "ping": stats.as_dict()}) is None
+    assert after_resume_figures({"ping": stats}) is None
+    broken = after_resume_figures({"migration": {"dest_clock_offset_s": "x"}, "ping": stats})
+    assert broken is not None and broken["error"].startswith("ValueError")
+
+
 def test_draw_results_needs_a_migration_and_per_packet_ping(tmp_path):
     stats = parse_ping_output(ping_log(), INTERVAL)
     out = tmp_path / "x.timeline.png"
@@ -266,6 +336,10 @@ def test_redraw_from_recorded_e2e_results(tmp_path):
     payload = json.loads((tmp_path / f"{E2E_CASE}.json").read_text())
     labels = [label for label, _ in phase_marks(payload["results"]["migration"])]
     assert labels[:4] == ["mirror ready", "traffic switched", "STOP", "RESUME + plug released"]
+    stats = parse_ping_output((tmp_path / f"{E2E_CASE}.ping1.txt").read_text(), 0.05)
+    found = after_resume(stats, payload["results"]["migration"])
+    assert found is not None and found.first_reply_s is not None and found.on_time_s is not None
+    assert 0 < found.first_reply_s <= found.on_time_s  # the cold target, in a real run
 
 
 def test_redraw_without_ping_log_is_one_line_error(tmp_path, capsys):
