@@ -8,15 +8,16 @@ TCG guest (a guest inside a TCG lab node) about five times slower than the day b
 100/s. Before anything moved, replies already trailed by 1.2 s to 16 s, and each case lost
 366 to 1963 pings once the backlog overflowed (CI lost 1872 and 1307 in two cases).
 
-So the harness probes the target first (`pace`): at each candidate interval, fastest
-first, a few seconds of ping sent with `ping -c`, so that ping stops sending and waits
-for the backlog (one ping more drains what it did not wait for: `drain`).  The first
-interval the target keeps up with (`keeps_up`: every probe answered, no queue building
-up in the RTTs) is the check's.  A burst does not measure this: the same guest answered
-143-170 pings/s to a probe at 250/s, and 42-48/s to a ping every 10 or 20 ms (its cost per
-packet depends on the rate: a burst is handled in batches).  The interval chosen and each
-step's figures go into the results next to the ping's, so a run at 50 ms says so; the
-assertion stays zero lost pings at that interval.
+So the harness probes the target first (`pace`): it waits for a few warm-up pings to be
+answered (`warm_up`: a guest just booted answers its first ones seconds late), then, at
+each candidate interval, fastest first, a few seconds of ping sent with `ping -c`, so that
+ping stops sending and waits for the backlog (one ping more drains what it did not wait
+for: `drain`). The first interval the target keeps up with (`keeps_up`: every probe
+answered, no queue building up in the RTTs) is the check's. A burst does not measure this:
+the same guest answered 143-170 pings/s to a probe at 250/s, and 42-48/s to a ping every
+10 or 20 ms (its cost per packet depends on the rate: a burst is handled in batches). The
+interval chosen and each step's figures go into the results next to the ping's, so a run
+at 50 ms says so; the assertion stays zero lost pings at that interval.
 
 Headroom: the probe runs before the migration, on an idle node; the migration then takes
 the node's vCPUs from the guest (TCG: the source QEMU's RAM copy runs on the same two
