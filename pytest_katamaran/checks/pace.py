@@ -59,10 +59,9 @@ DRAIN_S = 60.0
 # send paths for the first time, and under nested TCG both levels translate them first.
 # On 2026-12-03 the e2e pod's first replies took 5.3 s and its RTT p90 fell under
 # RTT_P90_S only 10 s later, so a 5 s step at 10 ms measured that warm-up, not the rate
-# (and then passed a whole e2e at 10 ms).  So WARM_UP pings, every WARM_UP_INTERVAL, are
-# answered (or DRAIN_S passes) before the first step.
-WARM_UP_INTERVAL = 0.2
-WARM_UP = ("-c", "5", "-W", f"{DRAIN_S:g}")
+# (and then passed a whole e2e at 10 ms).  So WARM_UP_COUNT pings, every WARM_UP_INTERVAL,
+# are answered (or DRAIN_S passes) before the first step.
+WARM_UP_COUNT, WARM_UP_INTERVAL = 5, 0.2
 # Checks that must not measure the lab ping at 1/HEADROOM of the rate the target kept up
 # with when idle (see "Headroom" above): the hold-fault cases.
 HEADROOM = 2.0
@@ -117,7 +116,7 @@ class Pace:
         )
         warmed = ""
         if self.warm_up_s is not None:
-            warmed = f"; its first {WARM_UP[1]} pings answered in {self.warm_up_s:g} s"
+            warmed = f"; its first {WARM_UP_COUNT} pings answered in {self.warm_up_s:g} s"
         if not refused:
             kept_note = self.steps[-1]["verdict"]
             return f"ping every {self.interval * 1000:g} ms{spare} ({kept_note}{warmed})"
@@ -224,17 +223,24 @@ def pace(
 
 
 def warm_up(start: Callable[[float, Sequence[str]], PingMonitor]) -> float | None:
-    """WARM_UP pings before the first step (see WARM_UP); the seconds until all were
+    """WARM_UP_COUNT pings before the first step (see there); the seconds until all were
     answered, None if some were not within DRAIN_S (the steps then say how slow)."""
-    t0 = time.monotonic()
-    stats = _run_to_exit(start(WARM_UP_INTERVAL, WARM_UP), DRAIN_S + 10.0)
-    answered = stats.sent > 0 and stats.received >= stats.sent
-    return round(time.monotonic() - t0, 2) if answered else None
+    return _answered_in(start, WARM_UP_INTERVAL, WARM_UP_COUNT)
 
 
 def drain(start: Callable[[float, Sequence[str]], PingMonitor]) -> float | None:
     """Wait for the target's queue to empty (see DRAIN_S); the seconds it took, None if
     it was not answered within DRAIN_S."""
+    return _answered_in(start, 1.0, 1)
+
+
+def _answered_in(
+    start: Callable[[float, Sequence[str]], PingMonitor], interval: float, count: int
+) -> float | None:
+    """`count` pings every `interval`, each waited for up to DRAIN_S; the seconds until
+    ping exited with all of them answered, None if some were not."""
     t0 = time.monotonic()
-    stats = _run_to_exit(start(1.0, ("-c", "1", "-W", f"{DRAIN_S:g}")), DRAIN_S + 10.0)
-    return round(time.monotonic() - t0, 2) if stats.received else None
+    args = ("-c", str(count), "-W", f"{DRAIN_S:g}")
+    stats = _run_to_exit(start(interval, args), DRAIN_S + 10.0)
+    answered = stats.sent > 0 and stats.received >= stats.sent
+    return round(time.monotonic() - t0, 2) if answered else None

@@ -449,9 +449,9 @@ class _CannedPing:
 
 
 def test_pace_warms_the_target_up_before_its_first_step():
-    """A target answering its first pings late is given WARM_UP pings first; the 10 ms
+    """A target answering its first pings late is given WARM_UP_COUNT pings first; the 10 ms
     step then measures its rate, and the note says how long the warm-up took."""
-    from pytest_katamaran.checks.pace import WARM_UP, WARM_UP_INTERVAL, pace
+    from pytest_katamaran.checks.pace import WARM_UP_COUNT, WARM_UP_INTERVAL, pace
 
     calls: list[tuple[float, tuple[str, ...]]] = []
 
@@ -462,7 +462,8 @@ def test_pace_warms_the_target_up_before_its_first_step():
         return _CannedPing(_step(every, [20.0] * 500))
 
     paced = pace(start, 0.01, headroom=4.0)
-    assert calls[0] == (WARM_UP_INTERVAL, WARM_UP) == (0.2, ("-c", "5", "-W", "60"))
+    assert (WARM_UP_COUNT, WARM_UP_INTERVAL) == (5, 0.2)
+    assert calls[0] == (0.2, ("-c", "5", "-W", "60"))
     assert calls[1:] == [(0.01, ("-c", "500"))]  # then the first step, kept up with
     assert (paced.kept_up, paced.interval) == (0.01, 0.05)
     assert paced.warm_up_s is not None and paced.warm_up_s >= 0
