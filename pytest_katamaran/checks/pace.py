@@ -8,16 +8,15 @@ TCG guest (a guest inside a TCG lab node) about five times slower than the day b
 100/s. Before anything moved, replies already trailed by 1.2 s to 16 s, and each case lost
 366 to 1963 pings once the backlog overflowed (CI lost 1872 and 1307 in two cases).
 
-So the harness probes the target first (`pace`): it waits for a few warm-up pings to be
-answered (`warm_up`: a guest just booted answers its first ones seconds late), then, at
-each candidate interval, fastest first, a few seconds of ping sent with `ping -c`, so that
-ping stops sending and waits for the backlog (one ping more drains what it did not wait
-for: `drain`). The first interval the target keeps up with (`keeps_up`: every probe
-answered, no queue building up in the RTTs) is the check's. A burst does not measure this:
-the same guest answered 143-170 pings/s to a probe at 250/s, and 42-48/s to a ping every
-10 or 20 ms (its cost per packet depends on the rate: a burst is handled in batches). The
-interval chosen and each step's figures go into the results next to the ping's, so a run
-at 50 ms says so; the assertion stays zero lost pings at that interval.
+So the harness probes the target first (`pace`): at each candidate interval, fastest
+first, a few seconds of ping sent with `ping -c`, so that ping stops sending and waits
+for the backlog (one ping more drains what it did not wait for: `drain`).  The first
+interval the target keeps up with (`keeps_up`: every probe answered, no queue building
+up in the RTTs) is the check's.  A burst does not measure this: the same guest answered
+143-170 pings/s to a probe at 250/s, and 42-48/s to a ping every 10 or 20 ms (its cost per
+packet depends on the rate: a burst is handled in batches).  The interval chosen and each
+step's figures go into the results next to the ping's, so a run at 50 ms says so; the
+assertion stays zero lost pings at that interval.
 
 Headroom: the probe runs before the migration, on an idle node; the migration then takes
 the node's vCPUs from the guest (TCG: the source QEMU's RAM copy runs on the same two
@@ -55,13 +54,6 @@ PROBE_WAIT_S = 60.0  # for ping to exit: its sends, then its wait for late repli
 # answering 25/s).  One more ping, answered after that queue (first in, first out), says
 # it is empty before the next step; up to this long.
 DRAIN_S = 60.0
-# A target just booted answers its first pings late: its guest runs the receive, ICMP and
-# send paths for the first time, and under nested TCG both levels translate them first.
-# On 2026-12-03 the e2e pod's first replies took 5.3 s and its RTT p90 fell under
-# RTT_P90_S only 10 s later, so a 5 s step at 10 ms measured that warm-up, not the rate
-# (and then passed a whole e2e at 10 ms).  So WARM_UP_COUNT pings, every WARM_UP_INTERVAL,
-# are answered (or DRAIN_S passes) before the first step.
-WARM_UP_COUNT, WARM_UP_INTERVAL = 5, 0.2
 # Checks that must not measure the lab ping at 1/HEADROOM of the rate the target kept up
 # with when idle (see "Headroom" above): the hold-fault cases.
 HEADROOM = 2.0
@@ -97,7 +89,6 @@ class Pace:
     steps: tuple[dict[str, Any], ...]
     kept_up: float = 0.0  # the fastest interval the target kept up with (0: `interval`)
     headroom: float = 1.0
-    warm_up_s: float | None = None  # until the warm-up pings were answered (None: not all)
 
     @property
     def slowed(self) -> bool:
@@ -114,15 +105,11 @@ class Pace:
         refused = "; ".join(
             f"{step['interval'] * 1000:g} ms: {step['verdict']}" for step in self.steps[:-1]
         )
-        warmed = ""
-        if self.warm_up_s is not None:
-            warmed = f"; its first {WARM_UP_COUNT} pings answered in {self.warm_up_s:g} s"
         if not refused:
-            kept_note = self.steps[-1]["verdict"]
-            return f"ping every {self.interval * 1000:g} ms{spare} ({kept_note}{warmed})"
+            return f"ping every {self.interval * 1000:g} ms{spare} ({self.steps[-1]['verdict']})"
         return (
             f"ping every {self.interval * 1000:g} ms, not {self.fastest * 1000:g}{spare}: the"
-            f" target did not keep up with a faster one ({refused}{warmed})"
+            f" target did not keep up with a faster one ({refused})"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -131,7 +118,6 @@ class Pace:
             "fastest": self.fastest,
             "kept_up": self.kept_up or self.interval,
             "headroom": self.headroom,
-            "warm_up_s": self.warm_up_s,
             "steps": list(self.steps),
             "description": self.describe(),
         }
@@ -206,7 +192,6 @@ def pace(
     headroom: float = 1.0,
 ) -> Pace:
     """Probe the target and choose the check's interval (see the module's docstring)."""
-    warmed = warm_up(start)
     steps: list[dict[str, Any]] = []
     for interval in candidates_from(fastest):
         stats = probe(start, interval)
@@ -214,33 +199,14 @@ def pace(
         steps.append(step_facts(stats, interval, verdict))
         if verdict is None:
             chosen = with_headroom(interval, headroom) if headroom > 1 else interval
-            return Pace(
-                chosen, fastest, tuple(steps), kept_up=interval, headroom=headroom,
-                warm_up_s=warmed,
-            )  # fmt: skip
+            return Pace(chosen, fastest, tuple(steps), kept_up=interval, headroom=headroom)
         steps[-1]["drained_s"] = drain(start)
     raise LabTooSlow(steps)
-
-
-def warm_up(start: Callable[[float, Sequence[str]], PingMonitor]) -> float | None:
-    """WARM_UP_COUNT pings before the first step (see there); the seconds until all were
-    answered, None if some were not within DRAIN_S (the steps then say how slow)."""
-    return _answered_in(start, WARM_UP_INTERVAL, WARM_UP_COUNT)
 
 
 def drain(start: Callable[[float, Sequence[str]], PingMonitor]) -> float | None:
     """Wait for the target's queue to empty (see DRAIN_S); the seconds it took, None if
     it was not answered within DRAIN_S."""
-    return _answered_in(start, 1.0, 1)
-
-
-def _answered_in(
-    start: Callable[[float, Sequence[str]], PingMonitor], interval: float, count: int
-) -> float | None:
-    """`count` pings every `interval`, each waited for up to DRAIN_S; the seconds until
-    ping exited with all of them answered, None if some were not."""
     t0 = time.monotonic()
-    args = ("-c", str(count), "-W", f"{DRAIN_S:g}")
-    stats = _run_to_exit(start(interval, args), DRAIN_S + 10.0)
-    answered = stats.sent > 0 and stats.received >= stats.sent
-    return round(time.monotonic() - t0, 2) if answered else None
+    stats = _run_to_exit(start(1.0, ("-c", "1", "-W", f"{DRAIN_S:g}")), DRAIN_S + 10.0)
+    return round(time.monotonic() - t0, 2) if stats.received else None

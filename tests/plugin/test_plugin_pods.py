@@ -358,16 +358,12 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         ["*NOTES ping every 50 ms, at least 4x the 10 ms it kept up with when idle (headroom "
-         "for the migration's load) (kept up: 500 of 500, RTT p90 * ms; its first 5 pings "
-         "answered in * s) SET False"]
+         "for the migration's load) (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )  # fmt: skip
     result = pytester.runpytest("-s", "--nested-tcg-ping-headroom=1")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        [
-            "*NOTES ping every 10 ms (kept up: 500 of 500, RTT p90 * ms; its first 5 pings "
-            "answered in * s) SET False"
-        ]
+        ["*NOTES ping every 10 ms (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )
     result = pytester.runpytest("-s", "--ping-interval=0.05")
     result.assert_outcomes(passed=1)

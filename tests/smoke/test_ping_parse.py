@@ -436,51 +436,6 @@ def test_headroom_pings_at_half_the_rate_kept_up_with():
     )
 
 
-class _CannedPing:
-    """A PingMonitor stand-in that has already exited with canned stats (pure logic)."""
-
-    running = False
-
-    def __init__(self, stats) -> None:
-        self.stats = stats
-
-    def stop(self):
-        return self.stats
-
-
-def test_pace_warms_the_target_up_before_its_first_step():
-    """A target answering its first pings late is given WARM_UP_COUNT pings first; the 10 ms
-    step then measures its rate, and the note says how long the warm-up took."""
-    from pytest_katamaran.checks.pace import WARM_UP_COUNT, WARM_UP_INTERVAL, pace
-
-    calls: list[tuple[float, tuple[str, ...]]] = []
-
-    def start(every: float, more):
-        calls.append((every, tuple(more)))
-        if len(calls) == 1:  # the warm-up: 5 pings, the first answered 5.3 s late
-            return _CannedPing(_step(every, [5300.0, 5100.0, 4900.0, 4700.0, 4500.0]))
-        return _CannedPing(_step(every, [20.0] * 500))
-
-    paced = pace(start, 0.01, headroom=4.0)
-    assert (WARM_UP_COUNT, WARM_UP_INTERVAL) == (5, 0.2)
-    assert calls[0] == (0.2, ("-c", "5", "-W", "60"))
-    assert calls[1:] == [(0.01, ("-c", "500"))]  # then the first step, kept up with
-    assert (paced.kept_up, paced.interval) == (0.01, 0.05)
-    assert paced.warm_up_s is not None and paced.warm_up_s >= 0
-    assert paced.describe().endswith(f"; its first 5 pings answered in {paced.warm_up_s:g} s)")
-    assert paced.as_dict()["warm_up_s"] == paced.warm_up_s
-
-    calls.clear()
-    unanswered = _step(0.2, [5300.0] * 5, answered=2)  # 2 of 5 within DRAIN_S
-
-    def start_cold(every: float, more):
-        calls.append((every, tuple(more)))
-        return _CannedPing(unanswered if len(calls) == 1 else _step(every, [20.0] * 500))
-
-    cold = pace(start_cold, 0.01)
-    assert cold.warm_up_s is None and "first 5 pings" not in cold.describe()
-
-
 def test_no_interval_kept_up_with_is_the_labs_failure():
     from pytest_katamaran.checks.pace import LabTooSlow
 
