@@ -151,20 +151,23 @@ class KatamaranConfig:
     ping_interval_set: bool = True  # False: the 10 ms default, not the user's choice
     kata: str = "auto"
     workload_qemu: str = "backports"
+    pod_accel: str = "tcg"  # the pods' QEMU on the nodes (agent workload-start --accel)
     tuning: Tuning = Tuning()
 
-    def pod_ping_interval(self, accel: Accel | None) -> float:
-        """The ping interval towards a nested pod: the user's, else a rate TCG can answer
-        (the fastest one: see `paces_pod_ping`)."""
-        if self.paces_pod_ping(accel):
+    def pod_ping_interval(self, pod_accel: str | None) -> float:
+        """The ping interval towards a pod whose QEMU runs on ``pod_accel`` (``kvm``,
+        ``tcg``): the user's, else a rate TCG can answer (the fastest: `paces_pod_ping`)."""
+        if self.paces_pod_ping(pod_accel):
             return self.tuning.nested_tcg_ping_interval
         return self.ping_interval
 
-    def paces_pod_ping(self, accel: Accel | None) -> bool:
-        """Whether the ping towards a nested pod is paced (pytest_katamaran.checks.pace):
-        under TCG, unless the user set --ping-interval.  The pod is probed first and
-        pinged at --nested-tcg-ping-interval, or slower if it cannot answer that."""
-        return not self.ping_interval_set and accel is not None and accel.name == "tcg"
+    def paces_pod_ping(self, pod_accel: str | None) -> bool:
+        """Whether the ping towards a pod is paced (pytest_katamaran.checks.pace): when its
+        QEMU runs under TCG inside a node (translated twice), unless the user set
+        --ping-interval.  The pod is probed first and pinged at
+        --nested-tcg-ping-interval, or slower if it cannot answer that.  A pod under the
+        node's KVM is pinged at --ping-interval (the guide's 10 ms)."""
+        return not self.ping_interval_set and pod_accel == "tcg"
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> KatamaranConfig:
@@ -181,6 +184,7 @@ class KatamaranConfig:
         accel = _choice(config, "accel", ACCEL_CHOICES, "auto", "accel")
         kata = _choice(config, "kata", KATA_CHOICES, "auto", "kata mode")
         wq = _choice(config, "workload_qemu", WORKLOAD_QEMU_CHOICES, "backports", "workload QEMU")
+        pod_accel = _choice(config, "pod_accel", ACCEL_CHOICES, "tcg", "pod accel")
         keep = config.getoption("katamaran_keep_on_failure")
         if keep is None:
             keep = bool(config.getini("katamaran_keep_on_failure"))
@@ -222,6 +226,7 @@ class KatamaranConfig:
             ping_interval_set=raw_interval not in (None, ""),
             kata=kata,
             workload_qemu=wq,
+            pod_accel=pod_accel,
             tuning=tuning,
         )
 

@@ -195,6 +195,7 @@ def katamaran_pods(
         guest=lambda: request.getfixturevalue("guest_image"),
         workload_qemu=lambda: request.getfixturevalue("workload_qemu"),
         workdir=tmp_path,
+        pod_accel=katamaran_config.pod_accel,
     )
     yield lab
     if katamaran_config.keep_on_failure and call_failed(request.node):
@@ -216,7 +217,8 @@ def kata_pod(katamaran_pods: PodLab) -> Callable[..., KataPod]:
     write is on its disk).  ``shared_storage=True`` puts its disk on a qemu-nbd export of
     this host that both nodes map as /dev/nbd0.  Options: ``ip``, ``memory`` (MiB),
     ``disk_size``, ``writer`` (default True), ``writer_rate``, ``tcfilter``,
-    ``boot_timeout``.  One pod per node per test.
+    ``boot_timeout``, ``accel`` (``auto``/``kvm``/``tcg``: its QEMU's accelerator on the
+    node, default ``--pod-accel``; ``.accel`` says which it got).  One pod per node per test.
     ``--kata=sandbox`` runs the Kata-shaped sandbox (pod netns, Calico veth, Kata's
     tcfilter, QEMU laid out as Kata's); ``--kata=runtime`` a real Kata container through
     containerd, skipped naming ``kata-runtime``/``containerd-shim-kata-v2`` when the node
@@ -237,7 +239,6 @@ def migrate(
     request: pytest.FixtureRequest,
     katamaran_pods: PodLab,
     katamaran_config: KatamaranConfig,
-    accelerator: Accel,
 ) -> Generator[Callable[..., MigrationResult], None, None]:
     """Factory: ``migrate(pod, to=node, dest_flags=None, **katamaran_flags)`` moves a pod.
     Runs the guide's flow: the destination QEMU on ``to`` from the pod's own command line
@@ -252,7 +253,8 @@ def migrate(
     A failing test that migrated gets the logs, consoles, drop counters and lost-ping
     placement attached to its report.
     """
-    interval = katamaran_config.pod_ping_interval(accelerator)
+    # the fastest a test may ping its pod (the plug's limit is sized for it)
+    interval = min(katamaran_config.pod_ping_interval(a) for a in ("kvm", "tcg"))
     migrator = Migrator(katamaran_pods, katamaran_config.tuning, interval)
     request.node.stash[MIGRATIONS_KEY] = migrator.results
     yield migrator.migrate
@@ -300,9 +302,8 @@ def ping(
         ready = 10.0 if node is None else 60.0
         every, notes = interval, []
         if every is None and isinstance(target, KataPod):
-            accel = request.getfixturevalue("accelerator")
-            every = katamaran_config.pod_ping_interval(accel)
-            if katamaran_config.paces_pod_ping(accel):  # a nested TCG guest: measured
+            every = katamaran_config.pod_ping_interval(target.accel)
+            if katamaran_config.paces_pod_ping(target.accel):  # a nested TCG guest: measured
                 headroom = katamaran_config.tuning.nested_tcg_ping_headroom
                 paced = pace(
                     lambda i, more: monitor(i, more).start(ready_timeout=ready), every, headroom
@@ -417,6 +418,7 @@ def results(
             "ping_rcvbufs": [m.rcvbuf for m in request.node.stash.get(PINGS_KEY, [])],
             "kata": katamaran_config.kata,
             "workload_qemu": katamaran_config.workload_qemu,
+            "pod_accel": katamaran_config.pod_accel,
             "tuning": dataclasses.asdict(katamaran_config.tuning),
         },
         "results": data,

@@ -117,7 +117,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "cache: 7.2 corrupts a TCG guest during migration; default) or system. "
         "ini: katamaran_workload_qemu",
     )
+    group.addoption(
+        "--pod-accel",
+        dest="katamaran_pod_accel",
+        choices=ACCEL_CHOICES,
+        default=None,
+        help="accelerator of the pods' QEMU on the nodes: tcg (default), auto (KVM where "
+        "the node really runs a vCPU with it: a TCG node's emulated AMD CPU offers SVM, "
+        "so its pods can run under the node's KVM, 20x faster, but here 1 nested boot in "
+        "5-11 reset or hung the node: see README), kvm. ini: katamaran_pod_accel",
+    )
     parser.addini("katamaran_kata", "kata_pod mode (auto|sandbox|runtime)", default="")
+    parser.addini("katamaran_pod_accel", "pods' accelerator (auto|kvm|tcg)", default="")
     parser.addini("katamaran_workload_qemu", "pods' QEMU (backports|system)", default="")
     for t in TUNABLES:
         group.addoption(
@@ -153,7 +164,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"katamaran: nodes={cfg.nodes or 'none'} image={cfg.node_image} accel={cfg.accel} "
         f"ping-interval={cfg.ping_interval:g}s results={cfg.results_dir}",
-        f"katamaran: kata={cfg.kata} workload-qemu={cfg.workload_qemu} "
+        f"katamaran: kata={cfg.kata} workload-qemu={cfg.workload_qemu} pod-accel={cfg.pod_accel} "
         f"tunnel-hold={t.tunnel_hold:g}s dest-hold={t.dest_hold_s:g}s "
         f"converge-delay={t.converge_delay:g}s writer-rate={t.writer_rate}/s "
         f"tap-drain={t.tap_drain:g}s max-pause={t.max_pause:g}s "

@@ -40,7 +40,16 @@ DISK_DIR = "/var/lib/katamaran/e2e"
 DISK_SIZE = "64M"
 # Nested TCG (~17x slower than TCG): generous, but every wait is bounded.
 BOOT_TIMEOUT = 900.0
-POD_OPTIONS = ("ip", "memory", "disk_size", "writer", "writer_rate", "tcfilter", "boot_timeout")
+POD_OPTIONS = (
+    "ip",
+    "memory",
+    "disk_size",
+    "writer",
+    "writer_rate",
+    "tcfilter",
+    "boot_timeout",
+    "accel",
+)
 
 
 @dataclass
@@ -87,6 +96,11 @@ class KataPod:
     @property
     def shared_storage(self) -> bool:
         return self.export is not None
+
+    @property
+    def accel(self) -> str:
+        """The accelerator its QEMU runs on (``kvm``/``tcg``, from the spec it started with)."""
+        return str(self.spec.get("accel", "tcg"))
 
     @property
     def pod_cidr(self) -> str:
@@ -152,6 +166,7 @@ class KataPod:
             "disk": self.disk,
             "shared_storage": self.shared_storage,
             "kind": self.kind,
+            "accel": self.accel,
             "boot_s": self.boot_s,
         }
 
@@ -177,8 +192,10 @@ class PodLab:
         guest: Callable[[], Any],
         workload_qemu: Callable[[], Any],
         workdir: Path | None = None,
+        pod_accel: str = "tcg",
     ) -> None:
         self.kata = kata
+        self.pod_accel = pod_accel
         self.writer_rate = writer_rate
         self._guest = guest
         self._workload_qemu = workload_qemu
@@ -237,6 +254,7 @@ class PodLab:
             "--disk", disk, *create,
             "--memory", str(int(options.get("memory", 128))),
             *qemu.nodeside_args(),
+            "--accel", str(options.get("accel", self.pod_accel)),
             "--boot-timeout", str(boot_timeout),
         ]  # fmt: skip
         if options.get("writer", True):

@@ -35,10 +35,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_katamaran.logtail import tail
 from pytest_katamaran.net.listening import listening
+
+if TYPE_CHECKING:
+    from pytest_katamaran.qemu.accel import Accel
 
 DEFAULT_STATE_DIR = Path("/run/katamaran-e2e")
 DEFAULT_RUN_DIR = Path("/run/vc/vm")
@@ -261,6 +264,16 @@ def _create_disk(path: Path, size: str, prefill: bool) -> None:
         run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 40M 8M", str(path)])
 
 
+def _pod_accel(requested: str, why: str = "") -> Accel:
+    """The pod QEMU's accelerator on this node (qemu.accel.pod_accel); a refusal is one line."""
+    from pytest_katamaran.qemu.accel import AccelUnavailable, pod_accel
+
+    try:
+        return pod_accel(requested)
+    except AccelUnavailable as err:
+        raise NodesideError(f"{why}: {err}" if why else str(err)) from None
+
+
 def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
     """The Kata-shaped pod: PodNet (Calico veth + tcfilter) and QEMU in the pod netns."""
     from pytest_katamaran.images.guest import kernel_cmdline
@@ -269,6 +282,7 @@ def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
 
     if st.data.get("source") or st.data.get("podnet"):
         raise NodesideError("a workload is already recorded here: run `stop` first")
+    accel = _pod_accel(args.accel)  # before any state: a refusal leaves nothing behind
     pod = PodNet(
         name=args.pod_name,
         pod_ip=args.pod_ip,
@@ -313,6 +327,7 @@ def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
         mac=pod.mac or "",  # Kata copies eth0's MAC into the VM NIC
         qemu_binary=args.qemu_binary,
         extra_args=["-L", args.qemu_datadir] if args.qemu_datadir else [],
+        accel=accel.name,
     )
     box = _start_sandbox(spec, pod.netns, "source", st, args.qmp_timeout)
     out = {
@@ -325,6 +340,7 @@ def cmd_workload_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
         "tcfilter": not args.no_tcfilter,
         "spec": spec_to_json(spec),
         "argv": box.argv,
+        "accel": {"name": accel.name, "reason": accel.reason},
     }
     if args.no_wait:
         return out
@@ -372,6 +388,8 @@ def cmd_dest_start(args: argparse.Namespace, st: State) -> dict[str, Any]:
         raise NodesideError("a destination is already recorded here: run `stop` first")
     spec_json = Path(args.spec_file).read_text() if args.spec_file else args.spec
     src_spec = spec_from_json(json.loads(spec_json))
+    if src_spec.accel == "kvm":  # the same accelerator as the source, or no migration
+        _pod_accel("kvm", why="the source's pod runs under KVM")
     pod_ip = args.pod_ip
     st.data["desttap"] = {"tap": args.tap, "pod_ip": pod_ip, "node_netns": args.netns}
     st.save()
@@ -796,6 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic-arp",
         action="store_true",
         help="no permanent neighbour for the pod (Felix adds one)",
+    )
+    sp.add_argument(
+        "--accel",
+        choices=("auto", "kvm", "tcg"),
+        default="tcg",
+        help="the pod QEMU's accelerator (auto: KVM if this node really runs a vCPU with it)",
     )
     sp.add_argument("--no-wait", action="store_true", help="return before READY")
     sp.add_argument("--boot-timeout", type=float, default=600.0)

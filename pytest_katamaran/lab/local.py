@@ -193,7 +193,10 @@ class Rig:
     # its tap there): a Kata QEMU lives in its pod's netns, where node traffic cannot
     # reach it.  None: node b's, as katamaran.
     dest_netns: str | None = None
-    # Inside a TCG lab node the guest is nested TCG, ~17x slower: the boot and
+    # The QEMUs' accelerator: "kvm" inside a lab node whose KVM runs a vCPU
+    # (qemu.accel.pod_accel), else TCG; both sides take the source's.
+    accel: str = "tcg"
+    # Inside a TCG lab node a TCG guest is nested TCG, ~17x slower: the boot and
     # "destination ready" waits are fields.
     boot_timeout: float = 120.0
     ready_timeout: float = 60.0
@@ -268,6 +271,7 @@ class Rig:
             extra_monitor=self.extra_monitor,
             tap=self.tap,
             memory_mib=self.memory_mib,
+            accel=self.accel,
         )
         if self.qemu is not None:
             spec.qemu_binary = self.qemu.binary

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.nodes, pytest.mark.timeout(1500)]
 @pytest.mark.parametrize("shared_storage", [False, True], ids=["nbd", "shared"])
 def test_migration_zero_drop(kata_pod, migrate, ping, node_a, node_b, shared_storage, results):
     pod = kata_pod(node_a, shared_storage=shared_storage)
+    results["pod_accel"] = pod.accel  # kvm: under the node's KVM, pinged at the guide's rate
     # The zero-drop witness: node A's cluster address pings the pod all along.
     pinger = ping(node_a, pod)
     pinger.wait_replies(50)

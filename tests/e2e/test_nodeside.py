@@ -47,7 +47,9 @@ def lab(guest_image, tmp_path):
     lab.teardown()
 
 
-def test_nodeside_steps_migrate_a_writing_workload(lab, guest_image, workload_qemu, tmp_path):
+def test_nodeside_steps_migrate_a_writing_workload(
+    lab, guest_image, workload_qemu, accelerator, tmp_path
+):
     lab, states = lab
     guest = guest_image
     na, nb = lab.a.netns, lab.b.netns
@@ -62,7 +64,11 @@ def test_nodeside_steps_migrate_a_writing_workload(lab, guest_image, workload_qe
         # during migration (pytest_katamaran.qemu.binary), 1 run in ~20 here crashed
         # the destination guest's kernel
         *workload_qemu.nodeside_args(),
+        # this host's own accelerator, as probed for the session (not the agent's
+        # auto: a host whose /dev/kvm opens yet never runs a vCPU costs its full timeout)
+        "--accel", accelerator.name,
     )  # fmt: skip
+    assert work["accel"]["name"] == work["spec"]["accel"] == accelerator.name, work["accel"]
     assert work["boot_time_s"] > 0 and work["mac"] == work["spec"]["mac"]
     neigh = subprocess.run(
         ["ip", "-n", na, "neigh", "show", POD_IP], capture_output=True, text=True

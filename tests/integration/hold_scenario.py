@@ -55,6 +55,7 @@ from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
 from pytest_katamaran.migration import plug_limit
+from pytest_katamaran.qemu.accel import pod_accel
 from pytest_katamaran.qemu.binary import WorkloadQemu
 
 INTERVAL = 0.01  # the guide's; slower where the nested guest cannot answer it (Case.pace)
@@ -239,6 +240,7 @@ def run_two_vms(name: str, rig: Rig, client: Client, paced: Pace) -> dict:
         rig.tmp / "vm2",
         kata_pod=True,
         qemu=rig.qemu,
+        accel=rig.accel,
         boot_timeout=rig.boot_timeout,
         ready_timeout=rig.ready_timeout,
         lab=rig.lab,
@@ -490,14 +492,25 @@ def main() -> int:
     for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
         parser.add_argument(name, default="")
     parser.add_argument("--cases", default=",".join([*CASES, TWO_VMS]))
+    parser.add_argument("--accel", default="tcg", choices=("auto", "kvm", "tcg"))
     args = parser.parse_args()
+    accel = pod_accel(args.accel)
+    _say(f"nested guests under {accel.name.upper()} ({accel.reason})")
     guest = GuestImage(Path(args.kernel), Path(args.initrd), "")
     qemu = WorkloadQemu(args.qemu, args.qemu_datadir, "")
     subprocess.run(["modprobe", "tun"], check=False)
     results = {}
     for name in args.cases.split(","):
         tmp = Path(tempfile.mkdtemp(prefix=f"kmr-hold-{name}-"))
-        rig = Rig(guest, tmp, kata_pod=True, qemu=qemu, boot_timeout=1800.0, ready_timeout=600.0)
+        rig = Rig(
+            guest,
+            tmp,
+            kata_pod=True,
+            qemu=qemu,
+            accel=accel.name,
+            boot_timeout=1800.0,
+            ready_timeout=600.0,
+        )
         client = Client(rig.lab.a.netns, rig.lab.b.netns)
         t0 = time.monotonic()
         try:
@@ -517,6 +530,7 @@ def main() -> int:
             rig.down()
             shutil.rmtree(tmp, ignore_errors=True)
         facts = results[name]
+        facts["accel"] = accel.name  # the nested guests' (kvm under the node's emulated SVM)
         _say(
             f"{name}: exit source {facts.get('source_rc')} dest {facts.get('dest_rc')}, "
             f"lost {facts.get('ping', {}).get('lost_count')}, {facts.get('error', 'no error')}"

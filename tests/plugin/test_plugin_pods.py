@@ -67,6 +67,7 @@ def test_kata_pod_starts_a_sandbox_and_stops_it(pytester, fake_agent):
     steps = _steps(fake_agent)
     assert steps[0].startswith("node-a: nodeside workload-start --pod-ip 10.244.1.5 ")
     assert "--writer --rate 7" in steps[0] and "--prefill" in steps[0]
+    assert " --accel tcg " in steps[0], steps[0]  # --pod-accel's default reaches the agent
     assert steps[-1] == "node-a: nodeside stop --purge"
 
 
@@ -323,50 +324,54 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
     """Towards a pod under TCG without --ping-interval the ping fixture probes it first
     (pytest_katamaran.checks.pace; the pod here: this host's loopback, which keeps up),
     pings at --nested-tcg-ping-headroom times the interval kept up with (4 by default)
-    and says so in the ping's notes; with --ping-interval it pings at that, unprobed."""
+    and says so in the ping's notes; with --ping-interval it pings at that, unprobed.
+    A pod under the node's KVM is pinged at --ping-interval, unprobed, whatever the
+    nodes' own accelerator."""
     pytester.makepyfile(
         """
         import pytest
         from pytest_katamaran.checks.pace import with_headroom
         from pytest_katamaran.checks.ping import LocalRunner
         from pytest_katamaran.pod import KataPod
-        from pytest_katamaran.qemu.accel import Accel
 
         class Node:
             name = "node-x"
             private_ip = "127.0.0.1"
             ssh = LocalRunner()
 
-        @pytest.fixture(scope="session")
-        def accelerator():
-            return Accel("tcg", "forced for this test", "max")
-
         def test_paced(ping, katamaran_config):
-            pod = KataPod(Node(), "127.0.0.1", "", "", "", "", side=None)
+            pod = KataPod(Node(), "127.0.0.1", "", "", "", "", side=None, spec={"accel": "tcg"})
             mon = ping(Node(), pod)
             stats = mon.finish(catch_up_s=5, settle_s=0.5)
-            fastest = katamaran_config.pod_ping_interval(Accel("tcg", "", "max"))
+            fastest = katamaran_config.pod_ping_interval("tcg")
             headroom = katamaran_config.tuning.nested_tcg_ping_headroom
             assert mon.interval == (fastest if katamaran_config.ping_interval_set else
                                     with_headroom(fastest, headroom))  # fmt: skip
             paced = [n for n in stats.notes if n.startswith("ping every")]
             print("NOTES", "|".join(paced) or "none", "SET", katamaran_config.ping_interval_set)
             assert stats.received > 0 and not stats.lost
+
+        def test_kvm_pod_unpaced(ping, katamaran_config):
+            pod = KataPod(Node(), "127.0.0.1", "", "", "", "", side=None, spec={"accel": "kvm"})
+            mon = ping(Node(), pod)
+            stats = mon.finish(catch_up_s=5, settle_s=0.5)
+            assert mon.interval == katamaran_config.ping_interval
+            assert not [n for n in stats.notes if n.startswith("ping every")], stats.notes
         """
     )
     result = pytester.runpytest("-s")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         ["*NOTES ping every 50 ms, at least 4x the 10 ms it kept up with when idle (headroom "
          "for the migration's load) (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )  # fmt: skip
     result = pytester.runpytest("-s", "--nested-tcg-ping-headroom=1")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         ["*NOTES ping every 10 ms (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )
     result = pytester.runpytest("-s", "--ping-interval=0.05")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*NOTES none SET True"])
 
 
@@ -409,14 +414,18 @@ def test_tuning_defaults(pytester: pytest.Pytester):
 def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
     pytester.makeini(
         "[pytest]\nkatamaran_tunnel_hold = 40\nkatamaran_writer_rate = 3\n"
-        "katamaran_kata = sandbox\nkatamaran_max_pause = 9\n"
+        "katamaran_kata = sandbox\nkatamaran_max_pause = 9\nkatamaran_pod_accel = kvm\n"
     )
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest(
         "-s", "--tunnel-hold=20", "--dest-hold=21", "--workload-qemu=system"
     )
     result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 4.0 sandbox system"])
-    result.stdout.fnmatch_lines(["katamaran: kata=sandbox workload-qemu=system tunnel-hold=20s*"])
+    result.stdout.fnmatch_lines(
+        ["katamaran: kata=sandbox workload-qemu=system pod-accel=kvm tunnel-hold=20s*"]
+    )
+    result = pytester.runpytest("-s", "--pod-accel=tcg")
+    result.stdout.fnmatch_lines(["katamaran: kata=sandbox workload-qemu=backports pod-accel=tcg *"])
 
 
 @pytest.mark.parametrize(
@@ -436,6 +445,14 @@ def test_bad_tuning_is_a_usage_error(pytester: pytest.Pytester, args, message):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*katamaran: {message}"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_bad_pod_accel_in_ini_is_a_usage_error(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nkatamaran_pod_accel = hvf\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown pod accel 'hvf' (ini katamaran_pod_accel)*"])
 
 
 def test_bad_kata_mode_in_ini_is_a_usage_error(pytester: pytest.Pytester):
