@@ -447,20 +447,19 @@ def test_bad_tuning_is_a_usage_error(pytester: pytest.Pytester, args, message):
     assert "Traceback" not in result.stderr.str()
 
 
-def test_bad_pod_accel_in_ini_is_a_usage_error(pytester: pytest.Pytester):
-    pytester.makeini("[pytest]\nkatamaran_pod_accel = hvf\n")
+@pytest.mark.parametrize(
+    ("ini", "message"),
+    [
+        ("katamaran_kata = gvisor", "unknown kata mode 'gvisor' (ini katamaran_kata)"),
+        ("katamaran_pod_accel = hvf", "unknown pod accel 'hvf' (ini katamaran_pod_accel)"),
+    ],
+)
+def test_bad_choice_in_ini_is_a_usage_error(pytester: pytest.Pytester, ini, message):
+    pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*unknown pod accel 'hvf' (ini katamaran_pod_accel)*"])
-
-
-def test_bad_kata_mode_in_ini_is_a_usage_error(pytester: pytest.Pytester):
-    pytester.makeini("[pytest]\nkatamaran_kata = gvisor\n")
-    pytester.makepyfile("def test_x(): pass")
-    result = pytester.runpytest()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*unknown kata mode 'gvisor' (ini katamaran_kata)*"])
+    result.stderr.fnmatch_lines([f"*{message}*"])
 
 
 def test_public_api(pytester: pytest.Pytester):
