@@ -154,20 +154,23 @@ class KatamaranConfig:
     pod_accel: str = "tcg"  # the pods' QEMU on the nodes (agent workload-start --accel)
     tuning: Tuning = Tuning()
 
-    def pod_ping_interval(self, pod_accel: str | None) -> float:
+    def pod_ping_interval(self, pod_accel: str | None, node_accel: Accel | None) -> float:
         """The ping interval towards a pod whose QEMU runs on ``pod_accel`` (``kvm``,
-        ``tcg``): the user's, else a rate TCG can answer (the fastest: `paces_pod_ping`)."""
-        if self.paces_pod_ping(pod_accel):
+        ``tcg``) in nodes on ``node_accel``: the user's, else a rate nested TCG can answer
+        (the fastest: `paces_pod_ping`)."""
+        if self.paces_pod_ping(pod_accel, node_accel):
             return self.tuning.nested_tcg_ping_interval
         return self.ping_interval
 
-    def paces_pod_ping(self, pod_accel: str | None) -> bool:
+    def paces_pod_ping(self, pod_accel: str | None, node_accel: Accel | None) -> bool:
         """Whether the ping towards a pod is paced (pytest_katamaran.checks.pace): when its
-        QEMU runs under TCG inside a node (translated twice), unless the user set
+        guest is translated twice (a TCG pod in a TCG node), unless the user set
         --ping-interval.  The pod is probed first and pinged at
         --nested-tcg-ping-interval, or slower if it cannot answer that.  A pod under the
-        node's KVM is pinged at --ping-interval (the guide's 10 ms)."""
-        return not self.ping_interval_set and pod_accel == "tcg"
+        node's KVM, or a TCG pod in a KVM node, is pinged at --ping-interval (the
+        guide's 10 ms)."""
+        nested_tcg = pod_accel == "tcg" and node_accel is not None and node_accel.name == "tcg"
+        return not self.ping_interval_set and nested_tcg
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> KatamaranConfig:

@@ -239,6 +239,7 @@ def migrate(
     request: pytest.FixtureRequest,
     katamaran_pods: PodLab,
     katamaran_config: KatamaranConfig,
+    accelerator: Accel,
 ) -> Generator[Callable[..., MigrationResult], None, None]:
     """Factory: ``migrate(pod, to=node, dest_flags=None, **katamaran_flags)`` moves a pod.
     Runs the guide's flow: the destination QEMU on ``to`` from the pod's own command line
@@ -253,8 +254,8 @@ def migrate(
     A failing test that migrated gets the logs, consoles, drop counters and lost-ping
     placement attached to its report.
     """
-    # the fastest a test may ping its pod (the plug's limit is sized for it)
-    interval = min(katamaran_config.pod_ping_interval(a) for a in ("kvm", "tcg"))
+    # the fastest a test may ping its pod, whatever its accelerator (the plug is sized for it)
+    interval = min(katamaran_config.pod_ping_interval(a, accelerator) for a in ("kvm", "tcg"))
     migrator = Migrator(katamaran_pods, katamaran_config.tuning, interval)
     request.node.stash[MIGRATIONS_KEY] = migrator.results
     yield migrator.migrate
@@ -274,8 +275,8 @@ def ping(
     left to itself, node A's kernel would pick the pod link's 169.254.1.1 (or the NAT
     NIC's 10.0.2.15, identical on both nodes), which node B answers locally once the pod
     lives there.  ``source=""`` lets the kernel choose.  ``node=None`` pings from this
-    host.  The interval is ``--ping-interval``; towards a ``KataPod`` under TCG without
-    ``--ping-interval`` it is ``--nested-tcg-ping-interval``, or slower if the pod cannot
+    host.  The interval is ``--ping-interval``; towards a ``KataPod`` under nested TCG (a
+    TCG pod in TCG nodes) without ``--ping-interval`` it is ``--nested-tcg-ping-interval``, or slower if the pod cannot
     answer that many: the pod is probed first (pytest_katamaran.checks.pace), pinged at
     ``--nested-tcg-ping-headroom`` times the interval it kept up with, and the choice is
     written in the ping's notes.  ``.wait_replies(n)``,
@@ -302,8 +303,9 @@ def ping(
         ready = 10.0 if node is None else 60.0
         every, notes = interval, []
         if every is None and isinstance(target, KataPod):
-            every = katamaran_config.pod_ping_interval(target.accel)
-            if katamaran_config.paces_pod_ping(target.accel):  # a nested TCG guest: measured
+            nodes_accel = request.getfixturevalue("accelerator")
+            every = katamaran_config.pod_ping_interval(target.accel, nodes_accel)
+            if katamaran_config.paces_pod_ping(target.accel, nodes_accel):  # nested TCG: measured
                 headroom = katamaran_config.tuning.nested_tcg_ping_headroom
                 paced = pace(
                     lambda i, more: monitor(i, more).start(ready_timeout=ready), every, headroom

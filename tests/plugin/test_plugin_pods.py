@@ -325,25 +325,30 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
     (pytest_katamaran.checks.pace; the pod here: this host's loopback, which keeps up),
     pings at --nested-tcg-ping-headroom times the interval kept up with (4 by default)
     and says so in the ping's notes; with --ping-interval it pings at that, unprobed.
-    A pod under the node's KVM is pinged at --ping-interval, unprobed, whatever the
-    nodes' own accelerator."""
+    A pod under the node's KVM, or a TCG pod in KVM nodes, is pinged at --ping-interval,
+    unprobed: only a guest translated twice is paced."""
     pytester.makepyfile(
         """
         import pytest
         from pytest_katamaran.checks.pace import with_headroom
         from pytest_katamaran.checks.ping import LocalRunner
         from pytest_katamaran.pod import KataPod
+        from pytest_katamaran.qemu.accel import Accel
 
         class Node:
             name = "node-x"
             private_ip = "127.0.0.1"
             ssh = LocalRunner()
 
+        @pytest.fixture(scope="session")
+        def accelerator():  # the nodes': TCG, as on this machine
+            return Accel("tcg", "forced for this test", "max")
+
         def test_paced(ping, katamaran_config):
             pod = KataPod(Node(), "127.0.0.1", "", "", "", "", side=None, spec={"accel": "tcg"})
             mon = ping(Node(), pod)
             stats = mon.finish(catch_up_s=5, settle_s=0.5)
-            fastest = katamaran_config.pod_ping_interval("tcg")
+            fastest = katamaran_config.pod_ping_interval("tcg", Accel("tcg", "", "max"))
             headroom = katamaran_config.tuning.nested_tcg_ping_headroom
             assert mon.interval == (fastest if katamaran_config.ping_interval_set else
                                     with_headroom(fastest, headroom))  # fmt: skip
@@ -357,21 +362,27 @@ def test_a_nested_tcg_pod_is_pinged_at_the_rate_it_was_probed_to_keep_up_with(
             stats = mon.finish(catch_up_s=5, settle_s=0.5)
             assert mon.interval == katamaran_config.ping_interval
             assert not [n for n in stats.notes if n.startswith("ping every")], stats.notes
+
+        def test_tcg_pod_in_kvm_nodes_unpaced(katamaran_config):
+            kvm_nodes = Accel("kvm", "probed", "host")
+            assert not katamaran_config.paces_pod_ping("tcg", kvm_nodes)
+            assert katamaran_config.pod_ping_interval("tcg", kvm_nodes) == (
+                katamaran_config.ping_interval)
         """
     )
     result = pytester.runpytest("-s")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
         ["*NOTES ping every 50 ms, at least 4x the 10 ms it kept up with when idle (headroom "
          "for the migration's load) (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )  # fmt: skip
     result = pytester.runpytest("-s", "--nested-tcg-ping-headroom=1")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
         ["*NOTES ping every 10 ms (kept up: 500 of 500, RTT p90 * ms) SET False"]
     )
     result = pytester.runpytest("-s", "--ping-interval=0.05")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*NOTES none SET True"])
 
 
