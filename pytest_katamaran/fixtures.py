@@ -276,8 +276,9 @@ def ping(
     NIC's 10.0.2.15, identical on both nodes), which node B answers locally once the pod
     lives there.  ``source=""`` lets the kernel choose.  ``node=None`` pings from this
     host.  The interval is ``--ping-interval``; towards a ``KataPod`` under nested TCG (a
-    TCG pod in TCG nodes) without ``--ping-interval`` it is ``--nested-tcg-ping-interval``, or slower if the pod cannot
-    answer that many: the pod is probed first (pytest_katamaran.checks.pace), pinged at
+    TCG pod in TCG nodes) without ``--ping-interval`` it is
+    ``--nested-tcg-ping-interval``, or slower if the pod cannot answer that many: the pod
+    is probed first (pytest_katamaran.checks.pace), pinged at
     ``--nested-tcg-ping-headroom`` times the interval it kept up with, and the choice is
     written in the ping's notes.  ``.wait_replies(n)``,
     ``.finish()`` / ``.stop()`` give the stats for ``assert_zero_drop``.  Every monitor
