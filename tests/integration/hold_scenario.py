@@ -55,7 +55,7 @@ from pytest_katamaran.checks.ping import PingMonitor, PingStats
 from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
 from pytest_katamaran.migration import plug_limit
-from pytest_katamaran.qemu.accel import pod_accel
+from pytest_katamaran.qemu.accel import ACCEL_CHOICES, pod_accel
 from pytest_katamaran.qemu.binary import WorkloadQemu
 
 INTERVAL = 0.01  # the guide's; slower where the nested guest cannot answer it (Case.pace)
@@ -492,7 +492,7 @@ def main() -> int:
     for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
         parser.add_argument(name, default="")
     parser.add_argument("--cases", default=",".join([*CASES, TWO_VMS]))
-    parser.add_argument("--accel", default="tcg", choices=("auto", "kvm", "tcg"))
+    parser.add_argument("--accel", default="tcg", choices=ACCEL_CHOICES)
     args = parser.parse_args()
     accel = pod_accel(args.accel)
     _say(f"nested guests under {accel.name.upper()} ({accel.reason})")
