@@ -122,10 +122,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="katamaran_pod_accel",
         choices=ACCEL_CHOICES,
         default=None,
-        help="accelerator of the pods' QEMU on the nodes: tcg (default), auto (KVM where "
-        "the node really runs a vCPU with it: a TCG node's emulated AMD CPU offers SVM, "
-        "so its pods can run under the node's KVM, 20x faster, but here 1 nested boot in "
-        "5-11 reset or hung the node: see README), kvm. ini: katamaran_pod_accel",
+        help="accelerator of the pods' QEMU on the nodes: auto (default: KVM where the "
+        "node really runs a vCPU with it, else TCG; a TCG node's emulated AMD CPU offers "
+        "SVM, so its pods run under the node's KVM, about 20x faster, and the node gets "
+        "one vCPU, see --node-cpus), kvm, tcg (the pod translated twice in a TCG node: "
+        "pinged at a probed pace). ini: katamaran_pod_accel",
     )
     parser.addini("katamaran_kata", "kata_pod mode (auto|sandbox|runtime)", default="")
     parser.addini("katamaran_pod_accel", "pods' accelerator (auto|kvm|tcg)", default="")
@@ -168,6 +169,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"tunnel-hold={t.tunnel_hold:g}s dest-hold={t.dest_hold_s:g}s "
         f"converge-delay={t.converge_delay:g}s writer-rate={t.writer_rate}/s "
         f"tap-drain={t.tap_drain:g}s max-pause={t.max_pause:g}s "
+        f"node-cpus={t.node_cpus or 'auto'} "
         f"nested-tcg-ping-interval={t.nested_tcg_ping_interval:g}s "
         f"nested-tcg-ping-headroom={t.nested_tcg_ping_headroom:g}",
     ]

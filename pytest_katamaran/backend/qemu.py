@@ -34,6 +34,7 @@ from pytest_katamaran.qemu.node import (
     NodeStalled,
     free_port,
     nic_macs,
+    node_cpus,
     wait_listening,
 )
 from pytest_katamaran.ssh import SSHClient, generate_keypair
@@ -206,7 +207,8 @@ class QemuNodes:
         self._write_disks(pubkey)
         self.progress(
             f"katamaran: lab prepared in {time.monotonic() - t0:.1f}s "
-            f"({self.image.kind} image, {accel}, QEMU {self.qemu.version}); booting "
+            f"({self.image.kind} image, {accel}, {self._cpus(accel)} vCPU(s) each, "
+            f"QEMU {self.qemu.version}); booting "
             + " and ".join(f"node-{role}" for role in self.roles)
         )
         self._boot(accel, cpu, pubkey)
@@ -304,7 +306,14 @@ class QemuNodes:
             cpu=cpu,
             qemu=self.qemu.binary,
             qemu_datadir=self.qemu.datadir,
+            smp=self._cpus(accel),
         )
+
+    def _cpus(self, accel: str) -> int:
+        """Each node's vCPUs (qemu.node.node_cpus: one where pods may run under its KVM)."""
+        tuning = getattr(self.config, "tuning", None)
+        pod_accel = getattr(self.config, "pod_accel", "tcg")
+        return node_cpus(self.image.kind, accel, pod_accel, getattr(tuning, "node_cpus", None))
 
     def _launch_both(self, accel: str, cpu: str | None) -> None:
         """A first (it listens on the link), B once A's socket listens; both boot in parallel.

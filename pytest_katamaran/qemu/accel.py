@@ -244,8 +244,10 @@ def pod_accel(requested: str = "auto", *, timeout: float = NODE_PROBE_TIMEOUT) -
     Measured in a TCG lab node (2026-12-03): the test guest ready after 4.0 s of guest
     uptime instead of 97.5 s, and the two-node e2e at the guide's 10 ms lost 0 of 10692
     and 0 of 13318 pings, first reply 0.09-0.24 s after RESUME (20-40 s under TCG).
-    Not the harness's default (``--pod-accel=tcg``): TCG's SVM is not solid enough here,
-    a node reset itself (QEMU exited 0 under -no-reboot) or hung after 5-11 nested boots.
+    The harness's default (``--pod-accel=auto``) since TCG's SVM was found to corrupt a
+    two-vCPU node's memory (resets, hangs, a "corrupted stack end" panic within 5-60
+    nested boots) and to run clean in a one-vCPU node (95 boots): such nodes get one vCPU
+    (``qemu.node.node_cpus``).
     Same rules as :func:`choose_accel`; the probe is the same real boot (17-32 s here).
     """
     if requested not in ACCEL_CHOICES or requested == "tcg":

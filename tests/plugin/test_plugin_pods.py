@@ -67,7 +67,7 @@ def test_kata_pod_starts_a_sandbox_and_stops_it(pytester, fake_agent):
     steps = _steps(fake_agent)
     assert steps[0].startswith("node-a: nodeside workload-start --pod-ip 10.244.1.5 ")
     assert "--writer --rate 7" in steps[0] and "--prefill" in steps[0]
-    assert " --accel tcg " in steps[0], steps[0]  # --pod-accel's default reaches the agent
+    assert " --accel auto " in steps[0], steps[0]  # --pod-accel's default reaches the agent
     assert steps[-1] == "node-a: nodeside stop --purge"
 
 
@@ -396,6 +396,7 @@ TUNING = (
     "writer-rate",
     "tap-drain",
     "max-pause",
+    "node-cpus",
     "nested-tcg-ping-interval",
     "nested-tcg-ping-headroom",
 )
@@ -404,7 +405,8 @@ PRINT_TUNING = """
 def test_show(katamaran_config):
     t = katamaran_config.tuning
     print(f"TUNING {t.tunnel_hold} {t.dest_hold_s} {t.converge_delay} {t.writer_rate} "
-          f"{t.tap_drain} {t.max_pause} {t.nested_tcg_ping_interval} {t.nested_tcg_ping_headroom} "
+          f"{t.tap_drain} {t.max_pause} {t.node_cpus} {t.nested_tcg_ping_interval} "
+          f"{t.nested_tcg_ping_headroom} "
           f"{katamaran_config.kata} {katamaran_config.workload_qemu}")
 """
 
@@ -419,7 +421,7 @@ def test_tuning_options_and_ini_keys_in_help(pytester: pytest.Pytester):
 def test_tuning_defaults(pytester: pytest.Pytester):
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest("-s")
-    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 0.01 4.0 auto backports"])
+    result.stdout.fnmatch_lines(["*TUNING 30.0 30.0 2.0 2 2.0 60.0 None 0.01 4.0 auto backports"])
 
 
 def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
@@ -429,12 +431,13 @@ def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
     )
     pytester.makepyfile(PRINT_TUNING)
     result = pytester.runpytest(
-        "-s", "--tunnel-hold=20", "--dest-hold=21", "--workload-qemu=system"
+        "-s", "--tunnel-hold=20", "--dest-hold=21", "--workload-qemu=system", "--node-cpus=2"
     )
-    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 0.01 4.0 sandbox system"])
+    result.stdout.fnmatch_lines(["*TUNING 20.0 21.0 2.0 3 2.0 9.0 2 0.01 4.0 sandbox system"])
     result.stdout.fnmatch_lines(
         ["katamaran: kata=sandbox workload-qemu=system pod-accel=kvm tunnel-hold=20s*"]
     )
+    result.stdout.fnmatch_lines(["katamaran: * max-pause=9s node-cpus=2 *"])
     result = pytester.runpytest("-s", "--pod-accel=tcg")
     result.stdout.fnmatch_lines(["katamaran: kata=sandbox workload-qemu=backports pod-accel=tcg *"])
 
@@ -444,6 +447,7 @@ def test_tuning_from_ini_and_command_line_wins(pytester: pytest.Pytester):
     [
         (["--tunnel-hold=abc"], "--tunnel-hold (ini katamaran_tunnel_hold) must be a number*"),
         (["--writer-rate=2.5"], "--writer-rate (ini katamaran_writer_rate) must be a whole*"),
+        (["--node-cpus=0"], "--node-cpus (ini katamaran_node_cpus) must be > 0, got 0"),
         (["--tap-drain=0"], "--tap-drain (ini katamaran_tap_drain) must be > 0, got 0"),
         (["--converge-delay=-1"], "--converge-delay (ini katamaran_converge_delay) must be >= 0*"),
         (["--tunnel-hold=3", "--converge-delay=5"], "converge delay (5 s) must be below the*"),

@@ -1,4 +1,5 @@
-"""The pods' accelerator on a lab node (qemu.accel.pod_accel): pure logic, no QEMU.
+"""The pods' accelerator on a lab node (qemu.accel.pod_accel) and the node vCPUs that follow
+from it (qemu.node.node_cpus): pure logic, no QEMU.
 
 The real proof (a pod under a TCG node's KVM, migrated at the guide's 10 ms) is the e2e
 and tests/integration/test_nodes.py; here only the decisions around it.
@@ -94,3 +95,20 @@ def _cpuinfo(tmp: Path, text: str) -> Path:
 
 def _refuse(*args, **kwargs):
     raise AssertionError(f"must not be called: {args} {kwargs}")
+
+
+@pytest.mark.parametrize(
+    ("node_accel", "pod", "requested", "cpus"),
+    [
+        ("tcg", "auto", None, 1),  # the default: pods may run under the TCG node's KVM
+        ("tcg", "kvm", None, 1),
+        ("tcg", "tcg", None, 2),  # nested TCG pods keep the image's two vCPUs
+        ("kvm", "auto", None, 2),  # a KVM node's own SVM/VMX is the hardware's
+        ("tcg", "auto", 3, 3),  # --node-cpus wins
+    ],
+)
+def test_node_vcpus_follow_where_the_pods_run(node_accel, pod, requested, cpus):
+    from pytest_katamaran.qemu.node import RESOURCES, node_cpus
+
+    assert RESOURCES["debian"][0] == 2
+    assert node_cpus("debian", node_accel, pod, requested) == cpus
