@@ -12,8 +12,12 @@ destination's tap0_kata on node b, two QEMUs, the katamaran CLI as processes), p
 client netns behind node a.  Now the cutover is real: the source tunnels the VM's
 traffic to b, b holds it in sch_plug until RESUME.
 
+The nested guest runs as the e2e's pods do (``--pod-accel``, default auto): under the
+node's KVM where a real boot proves it (then the node has one vCPU, qemu.node.node_cpus),
+else under TCG.
+
 Two measurements, both `ping -D -O -i <interval>` from the client to the VM:
-1. the guest's answer rate without any migration (the nested TCG guest may not keep up
+1. the guest's answer rate without any migration (a nested TCG guest may not keep up
    with 1000/s: then losses would be the lab's, not the migration's);
 2. the same ping across a migration with both sides at the default tunnel hold; the CNI
    converges (routes on both nodes) mid-hold as in the e2e.
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.agent.client import parse_summary
+from pytest_katamaran.qemu.accel import ACCEL_CHOICES
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -173,16 +178,32 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
 
     from pytest_katamaran.images.guest import GuestImage
     from pytest_katamaran.lab.local import VM_IP, Rig
+    from pytest_katamaran.qemu.accel import pod_accel
     from pytest_katamaran.qemu.binary import WorkloadQemu
 
     guest = GuestImage(Path(args.kernel), Path(args.initrd), "")
     qemu = WorkloadQemu(args.qemu, args.qemu_datadir, "")
     tmp = Path(tempfile.mkdtemp(prefix="kmr-pingrate-"))
     subprocess.run(["modprobe", "tun"], check=False)  # the taps' module, loaded before use
-    rig = Rig(guest, tmp, kata_pod=True, qemu=qemu, boot_timeout=1800.0, ready_timeout=600.0)
+    accel = pod_accel(args.accel)
+    _say(f"nested guest under {accel.name.upper()} ({accel.reason})")
+    rig = Rig(
+        guest,
+        tmp,
+        kata_pod=True,
+        qemu=qemu,
+        accel=accel.name,
+        boot_timeout=1800.0,
+        ready_timeout=600.0,
+    )
     rig.echo = True  # katamaran's lines go to stderr: the host relays them as progress
     client = Client(rig.lab.a.netns, rig.lab.b.netns)
-    facts: dict[str, Any] = {"node_kernel": platform.release()}
+    facts: dict[str, Any] = {
+        "node_kernel": platform.release(),
+        "node_cpus": os.cpu_count(),
+        "guest_accel": accel.name,
+        "guest_accel_reason": accel.reason,
+    }
     try:
         t0 = time.monotonic()
         try:
@@ -224,6 +245,7 @@ def run(
     baseline_seconds: float = 10.0,
     results_dir: Path | None = None,
     timeout: float = 3600.0,
+    pod_accel: str = "auto",
 ) -> dict[str, Any]:
     """Boot one lab node, run the scenario in it, return its figures (plus this machine's)."""
     from pytest_katamaran.images.guest import build_guest, cache_root
@@ -237,9 +259,9 @@ def run(
         "-m", "pytest_katamaran.bench.ping_rate",
         "--inside", "--interval", f"{interval:g}", "--baseline-seconds", f"{baseline_seconds:g}",
         "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
-        "--qemu", qemu.binary, "--qemu-datadir", qemu.datadir,
+        "--qemu", qemu.binary, "--qemu-datadir", qemu.datadir, "--pod-accel", pod_accel,
     ]  # fmt: skip
-    facts = run_in_node(inner, results_dir=results_dir, timeout=timeout)
+    facts = run_in_node(inner, results_dir=results_dir, timeout=timeout, pod_accel=pod_accel)
     facts.update(
         interval_s=interval,
         rate_per_s=round(1.0 / interval),
@@ -248,7 +270,8 @@ def run(
             "host": platform.node(),
             "cpus": os.cpu_count(),
             "host_kernel": platform.release(),
-            "accel": "tcg (lab node) inside tcg (nested guest)",
+            "accel": f"tcg (lab node, {facts.get('node_cpus')} vCPU) with the nested guest "
+            f"under {facts.get('guest_accel', '?')}",
             "workload_qemu": qemu.version,
             "workload_qemu_note": note,
         },
@@ -306,6 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="JSON file (default benchmarks/results/ping-<ms>ms.json)"
     )
+    parser.add_argument(
+        "--pod-accel",
+        dest="accel",
+        choices=ACCEL_CHOICES,
+        default="auto",
+        help="the nested guest's accelerator, as the harness's --pod-accel (auto)",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
         parser.add_argument(name, default="", help=argparse.SUPPRESS)
@@ -328,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytest_katamaran.lab.node import NodeRunError
 
     try:
-        facts = run(args.interval, baseline_seconds=args.baseline_seconds)
+        facts = run(args.interval, baseline_seconds=args.baseline_seconds, pod_accel=args.accel)
     except NodeRunError as err:
         print(f"ping_rate: {err}", file=sys.stderr)
         return 1

@@ -30,10 +30,19 @@ class NoNodeImage(NodeRunError):
 
 
 def run_in_node(
-    args: list[str], *, results_dir: Path | None = None, timeout: float = 3600.0
+    args: list[str],
+    *,
+    results_dir: Path | None = None,
+    timeout: float = 3600.0,
+    pod_accel: str = "tcg",
 ) -> dict[str, Any]:
     """Boot one lab node, run `python <args>` there as root (PYTHONPATH = this repo),
-    return the JSON object it printed last."""
+    return the JSON object it printed last.
+
+    ``pod_accel``: how the command's nested guests will run (the harness's
+    ``--pod-accel``), which sets the node's vCPUs as for the e2e's nodes
+    (qemu.node.node_cpus: one where they may run under the node's KVM).
+    """
     from pytest_katamaran.backend.qemu import QemuNodes
     from pytest_katamaran.images.node import NodeImageError
     from pytest_katamaran.pluginstate import serial_tails
@@ -41,6 +50,7 @@ def run_in_node(
     config = types.SimpleNamespace(
         node_image="debian",
         accel="tcg",
+        pod_accel=pod_accel,
         keep_on_failure=False,
         results_dir=results_dir or Path(tempfile.mkdtemp(prefix="kmr-node-results-")),
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_katamaran.qemu.process import die_with_parent, start_qemu
+from pytest_katamaran.qemu.workload import POD_SMP
 
 QEMU = "qemu-system-x86_64"
 KVM_CPU = "host"  # what a KVM node would use; the MSR failure only shows with it
@@ -144,7 +145,7 @@ def node_kernel_image() -> Path:
 
 
 def probe_kvm(
-    timeout: float = PROBE_TIMEOUT, *, qemu: str = QEMU, cpu: str = KVM_CPU
+    timeout: float = PROBE_TIMEOUT, *, qemu: str = QEMU, cpu: str = KVM_CPU, smp: int = KVM_SMP
 ) -> tuple[bool, str]:
     """Boot the nodes' Debian kernel under KVM as the nodes do; returns (usable, reason).
 
@@ -152,7 +153,8 @@ def probe_kvm(
     while setting up the vCPU, (2) run a vCPU that makes no progress, and (3) run
     SeaBIOS to the end of POST under KVM, yet stopped with a KVM internal error
     (register dump) as soon as the Linux kernel ran, with two vCPUs. Only the
-    thing the nodes do proves it: the same kernel, ``-M pc``, ``-cpu``, ``-smp 2``.
+    thing the nodes do proves it: the same kernel, ``-M pc``, ``-cpu``, ``-smp`` (2 for
+    nodes; inside a node, the pod's count: :func:`pod_accel`).
     With no initrd the kernel prints its way to ``VFS: Unable to mount root fs`` /
     ``Kernel panic`` on ttyS0 within about a second; that text must appear before
     ``timeout``. (A SeaBIOS-only check adds nothing: the kernel boot runs SeaBIOS.)
@@ -160,11 +162,11 @@ def probe_kvm(
     The kernel is the one the node image build caches (``nodeimage.fetch_node_kernel``);
     QEMU is always killed by its PID. Cached: one probe per process/session.
     """
-    return _probe_kvm(float(timeout), qemu, cpu)
+    return _probe_kvm(float(timeout), qemu, cpu, smp)
 
 
 @functools.cache  # keyed on normalized arguments: probe_kvm() and probe_kvm(20.0) share it
-def _probe_kvm(timeout: float, qemu: str, cpu: str) -> tuple[bool, str]:
+def _probe_kvm(timeout: float, qemu: str, cpu: str, smp: int) -> tuple[bool, str]:
     binary = shutil.which(qemu)
     if binary is None:
         return False, f"{qemu} not found on PATH"
@@ -179,26 +181,28 @@ def _probe_kvm(timeout: float, qemu: str, cpu: str) -> tuple[bool, str]:
         return False, f"KVM unproven: no Debian node kernel to boot ({exc})"
     with tempfile.TemporaryDirectory(prefix="katamaran-kvm-probe-") as tmp:
         console = Path(tmp) / "serial.log"
-        argv = kvm_kernel_argv(binary, kernel, console, cpu)
+        argv = kvm_kernel_argv(binary, kernel, console, cpu, smp)
         ok, how = watch_boot(
             argv, console, KERNEL_RAN, timeout, f"Debian kernel booted under KVM (-cpu {cpu})"
         )
     if ok:
         return True, how
-    return False, f"the Debian kernel did not boot under KVM (-cpu {cpu}, -smp {KVM_SMP}): {how}"
+    return False, f"the Debian kernel did not boot under KVM (-cpu {cpu}, -smp {smp}): {how}"
 
 
-def choose_accel(requested: str = "auto", *, timeout: float = PROBE_TIMEOUT) -> Accel:
+def choose_accel(
+    requested: str = "auto", *, timeout: float = PROBE_TIMEOUT, smp: int = KVM_SMP
+) -> Accel:
     """Resolve ``--accel``: auto prefers KVM when the probe proves it works, else TCG.
 
     An explicit ``kvm`` that does not work raises :class:`AccelUnavailable`
-    rather than silently running 20x slower.
+    rather than silently running 20x slower. ``smp``: the vCPUs of the guests to come.
     """
     if requested not in ACCEL_CHOICES:
         raise ValueError(f"accel must be one of {', '.join(ACCEL_CHOICES)}; got {requested!r}")
     if requested == "tcg":
         return Accel("tcg", "requested with --accel=tcg", TCG_CPU)
-    ok, reason = probe_kvm(timeout)
+    ok, reason = probe_kvm(timeout, smp=smp)
     if ok:
         return Accel("kvm", reason, KVM_CPU)
     if requested == "kvm":
@@ -236,7 +240,9 @@ def load_kvm(cpuinfo: Path = Path("/proc/cpuinfo"), dev: Path = Path("/dev/kvm")
     return f"modprobe {module}"
 
 
-def pod_accel(requested: str = "auto", *, timeout: float = NODE_PROBE_TIMEOUT) -> Accel:
+def pod_accel(
+    requested: str = "auto", *, timeout: float = NODE_PROBE_TIMEOUT, smp: int = POD_SMP
+) -> Accel:
     """The accelerator for a pod's QEMU on this (lab) node: KVM when it really runs a vCPU.
 
     Why: under TCG a pod guest is translated twice (by the pod's TCG, then the node's);
@@ -248,13 +254,15 @@ def pod_accel(requested: str = "auto", *, timeout: float = NODE_PROBE_TIMEOUT) -
     two-vCPU node's memory (resets, hangs, a "corrupted stack end" panic within 5-60
     nested boots) and to run clean in a one-vCPU node (95 boots): such nodes get one vCPU
     (``qemu.node.node_cpus``).
-    Same rules as :func:`choose_accel`; the probe is the same real boot (17-32 s here).
+    Same rules as :func:`choose_accel`; the probe is the same real boot (17-32 s here),
+    with the pod's vCPUs (``smp``, Kata's one by default): the 95 clean boots were of
+    one-vCPU guests, and a probe's second vCPU would be the one thing the pods never run.
     """
     if requested not in ACCEL_CHOICES or requested == "tcg":
         return choose_accel(requested)  # TCG, or its ValueError: no modprobe for either
     loaded = load_kvm()
     try:
-        chosen = choose_accel(requested, timeout=timeout)
+        chosen = choose_accel(requested, timeout=timeout, smp=smp)
     except AccelUnavailable as err:
         raise AccelUnavailable(f"{err} ({loaded})") from None
     if chosen.name == "kvm":

@@ -24,6 +24,8 @@ QMP_SOCKET = "qmp.sock"
 EXTRA_MONITOR_SOCKET = "extra-monitor.sock"
 PIDFILE = "pid"
 CONSOLE_LOG = "console.log"
+# A pod's vCPUs, as Kata's default_vcpus; the in-node KVM probe boots this many (qemu.accel).
+POD_SMP = 1
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -52,7 +54,7 @@ class SandboxSpec:
     # make QEMU see an I/O error (the source only: for_destination drops it).
     blkdebug: Path | None = None
     memory_mib: int = 128
-    smp: int = 1
+    smp: int = POD_SMP
     machine: str = "pc"
     accel: str = "tcg"
     # TCG threading: "single" measured no slower than MTTCG for a 1-vCPU guest

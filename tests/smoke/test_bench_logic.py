@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -235,48 +236,76 @@ def test_qemu_choice_defaults_to_backports_and_rejects_others(capsys):
     assert "invalid choice: '9.0'" in capsys.readouterr().err
 
 
-def test_run_in_node_failure_names_the_command_and_the_serial_log(monkeypatch, tmp_path):
-    """A failing command inside the lab node: its last stderr line, the command and the
-    node's serial tail, and the node stopped (the boot itself is faked here)."""
-    from types import SimpleNamespace
+class _FailingLab:
+    """QemuNodes without a boot: its command fails; the config it got and its stops kept."""
 
+    configs: list = []
+    stopped: list = []
+    serial: Path
+
+    def __init__(self, config, roles):
+        from types import SimpleNamespace
+
+        self.configs.append(config)
+        self.node_a = SimpleNamespace(ssh=SimpleNamespace(start=lambda cmd, sudo: _FailingRun()))
+
+    def start(self):
+        pass
+
+    def serial_logs(self):
+        return {"node-a": self.serial}
+
+    def stop(self):
+        self.stopped.append(True)
+
+
+class _FailingRun:
+    def wait(self, timeout):
+        return 1
+
+    def output(self):
+        return ""
+
+    def errors(self):
+        return "progress\nboom: no such thing\n"
+
+
+@pytest.fixture
+def failing_lab(monkeypatch, tmp_path):
     import pytest_katamaran.backend.qemu as backend
-    from pytest_katamaran.lab import node
 
     serial = tmp_path / "node-a.serial.log"
     serial.write_text("[  1.0] booted\n[  9.9] oom-killer: killed python3\n")
-    stopped = []
+    monkeypatch.setattr(_FailingLab, "serial", serial, raising=False)
+    monkeypatch.setattr(_FailingLab, "configs", [])
+    monkeypatch.setattr(_FailingLab, "stopped", [])
+    monkeypatch.setattr(backend, "QemuNodes", _FailingLab)
+    return _FailingLab
 
-    class Proc:
-        def wait(self, timeout):
-            return 1
 
-        def output(self):
-            return ""
+def test_run_in_node_failure_names_the_command_and_the_serial_log(failing_lab, tmp_path):
+    """A failing command inside the lab node: its last stderr line, the command and the
+    node's serial tail, and the node stopped (the boot itself is faked here)."""
+    from pytest_katamaran.lab import node
 
-        def errors(self):
-            return "progress\nboom: no such thing\n"
-
-    class Lab:
-        def __init__(self, config, roles):
-            self.node_a = SimpleNamespace(ssh=SimpleNamespace(start=lambda cmd, sudo: Proc()))
-
-        def start(self):
-            pass
-
-        def serial_logs(self):
-            return {"node-a": serial}
-
-        def stop(self):
-            stopped.append(True)
-
-    monkeypatch.setattr(backend, "QemuNodes", Lab)
     with pytest.raises(node.NodeRunError) as err:
         node.run_in_node(["scenario.py", "--x"], results_dir=tmp_path, timeout=5)
     text = str(err.value)
     assert text.startswith("the run inside the lab node failed (1): boom: no such thing")
     assert "scenario.py --x" in text and "oom-killer: killed python3" in text
-    assert stopped == [True]
+    assert failing_lab.stopped == [True]
+
+
+@pytest.mark.parametrize(("pod_accel", "cpus"), [("tcg", 2), ("auto", 1), ("kvm", 1)])
+def test_run_in_node_sizes_the_node_for_its_nested_guests(failing_lab, tmp_path, pod_accel, cpus):
+    """Guests that may run under the node's KVM get a one-vCPU node, as the e2e's pods."""
+    from pytest_katamaran.lab import node
+    from pytest_katamaran.qemu.node import node_cpus
+
+    with pytest.raises(node.NodeRunError):
+        node.run_in_node(["s.py"], results_dir=tmp_path, timeout=5, pod_accel=pod_accel)
+    (config,) = failing_lab.configs
+    assert node_cpus(config.node_image, config.accel, config.pod_accel) == cpus
 
 
 def test_katamaran_args_go_to_the_results_and_the_caption():

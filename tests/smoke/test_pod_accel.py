@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pytest_katamaran.qemu import accel
-from pytest_katamaran.qemu.accel import kvm_module, load_kvm, pod_accel
+from pytest_katamaran.qemu.accel import kvm_kernel_argv, kvm_module, load_kvm, pod_accel
+from pytest_katamaran.qemu.workload import POD_SMP, SandboxSpec
 
 AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu vme svm npt nrip_save\n"
 INTEL = "processor\t: 0\nflags\t\t: fpu vme vmx ept\n"
@@ -59,18 +60,33 @@ def test_tcg_is_taken_without_loading_or_probing(monkeypatch):
 
 
 def test_auto_says_what_it_loaded_and_falls_back_to_tcg(monkeypatch):
+    probed = []
+
+    def probe(timeout, smp):
+        probed.append(smp)
+        return True, "booted in 3.0s"
+
     monkeypatch.setattr(accel, "load_kvm", lambda: "modprobe kvm_amd")
-    monkeypatch.setattr(accel, "probe_kvm", lambda timeout: (True, "booted in 3.0s"))
+    monkeypatch.setattr(accel, "probe_kvm", probe)
     chosen = pod_accel("auto")
     assert (chosen.name, chosen.cpu) == ("kvm", "host")
     assert chosen.reason == "booted in 3.0s; modprobe kvm_amd"
-    monkeypatch.setattr(accel, "probe_kvm", lambda timeout: (False, "/dev/kvm: No such file"))
+    monkeypatch.setattr(accel, "probe_kvm", lambda timeout, smp: (False, "/dev/kvm: No such file"))
     assert pod_accel("auto").name == "tcg"
+    # The in-node probe boots as many vCPUs as a pod runs (one), not a node's two: TCG's
+    # SVM ran 95 one-vCPU nested boots clean and corrupted two-vCPU nodes.
+    assert probed == [POD_SMP] == [SandboxSpec("s", Path("k"), Path("i")).smp] == [1]
+
+
+def test_the_probe_boots_the_vcpus_it_is_given(tmp_path):
+    argv = kvm_kernel_argv("qemu", Path("vmlinuz"), tmp_path / "console", "host", POD_SMP)
+    assert argv[argv.index("-smp") + 1] == "1"
+    assert kvm_kernel_argv("qemu", Path("k"), tmp_path / "c")[argv.index("-smp") + 1] == "2"
 
 
 def test_kvm_required_but_unusable_names_what_was_tried(monkeypatch):
     monkeypatch.setattr(accel, "load_kvm", lambda: "the CPU offers neither svm nor vmx")
-    monkeypatch.setattr(accel, "probe_kvm", lambda timeout: (False, "/dev/kvm: No such file"))
+    monkeypatch.setattr(accel, "probe_kvm", lambda timeout, smp: (False, "/dev/kvm: No such file"))
     with pytest.raises(
         accel.AccelUnavailable, match=r"unusable: /dev/kvm: No such file.*neither svm"
     ):
