@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_katamaran.agent.client import parse_summary
+from pytest_katamaran.lab.nested import add_flags as nested_flags
 from pytest_katamaran.qemu.accel import ACCEL_CHOICES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,26 +177,14 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     """The whole scenario, as root in the lab node; everything made here is removed."""
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from pytest_katamaran.images.guest import GuestImage
-    from pytest_katamaran.lab.local import VM_IP, Rig
-    from pytest_katamaran.qemu.accel import pod_accel
-    from pytest_katamaran.qemu.binary import WorkloadQemu
+    from pytest_katamaran.lab.local import VM_IP
+    from pytest_katamaran.lab.nested import NestedGuests
 
-    guest = GuestImage(Path(args.kernel), Path(args.initrd), "")
-    qemu = WorkloadQemu(args.qemu, args.qemu_datadir, "")
+    nested = NestedGuests.from_args(args, args.accel)
+    accel = nested.accel
+    _say(nested.note)
     tmp = Path(tempfile.mkdtemp(prefix="kmr-pingrate-"))
-    subprocess.run(["modprobe", "tun"], check=False)  # the taps' module, loaded before use
-    accel = pod_accel(args.accel)
-    _say(f"nested guest under {accel.name.upper()} ({accel.reason})")
-    rig = Rig(
-        guest,
-        tmp,
-        kata_pod=True,
-        qemu=qemu,
-        accel=accel.name,
-        boot_timeout=1800.0,
-        ready_timeout=600.0,
-    )
+    rig = nested.rig(tmp)
     rig.echo = True  # katamaran's lines go to stderr: the host relays them as progress
     client = Client(rig.lab.a.netns, rig.lab.b.netns)
     facts: dict[str, Any] = {
@@ -249,6 +238,7 @@ def run(
 ) -> dict[str, Any]:
     """Boot one lab node, run the scenario in it, return its figures (plus this machine's)."""
     from pytest_katamaran.images.guest import build_guest, cache_root
+    from pytest_katamaran.lab.nested import host_flags
     from pytest_katamaran.lab.node import run_in_node
     from pytest_katamaran.qemu.binary import workload_qemu
 
@@ -258,8 +248,7 @@ def run(
     inner = [
         "-m", "pytest_katamaran.bench.ping_rate",
         "--inside", "--interval", f"{interval:g}", "--baseline-seconds", f"{baseline_seconds:g}",
-        "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
-        "--qemu", qemu.binary, "--qemu-datadir", qemu.datadir, "--pod-accel", pod_accel,
+        *host_flags(guest, qemu), "--pod-accel", pod_accel,
     ]  # fmt: skip
     facts = run_in_node(inner, results_dir=results_dir, timeout=timeout, pod_accel=pod_accel)
     facts.update(
@@ -337,8 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the nested guest's accelerator, as the harness's --pod-accel (auto)",
     )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
-        parser.add_argument(name, default="", help=argparse.SUPPRESS)
+    nested_flags(parser, hidden=True)
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pytest_katamaran.images.guest import cache_root
@@ -657,8 +657,26 @@ def _preflight(spec: NodeSpec, progress: Progress, wait_link: float) -> None:
             ) from None
 
 
-def cmd_start(env: Testenv, role: str, foreground: bool, accel: str | None) -> int:
-    """Boot one node with the guide's ports; foreground: stream its console until it exits."""
+def smp_note(spec: NodeSpec) -> str | None:
+    """A warning for a TCG node with more than one vCPU: the guide's Kata pods would run
+    under the node's KVM (TCG's emulated SVM), which corrupted such nodes' memory here
+    (NESTED_KVM_NODE_CPUS); ``--cpus 1`` is what the harness boots for that."""
+    smp = spec.smp or RESOURCES[spec.image.kind][0]
+    if spec.accel != "tcg" or smp <= NESTED_KVM_NODE_CPUS:
+        return None
+    return (
+        f"note: {spec.name} runs under TCG with {smp} vCPUs; a Kata pod under its KVM "
+        f"(TCG's emulated SVM) corrupted such nodes' memory here: --cpus "
+        f"{NESTED_KVM_NODE_CPUS} for Kata pods (README: Pods under the node's KVM)"
+    )
+
+
+def cmd_start(
+    env: Testenv, role: str, foreground: bool, accel: str | None, cpus: int | None = None
+) -> int:
+    """Boot one node with the guide's ports; foreground: stream its console until it exits.
+
+    ``cpus``: the node's vCPUs (default: the image's)."""
     image, requested = env.load()
     spec = env.spec(role, "tcg")  # validates every input file before probing KVM
     if not is_current(image):
@@ -668,7 +686,10 @@ def cmd_start(env: Testenv, role: str, foreground: bool, accel: str | None) -> i
             file=sys.stderr,
         )
     name, cpu = _resolve_accel(accel or requested, _stderr_progress)
-    spec = env.spec(role, name, cpu)
+    spec = replace(env.spec(role, name, cpu), smp=cpus)
+    note = smp_note(spec)
+    if note:
+        _stderr_progress(note)
     _preflight(spec, _stderr_progress, wait_link=120.0)
     node = NodeProcess(spec, lambda m: print(m, flush=True))
     hint = (
@@ -732,6 +753,16 @@ def cmd_stop(env: Testenv, role: str) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of vCPUs, 1 or more: {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m pytest_katamaran.qemu.node``."""
     parser = argparse.ArgumentParser(prog="python -m pytest_katamaran.qemu.node")
@@ -743,6 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("role", choices=ROLES)
     p.add_argument("--foreground", action="store_true", help="stream the console; Ctrl-C stops")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None)
+    p.add_argument("--cpus", type=_positive_int, default=None, help="vCPUs (the image's: 2)")
     p = sub.add_parser("stop", help="stop a node started in the background")
     p.add_argument("role", choices=ROLES)
     p = sub.add_parser("check-deps", help="name missing apt packages")
@@ -755,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "setup":
             return cmd_setup(env, args.image or "debian", args.accel)
         if args.cmd == "start":
-            return cmd_start(env, args.role, args.foreground, args.accel)
+            return cmd_start(env, args.role, args.foreground, args.accel, args.cpus)
         return cmd_stop(env, args.role)
     except (MissingFile, NodeImageError, NodeBootError) as e:
         print(str(e), file=sys.stderr)

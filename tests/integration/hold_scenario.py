@@ -52,11 +52,11 @@ from pytest_katamaran.checks.drops import DROPS_CMD, drops_delta, parse_drops
 # HEADROOM: these cases test katamaran's faults, not the lab's capacity (checks.pace)
 from pytest_katamaran.checks.pace import HEADROOM, Pace, pace
 from pytest_katamaran.checks.ping import PingMonitor, PingStats
-from pytest_katamaran.images.guest import GuestImage
 from pytest_katamaran.lab.local import VM_IP, Rig, wait_for_text, wait_stopped
+from pytest_katamaran.lab.nested import NestedGuests
+from pytest_katamaran.lab.nested import add_flags as nested_flags
 from pytest_katamaran.migration import plug_limit
-from pytest_katamaran.qemu.accel import ACCEL_CHOICES, pod_accel
-from pytest_katamaran.qemu.binary import WorkloadQemu
+from pytest_katamaran.qemu.accel import ACCEL_CHOICES
 
 INTERVAL = 0.01  # the guide's; slower where the nested guest cannot answer it (Case.pace)
 HOLD = "5"  # katamaran's default -tunnel-hold, on both sides
@@ -489,28 +489,16 @@ TWO_VMS = "two-vms"  # run_two_vms: no single fault, two migrations at once
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    for name in ("--kernel", "--initrd", "--qemu", "--qemu-datadir"):
-        parser.add_argument(name, default="")
+    nested_flags(parser)
     parser.add_argument("--cases", default=",".join([*CASES, TWO_VMS]))
     parser.add_argument("--accel", default="tcg", choices=ACCEL_CHOICES)
     args = parser.parse_args()
-    accel = pod_accel(args.accel)
-    _say(f"nested guests under {accel.name.upper()} ({accel.reason})")
-    guest = GuestImage(Path(args.kernel), Path(args.initrd), "")
-    qemu = WorkloadQemu(args.qemu, args.qemu_datadir, "")
-    subprocess.run(["modprobe", "tun"], check=False)
+    nested = NestedGuests.from_args(args, args.accel)
+    _say(nested.note)
     results = {}
     for name in args.cases.split(","):
         tmp = Path(tempfile.mkdtemp(prefix=f"kmr-hold-{name}-"))
-        rig = Rig(
-            guest,
-            tmp,
-            kata_pod=True,
-            qemu=qemu,
-            accel=accel.name,
-            boot_timeout=1800.0,
-            ready_timeout=600.0,
-        )
+        rig = nested.rig(tmp)
         client = Client(rig.lab.a.netns, rig.lab.b.netns)
         t0 = time.monotonic()
         try:
@@ -530,7 +518,8 @@ def main() -> int:
             rig.down()
             shutil.rmtree(tmp, ignore_errors=True)
         facts = results[name]
-        facts["accel"] = accel.name  # the nested guests' (kvm under the node's emulated SVM)
+        # the nested guests' accelerator (kvm: under the node's emulated SVM)
+        facts["accel"] = nested.accel.name
         _say(
             f"{name}: exit source {facts.get('source_rc')} dest {facts.get('dest_rc')}, "
             f"lost {facts.get('ping', {}).get('lost_count')}, {facts.get('error', 'no error')}"

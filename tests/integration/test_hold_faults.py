@@ -82,11 +82,10 @@ SUITE = chosen_cases()
 @pytest.fixture(scope="module")
 def cases(node_lab_config, qemu_backports):
     from pytest_katamaran.images.guest import build_guest
+    from pytest_katamaran.lab.nested import host_flags
     from pytest_katamaran.lab.node import NoNodeImage, run_in_node
 
-    guest = build_guest()
-    args = [SCENARIO, "--kernel", str(guest.kernel), "--initrd", str(guest.initrd)]
-    args += ["--qemu", qemu_backports.binary, "--qemu-datadir", qemu_backports.datadir]
+    args = [SCENARIO, *host_flags(build_guest(), qemu_backports)]
     args += ["--cases", ",".join(SUITE), "--accel", HOLD_ACCEL]
     try:
         return run_in_node(

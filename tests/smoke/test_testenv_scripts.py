@@ -171,6 +171,26 @@ def test_node_argv_ubuntu_boots_its_disk_under_kvm(tmp_path):
     assert _opt(argv, "-m") == ["4096"]
 
 
+def test_guide_nodes_take_a_vcpu_count_and_say_when_kata_needs_one(tmp_path):
+    """start --cpus N boots N vCPUs; a TCG node with two gets one line saying why Kata
+    pods under its KVM want one (qemu.node.NESTED_KVM_NODE_CPUS)."""
+    spec = _spec(tmp_path, "a")
+    note = node_vm.smp_note(spec)
+    assert note is not None and "2 vCPUs" in note and "--cpus 1" in note
+    one = NodeSpec(**{**spec.__dict__, "smp": 1})
+    assert _opt(node_argv(one), "-smp") == ["1"] and node_vm.smp_note(one) is None
+    assert node_vm.smp_note(NodeSpec(**{**spec.__dict__, "accel": "kvm"})) is None
+
+
+@pytest.mark.parametrize("cpus", ["0", "-1", "two"])
+def test_start_refuses_a_vcpu_count_that_is_not_one_or_more(cpus, capsys):
+    with pytest.raises(SystemExit) as exc:
+        node_vm.main(["start", "a", "--cpus", cpus])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"--cpus: must be a whole number of vCPUs, 1 or more: {cpus!r}"), err
+
+
 def test_node_spec_rejects_unknown_role(tmp_path):
     with pytest.raises(ValueError):
         _spec(tmp_path, "c")
