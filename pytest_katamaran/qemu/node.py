@@ -143,6 +143,11 @@ class NodeSpec:
         return f"node-{self.role}"
 
     @property
+    def vcpus(self) -> int:
+        """The vCPUs the node boots with: ``smp`` if set, else the image's (RESOURCES)."""
+        return self.smp or RESOURCES[self.image.kind][0]
+
+    @property
     def private_ip(self) -> str:
         """Address on the private link, without prefix."""
         return PRIVATE_IPS[self.role]
@@ -196,7 +201,7 @@ def node_cpus(kind: str, node_accel: str, pod_accel: str, requested: int | None 
 def node_argv(spec: NodeSpec) -> list[str]:
     """The node's complete QEMU argv (used by QemuNodes and the start scripts alike)."""
     kind = spec.image.kind
-    smp, mem = RESOURCES[kind]
+    mem = RESOURCES[kind][1]
     cpu = spec.cpu or ("host" if spec.accel == "kvm" else "max")
     argv = [
         spec.qemu,
@@ -204,7 +209,7 @@ def node_argv(spec: NodeSpec) -> list[str]:
         "-M", "pc",
         "-accel", spec.accel,
         "-cpu", cpu,
-        "-smp", str(spec.smp or smp),
+        "-smp", str(spec.vcpus),
         "-m", str(spec.memory_mib or mem),
         "-nodefaults",
         "-no-user-config",
@@ -661,11 +666,10 @@ def smp_note(spec: NodeSpec) -> str | None:
     """A warning for a TCG node with more than one vCPU: the guide's Kata pods would run
     under the node's KVM (TCG's emulated SVM), which corrupted such nodes' memory here
     (NESTED_KVM_NODE_CPUS); ``--cpus 1`` is what the harness boots for that."""
-    smp = spec.smp or RESOURCES[spec.image.kind][0]
-    if spec.accel != "tcg" or smp <= NESTED_KVM_NODE_CPUS:
+    if spec.accel != "tcg" or spec.vcpus <= NESTED_KVM_NODE_CPUS:
         return None
     return (
-        f"note: {spec.name} runs under TCG with {smp} vCPUs; a Kata pod under its KVM "
+        f"note: {spec.name} runs under TCG with {spec.vcpus} vCPUs; a Kata pod under its KVM "
         f"(TCG's emulated SVM) corrupted such nodes' memory here: --cpus "
         f"{NESTED_KVM_NODE_CPUS} for Kata pods (README: Pods under the node's KVM)"
     )
