@@ -25,6 +25,7 @@ from .errors import KatamaranError, QMPClosed, QMPCommandError
 from .listener import MigrationListener, bound_address, open_listener
 from .lock import VMLock
 from .network import (
+    MIN_FRAME,
     DestDecap,
     NetworkUnavailable,
     PlugQdisc,
@@ -229,7 +230,8 @@ class DestMigration:
                     self.progress.warn(
                         f"the kernel took txqueuelen {raised[1]} for {self.cfg.tap}, not "
                         f"{smallest}: a release of more than {raised[1]} minimum-size frames "
-                        "at RESUME can overflow it (lower -plug-limit to fit)"
+                        f"at RESUME can overflow it (-plug-limit {raised[1] * MIN_FRAME} "
+                        "or less fits)"
                     )
         except (NetworkUnavailable, NetlinkError, OSError) as err:
             self.progress.warn(f"{err}; continuing without packet buffering")

@@ -775,18 +775,31 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
     want = tap_frames_needed(limit)
     if old >= want:
         return None
-    # A kernel may refuse a ring that large (ERANGE was seen for 98000 frames, a
-    # -plug-limit sized for 1000 pings/s): halve until it takes one.  A shorter ring
-    # still holds a release of frames larger than the minimum; the caller says so.
-    size = want
+    # A kernel may refuse a ring that large: Debian 12's 6.1 takes at most 32767 frames
+    # (ERANGE above, measured in the lab node; 6.18 took 196000).  Halve until one is
+    # taken, then search up to the largest between it and the last refused.  Each
+    # attempt only grows the ring (a refused one leaves it as it was), so the frames
+    # queued meanwhile stay.  A shorter ring still holds a release of frames larger
+    # than the minimum; the caller says so.
+    size, refused = want, None
     while True:
         try:
             ipr.link("set", index=found[0], txqlen=size)
-            return old, size
+            break
         except NetlinkError as err:
             if err.code not in (errno.ERANGE, errno.ENOMEM, errno.EINVAL) or size // 2 <= old:
                 raise
-            size //= 2
+            size, refused = size // 2, size
+    while refused is not None and refused - size > 1:
+        middle = (size + refused) // 2
+        try:
+            ipr.link("set", index=found[0], txqlen=middle)
+            size = middle
+        except NetlinkError as err:
+            if err.code not in (errno.ERANGE, errno.ENOMEM, errno.EINVAL):
+                raise
+            refused = middle
+    return old, size
 
 
 MIN_FRAME = 60  # bytes of the smallest Ethernet frame (no FCS): the most frames per byte

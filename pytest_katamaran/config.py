@@ -86,7 +86,7 @@ TUNABLES = (
         "max_pause",
         60.0,
         "seconds of VM pause the destination's sch_plug must absorb at the ping rate "
-        "(sizes -plug-limit). Default 60",
+        "(sizes -plug-limit, up to what a 6.1 kernel's tap ring takes). Default 60",
     ),
     Tunable(
         "node_cpus",

@@ -7,10 +7,13 @@ node, the private link 10.0.0.1 <-> 10.0.0.2, and no QEMU left behind after stop
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +80,47 @@ def test_node_runs_the_host_python_and_project(lab):
     )
     assert r.stdout.split()[0] == str(REPO / "katamaran" / "__init__.py")
     assert r.stdout.split()[-1] == "ok"
+
+
+# Run as root in node b: a tap held open by this process (as QEMU holds the VM's), then
+# katamaran's own fit for a -plug-limit of 60 s of 1 ms pings (196000 minimum-size frames).
+TAP_RING_SCRIPT = """
+import errno, fcntl, json, os, struct
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from katamaran.network import fit_tap_queue, tap_frames_needed
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"kmrfit0", 0x0002 | 0x1000 | 0x4000))
+ipr = IPRoute()
+index = ipr.link_lookup(ifname="kmrfit0")[0]
+ipr.link("set", index=index, txqlen=1000)
+fitted = fit_tap_queue(ipr, "kmrfit0", 11_760_000)
+now = ipr.get_links(index)[0].get_attr("IFLA_TXQLEN")
+try:
+    ipr.link("set", index=index, txqlen=fitted[1] + 1)
+    longer = "taken"
+except NetlinkError as err:
+    longer = errno.errorcode.get(err.code, str(err.code))
+os.close(fd)
+print(json.dumps({"fitted": fitted, "now": now, "longer": longer,
+                  "wanted": tap_frames_needed(11_760_000), "kernel": os.uname().release}))
+"""
+
+
+def test_the_tap_ring_is_raised_to_the_longest_the_node_kernel_takes(lab):
+    """-plug-limit sizes the tap's ring for the plug's release; the nodes' 6.1 kernel
+    refuses tun rings above 32767 frames (ERANGE), and halving alone stopped at 24500.
+    katamaran must end on the kernel's longest: the next frame up is refused."""
+    command = shlex.join(["env", f"PYTHONPATH={REPO}", sys.executable, "-c", TAP_RING_SCRIPT])
+    facts = json.loads(lab.node_b.ssh.run(command, sudo=True, timeout=60).stdout)
+    old, new = facts["fitted"]
+    assert old == 1000 and facts["now"] == new, facts
+    if new < facts["wanted"]:
+        assert facts["longer"] in ("ERANGE", "ENOMEM", "EINVAL"), facts
+    else:
+        assert new == facts["wanted"], facts
+    if facts["kernel"].startswith("6.1."):
+        assert new == 32767, facts
 
 
 def test_stop_leaves_no_qemu(lab):

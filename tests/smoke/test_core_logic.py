@@ -273,17 +273,38 @@ class _TxqLinks:
         self.txqlen = txqlen
 
 
-def test_fit_tap_queue_halves_until_the_kernel_takes_the_ring():
+def test_fit_tap_queue_takes_the_largest_ring_the_kernel_allows():
+    """Debian 12's 6.1 refuses tun rings above 32767 frames (ERANGE, measured in the lab
+    node); a -plug-limit sized for 1000 pings/s asks for 196000.  Halving alone stopped
+    at 24500; the search goes on to the largest taken, and only ever grows the ring."""
     from katamaran.network import fit_tap_queue
 
-    links = _TxqLinks(old=1000, cap=50_000)
-    assert fit_tap_queue(links, "tap0", 5_880_000) == (1000, 49_000)  # 98000 refused
-    assert links.tried == [98_000, 49_000]
+    links = _TxqLinks(old=1000, cap=32_767)
+    assert fit_tap_queue(links, "tap0", 11_760_000) == (1000, 32_767)
+    assert links.txqlen == 32_767
+    assert links.tried[:4] == [196_000, 98_000, 49_000, 24_500]
+    taken = [n for n in links.tried if n <= links.cap]
+    assert taken == sorted(taken)  # grow-only: a refused size left the ring as it was
+    assert len(links.tried) <= 20
     fits = _TxqLinks(old=1000, cap=50_000)
     assert fit_tap_queue(fits, "tap0", 600_000) == (1000, 10_000)
+    assert fits.tried == [10_000]
+    assert fit_tap_queue(fits, "tap0", 60_000) is None  # already long enough
     refused = _TxqLinks(old=1000, cap=10)
     with pytest.raises(Exception, match="out of range"):
         fit_tap_queue(refused, "tap0", 5_880_000)
+
+
+def test_the_harness_plug_limit_fits_the_tap_ring_a_6_1_kernel_takes():
+    """At 1 ms the e2e's 60 s of pings wanted 11760000 bytes, a 196000-frame ring the
+    nodes' kernel refuses (the destination then warned and the e2e failed with 0 lost)."""
+    from katamaran.network import tap_frames_needed
+    from pytest_katamaran.migration import TAP_RING_MAX, plug_limit
+
+    assert plug_limit(60.0, 0.05) == 1 << 20  # the floor: katamaran's default
+    assert plug_limit(60.0, 0.01) == 6000 * 98 * 2
+    assert plug_limit(60.0, 0.001) == TAP_RING_MAX * 60
+    assert tap_frames_needed(plug_limit(60.0, 0.001)) == TAP_RING_MAX == 32767
 
 
 def test_within_never_swallows_a_cancellation_that_meets_a_completion():
