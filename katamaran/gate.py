@@ -14,9 +14,10 @@ How.  QEMU's test adds up everything still pending, and a dirty bitmap that migr
 ceil(disk size / granularity), at least 1.  With one such bitmap and the 1-byte
 threshold, QEMU sends the first pass and then waits: no dirty sync, no pause (status
 `active`, RAM remaining 0, `dirty-sync-count` 1; `waits_at_gate`).  katamaran diverts
-and drains the tap with the VM still running, and only then opens the gate
-(downtime-limit `pending + 1` ms at 1000 B/s: QEMU may again pause the VM when nothing
-is dirty, but no frame can reach the tap any more).
+and drains the tap with the VM still running, and only then opens the gate, with QEMU's
+own switchover test back where it is katamaran's (Source._hand_back_test), else at
+downtime-limit `pending + 1` ms at 1000 B/s (QEMU may again pause the VM when nothing is
+dirty): either way no frame can reach the tap any more.
 tests/integration/test_gate.py: QEMU 10.0, an idle VM, 3 s at the gate without a sync
 or a pause; without the bitmap QEMU pauses the same VM itself within 2 dirty syncs.
 

@@ -79,6 +79,10 @@ EASED_PARAMS = ("max-bandwidth", *migration.THROTTLE_PARAMS)  # what _ease_migra
 # How long the VM's packets may be kept after the gate (see gate) while RAM converges;
 # an idle guest converged at the next pass in the nested e2e, well within this.
 GATE_HOLD_S = 2.0
+# QEMU reads a new downtime-limit at its next 100 ms accounting window
+# (migration_update_counters): two windows after katamaran takes its test back
+# (_give_back_early), QEMU no longer pauses the VM at the one it had handed back.
+TEST_TAKEN_BACK_S = 0.2
 POLL_S = 0.1  # query-migrate period while RAM is copied (progress is shown once a second)
 
 
@@ -220,6 +224,8 @@ class SourceMigration:
         self.mirror_sync: asyncio.Future[None] | None = None  # -early-ram: the mirror's READY
         self.capped_at_gate = False  # -early-ram: bandwidth capped at the gate until READY
         self.storage_ready = False  # -early-ram: the background mirror sync reached READY
+        self.mirror_blocking = False  # the mirror is write-blocking (see _hand_back_test)
+        self.test_handed_back = False  # QEMU's own switchover test at the gate's opening
 
     async def run(self) -> Summary:
         try:
@@ -729,6 +735,7 @@ class SourceMigration:
         except KatamaranError as err:
             raise KatamaranError(f"drive-mirror failed: {err}") from None
         self.mirror_started = True
+        self.mirror_blocking = self.cfg.copy_mode == "write-blocking"
         self.progress.step(f"mirroring {self.cfg.drive_id} to {self.cfg.dest_ip} over NBD")
         return mark, switchable
 
@@ -809,6 +816,7 @@ class SourceMigration:
         except QMPCommandError as err:
             self.progress.warn(f"mirror stays background: {migration.JOB_CHANGE_COMMAND}: {err}")
             return
+        self.mirror_blocking = True
         self.progress.step("mirror switched to write-blocking: guest writes now reach both disks")
 
     async def _wait_mirror_ready(self, mark: int) -> None:
@@ -1297,10 +1305,46 @@ class SourceMigration:
         failpoint.hit("gate-held", self.progress.step)
         saved = self.saved_params
         back = {key: saved.pop(key) for key in EASED_PARAMS if key in saved}
-        opened = {**back, "downtime-limit": self.gate.open_limit()}
+        opened = {**back, **self._hand_back_test()}
         await self.mon.execute("migrate-set-parameters", opened)
         self.gate.opened = True
         self.held_at = asyncio.get_running_loop().time()
+
+    def _hand_back_test(self) -> dict[str, int]:
+        """The parameters that open the gate: QEMU's own switchover test again where it
+        is katamaran's, else only the dirty syncs (see gate).
+
+        Why: QEMU reads a new downtime-limit only at its next 100 ms accounting window
+        (migration_update_counters), so the lift after katamaran's own test passed left
+        the VM running, its packets held, up to 100 ms longer (117 ms in the 1 ms e2e of
+        2026-12-04).  With the tap's feed diverted and drained nothing can reach the tap,
+        so QEMU may pause the VM at its own test, RAM left <= bandwidth x
+        -downtime-limit, which is katamaran's but for the mirror's unsynced bytes: handed
+        back only where there is no mirror or it is write-blocking (what it has not
+        copied is the writes in flight), so the paused drain stays bounded.
+        """
+        assert self.gate is not None
+        key = "avail-switchover-bandwidth"
+        if (self.mirror_started and not self.mirror_blocking) or key not in self.saved_params:
+            return {"downtime-limit": self.gate.open_limit()}
+        self.test_handed_back = True
+        return {"downtime-limit": self.cfg.downtime_limit_ms, key: self.saved_params.pop(key)}
+
+    async def _take_test_back(self) -> bool:
+        """Undo _hand_back_test before the VM gets its feed back: QEMU must not pause it
+        by itself while frames reach the tap again (the gate's state after opening).
+        True if it was handed back."""
+        key = "avail-switchover-bandwidth"
+        if self.gate is None or not self.test_handed_back:
+            return False
+        self.test_handed_back = False
+        params = await self.mon.execute("query-migrate-parameters")
+        self.saved_params[key] = params[key]
+        await self.mon.execute(
+            "migrate-set-parameters",
+            {"downtime-limit": self.gate.open_limit(), key: migration.OWN_SWITCHOVER_BANDWIDTH},
+        )
+        return True
 
     async def _give_back_early(self) -> None:
         """RAM has not converged GATE_HOLD_S after the gate: the VM gets its feed and the
@@ -1315,7 +1359,16 @@ class SourceMigration:
         reads (_converged): the migration would only wait out -migration-timeout.  Open,
         QEMU pauses by itself only at a sync that finds not one dirty page, which a guest
         that has kept RAM from converging for GATE_HOLD_S rarely gives."""
+        if self.paused_at is not None:
+            return  # QEMU paused the VM at its own test: the take at STOP has it
         async with self._using_taps():  # a STOP meanwhile is taken once this is done
+            if await self._take_test_back():
+                # QEMU applies it at its next accounting window: until then it may still
+                # pause the VM at the handed-back test, which is safe only while the
+                # feed is diverted.
+                await asyncio.sleep(TEST_TAKEN_BACK_S)
+                if self.paused_at is not None:
+                    return
             for divert in self.diverts:
                 await netlink(divert.undivert)
             _, sent = await self._release_hold("the VM")

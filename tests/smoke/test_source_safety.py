@@ -638,7 +638,13 @@ class _ParamMonitor(_Monitor):
         if command == "migrate-set-parameters":
             self.set.append(dict(args or {}))
         if command == "query-migrate-parameters":
-            return {"max-bandwidth": 1 << 62, "cpu-throttle-initial": 20, "max-cpu-throttle": 99}
+            extra = getattr(self, "params", {})
+            return {
+                "max-bandwidth": 1 << 62,
+                "cpu-throttle-initial": 20,
+                "max-cpu-throttle": 99,
+                **extra,
+            }
         return {"status": self.status} if command == "query-status" else {}
 
 
@@ -703,6 +709,71 @@ def test_at_the_gate_the_tap_is_taken_before_qemu_may_sync_again():
     asyncio.run(run())
     at_commit = calls[calls.index("migrate-continue") :]
     assert at_commit[:3] == ["migrate-continue", "switch", "send queued"], calls
+
+
+def test_at_the_gate_qemu_gets_its_own_test_back_where_it_is_katamarans():
+    """Once the feed is diverted and drained, QEMU may pause the VM at its own test:
+    -downtime-limit at its measured bandwidth (avail-switchover-bandwidth back to what it
+    was), so no lift has to wait out QEMU's 100 ms accounting window.  Not with a
+    background mirror: katamaran's test also counts what it has not copied."""
+    import asyncio
+
+    for mirror, blocking, handed in (
+        (False, False, True),
+        (True, True, True),
+        (True, False, False),
+    ):
+        calls: list[str] = []
+        source, mon = _gated_source(calls)
+        source.saved_params["avail-switchover-bandwidth"] = 0  # _take_switchover_decision's
+        source.mirror_started, source.mirror_blocking = mirror, blocking
+        asyncio.run(source._hold_at_gate({"ram": {"remaining": 0}}, 0))
+        opened = mon.set[-1]
+        if handed:
+            assert opened["downtime-limit"] == source.cfg.downtime_limit_ms == 50, opened
+            assert opened["avail-switchover-bandwidth"] == 0, opened
+            assert "avail-switchover-bandwidth" not in source.saved_params
+            assert source.test_handed_back
+        else:
+            assert opened["downtime-limit"] == 2 and "avail-switchover-bandwidth" not in opened
+            assert source.saved_params["avail-switchover-bandwidth"] == 0
+
+
+def test_a_give_back_takes_the_test_back_before_the_feed(monkeypatch):
+    """Not converged GATE_HOLD_S after a handed-back gate: katamaran's 1-byte threshold
+    again, two of QEMU's accounting windows with the feed still diverted, then the feed
+    and the kept packets; and if QEMU paused the VM meanwhile, nothing is given back."""
+    import asyncio
+
+    import katamaran.source as source_module
+
+    monkeypatch.setattr(source_module, "TEST_TAKEN_BACK_S", 0.0)
+    for paused_meanwhile in (False, True):
+        calls: list[str] = []
+        source, mon = _gated_source(calls)
+        source.hold([b"kept"])
+        source.held_at = 0.0
+        source.test_handed_back = True  # as _hold_at_gate left it
+        mon.params = {"avail-switchover-bandwidth": 0}  # type: ignore[attr-defined]
+
+        async def sleep(_: float, source=source, calls=calls, paused=paused_meanwhile) -> None:
+            calls.append("wait")
+            if paused:
+                source.paused_at = 1.0  # the STOP watch saw QEMU pause the VM
+
+        monkeypatch.setattr(source_module.asyncio, "sleep", sleep)
+        source._release_hold = lambda what, source=source: _release(source)  # type: ignore[method-assign]
+        asyncio.run(source._give_back_early())
+        taken_back = mon.set[-1]
+        assert taken_back == {"downtime-limit": 2, "avail-switchover-bandwidth": 1000}, mon.set
+        assert source.saved_params["avail-switchover-bandwidth"] == 0
+        if paused_meanwhile:
+            assert calls[-1] == "wait" and "undivert" not in calls, calls
+            assert source.held_at == 0.0 and source.hold.held == 1
+        else:
+            assert calls[calls.index("wait") :] == ["wait", "undivert", "send kept"], calls
+            assert source.held_at is None
+        assert not source.draining and source.drain_ended.is_set()
 
 
 async def _release(source):  # type: ignore[no-untyped-def]
