@@ -544,3 +544,15 @@ def test_kata_sandbox_mode_does_not_probe_the_node(pytester, fake_agent, monkeyp
     pytester.makepyfile(START_POD)
     result = pytester.runpytest_subprocess("--nodes=qemu", "--kata=sandbox", timeout=120)
     result.assert_outcomes(passed=1)
+
+
+def test_the_harness_plug_limit_fits_the_tap_ring_a_6_1_kernel_takes():
+    """At 1 ms the e2e's 60 s of pings wanted 11760000 bytes, a 196000-frame ring the
+    nodes' kernel refuses (the destination then warned and the e2e failed with 0 lost)."""
+    from katamaran.network import tap_frames_needed
+    from pytest_katamaran.migration import TAP_RING_MAX, plug_limit
+
+    assert plug_limit(60.0, 0.05) == 1 << 20  # the floor: katamaran's default
+    assert plug_limit(60.0, 0.01) == 6000 * 98 * 2
+    assert plug_limit(60.0, 0.001) == TAP_RING_MAX * 60
+    assert tap_frames_needed(plug_limit(60.0, 0.001)) == TAP_RING_MAX == 32767

@@ -295,18 +295,6 @@ def test_fit_tap_queue_takes_the_largest_ring_the_kernel_allows():
         fit_tap_queue(refused, "tap0", 5_880_000)
 
 
-def test_the_harness_plug_limit_fits_the_tap_ring_a_6_1_kernel_takes():
-    """At 1 ms the e2e's 60 s of pings wanted 11760000 bytes, a 196000-frame ring the
-    nodes' kernel refuses (the destination then warned and the e2e failed with 0 lost)."""
-    from katamaran.network import tap_frames_needed
-    from pytest_katamaran.migration import TAP_RING_MAX, plug_limit
-
-    assert plug_limit(60.0, 0.05) == 1 << 20  # the floor: katamaran's default
-    assert plug_limit(60.0, 0.01) == 6000 * 98 * 2
-    assert plug_limit(60.0, 0.001) == TAP_RING_MAX * 60
-    assert tap_frames_needed(plug_limit(60.0, 0.001)) == TAP_RING_MAX == 32767
-
-
 def test_within_never_swallows_a_cancellation_that_meets_a_completion():
     """The caller is cancelled in the very loop turn its awaitable completes: on Python
     before 3.12 asyncio.wait_for then returns the result and the cancellation is lost
