@@ -797,7 +797,7 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
             size = middle
         except NetlinkError as err:
             if err.code not in (errno.ERANGE, errno.ENOMEM, errno.EINVAL):
-                raise
+                break  # the ring already grew to `size`: keep that
             refused = middle
     return old, size
 

@@ -225,7 +225,7 @@ class SourceMigration:
         self.capped_at_gate = False  # -early-ram: bandwidth capped at the gate until READY
         self.storage_ready = False  # -early-ram: the background mirror sync reached READY
         self.mirror_blocking = False  # the mirror is write-blocking (see _hand_back_test)
-        self.test_handed_back = False  # QEMU's own switchover test at the gate's opening
+        self.handed_back: dict[str, int] = {}  # QEMU's own test back (_hand_back_test)
 
     async def run(self) -> Summary:
         try:
@@ -916,8 +916,9 @@ class SourceMigration:
                 self.held_at is not None
                 and not self.switchover_started
                 and loop.time() - self.held_at > GATE_HOLD_S
+                and not await self._give_back_early()
             ):
-                await self._give_back_early()
+                continue  # the VM paused or is pausing: the STOP is read next
             if loop.time() >= next_show:
                 self._show_ram(info)
                 next_show = loop.time() + 1.0
@@ -1327,26 +1328,35 @@ class SourceMigration:
         key = "avail-switchover-bandwidth"
         if (self.mirror_started and not self.mirror_blocking) or key not in self.saved_params:
             return {"downtime-limit": self.gate.open_limit()}
-        self.test_handed_back = True
-        return {"downtime-limit": self.cfg.downtime_limit_ms, key: self.saved_params.pop(key)}
+        self.handed_back = {key: self.saved_params.pop(key)}
+        return {"downtime-limit": self.cfg.downtime_limit_ms, **self.handed_back}
 
     async def _take_test_back(self) -> bool:
         """Undo _hand_back_test before the VM gets its feed back: QEMU must not pause it
         by itself while frames reach the tap again (the gate's state after opening).
-        True if it was handed back."""
-        key = "avail-switchover-bandwidth"
-        if self.gate is None or not self.test_handed_back:
-            return False
-        self.test_handed_back = False
-        params = await self.mon.execute("query-migrate-parameters")
-        self.saved_params[key] = params[key]
-        await self.mon.execute(
-            "migrate-set-parameters",
-            {"downtime-limit": self.gate.open_limit(), key: migration.OWN_SWITCHOVER_BANDWIDTH},
-        )
-        return True
 
-    async def _give_back_early(self) -> None:
+        False when QEMU may be pausing the VM: it did not answer within
+        -switchover-timeout (QEMU drains the disks holding its big lock, see _ask), or a
+        STOP came within two of its accounting windows (TEST_TAKEN_BACK_S), after which
+        it no longer applies the handed-back test; then the feed stays diverted and the
+        pause is the switchover.  STOP is read in QEMU's own order: one sent before
+        QEMU answers `query-status` is in the history before that answer.
+        """
+        if self.gate is None or not self.handed_back:
+            return True
+        handed, self.handed_back = self.handed_back, {}
+        self.saved_params.update(handed)
+        mark = self.mon.mark()
+        key = "avail-switchover-bandwidth"
+        own = {"downtime-limit": self.gate.open_limit(), key: migration.OWN_SWITCHOVER_BANDWIDTH}
+        if await self._ask("migrate-set-parameters", own) is None:
+            return False
+        await asyncio.sleep(TEST_TAKEN_BACK_S)
+        status = await self._ask("query-status")
+        stopped = await self.mon.next_event(named(("STOP",)), mark, 0)
+        return status is not None and status.get("status") == "running" and stopped is None
+
+    async def _give_back_early(self) -> bool:
         """RAM has not converged GATE_HOLD_S after the gate: the VM gets its feed and the
         kept packets back and runs on until katamaran's switchover takes them again
         (where QEMU may pause an idle VM first, see gate).
@@ -1358,17 +1368,13 @@ class SourceMigration:
         stop the syncs, and with them the RAM copy and the convergence test katamaran
         reads (_converged): the migration would only wait out -migration-timeout.  Open,
         QEMU pauses by itself only at a sync that finds not one dirty page, which a guest
-        that has kept RAM from converging for GATE_HOLD_S rarely gives."""
+        that has kept RAM from converging for GATE_HOLD_S rarely gives.
+        False when nothing was given back (the VM paused, or may be pausing)."""
         if self.paused_at is not None:
-            return  # QEMU paused the VM at its own test: the take at STOP has it
+            return False  # QEMU paused the VM at its own test: the take at STOP has it
         async with self._using_taps():  # a STOP meanwhile is taken once this is done
-            if await self._take_test_back():
-                # QEMU applies it at its next accounting window: until then it may still
-                # pause the VM at the handed-back test, which is safe only while the
-                # feed is diverted.
-                await asyncio.sleep(TEST_TAKEN_BACK_S)
-                if self.paused_at is not None:
-                    return
+            if not await self._take_test_back():
+                return False  # QEMU may be pausing the VM: its feed stays diverted
             for divert in self.diverts:
                 await netlink(divert.undivert)
             _, sent = await self._release_hold("the VM")
@@ -1378,6 +1384,7 @@ class SourceMigration:
             f"RAM not converged {GATE_HOLD_S:g} s after the gate: the VM's feed and "
             f"{sent} kept packet(s) given back until the switchover"
         )
+        return True
 
     async def _take_feed(self, info: dict, mark: int, what: str) -> bool:
         """Divert and drain the taps (see _divert_and_drain) with the STOP watch told

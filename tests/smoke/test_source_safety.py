@@ -733,7 +733,7 @@ def test_at_the_gate_qemu_gets_its_own_test_back_where_it_is_katamarans():
             assert opened["downtime-limit"] == source.cfg.downtime_limit_ms == 50, opened
             assert opened["avail-switchover-bandwidth"] == 0, opened
             assert "avail-switchover-bandwidth" not in source.saved_params
-            assert source.test_handed_back
+            assert source.handed_back == {"avail-switchover-bandwidth": 0}
         else:
             assert opened["downtime-limit"] == 2 and "avail-switchover-bandwidth" not in opened
             assert source.saved_params["avail-switchover-bandwidth"] == 0
@@ -742,37 +742,50 @@ def test_at_the_gate_qemu_gets_its_own_test_back_where_it_is_katamarans():
 def test_a_give_back_takes_the_test_back_before_the_feed(monkeypatch):
     """Not converged GATE_HOLD_S after a handed-back gate: katamaran's 1-byte threshold
     again, two of QEMU's accounting windows with the feed still diverted, then the feed
-    and the kept packets; and if QEMU paused the VM meanwhile, nothing is given back."""
+    and the kept packets.  Nothing is given back if QEMU may be pausing the VM: a STOP
+    came meanwhile, QEMU no longer runs it, or it did not answer in time."""
     import asyncio
 
     import katamaran.source as source_module
 
     monkeypatch.setattr(source_module, "TEST_TAKEN_BACK_S", 0.0)
-    for paused_meanwhile in (False, True):
+    cases = {"running": True, "stop event": False, "finish-migrate": False, "no answer": False}
+    for case, given in cases.items():
         calls: list[str] = []
         source, mon = _gated_source(calls)
+        mon.status = "finish-migrate" if case == "finish-migrate" else "running"
+        mon.mark = lambda: 0  # type: ignore[attr-defined]
         source.hold([b"kept"])
         source.held_at = 0.0
-        source.test_handed_back = True  # as _hold_at_gate left it
-        mon.params = {"avail-switchover-bandwidth": 0}  # type: ignore[attr-defined]
+        source.handed_back = {"avail-switchover-bandwidth": 0}  # as _hold_at_gate left it
 
-        async def sleep(_: float, source=source, calls=calls, paused=paused_meanwhile) -> None:
+        async def sleep(_: float, calls=calls) -> None:
             calls.append("wait")
-            if paused:
-                source.paused_at = 1.0  # the STOP watch saw QEMU pause the VM
+
+        async def next_event(match, since, timeout, case=case):  # type: ignore[no-untyped-def]
+            stop = {"event": "STOP", "data": {}}
+            return (1, stop) if case == "stop event" and match(stop) else None
+
+        async def ask(command: str, args=None, source=source, case=case):  # type: ignore[no-untyped-def]
+            if case == "no answer" and command == "query-status":
+                return None  # past -switchover-timeout: QEMU holds its lock, pausing
+            return await source.mon.execute(command, args)
 
         monkeypatch.setattr(source_module.asyncio, "sleep", sleep)
+        mon.next_event = next_event  # type: ignore[method-assign]
+        source._ask = ask  # type: ignore[method-assign]
         source._release_hold = lambda what, source=source: _release(source)  # type: ignore[method-assign]
-        asyncio.run(source._give_back_early())
+        assert asyncio.run(source._give_back_early()) is given, case
         taken_back = mon.set[-1]
         assert taken_back == {"downtime-limit": 2, "avail-switchover-bandwidth": 1000}, mon.set
-        assert source.saved_params["avail-switchover-bandwidth"] == 0
-        if paused_meanwhile:
-            assert calls[-1] == "wait" and "undivert" not in calls, calls
-            assert source.held_at == 0.0 and source.hold.held == 1
-        else:
-            assert calls[calls.index("wait") :] == ["wait", "undivert", "send kept"], calls
+        assert source.saved_params["avail-switchover-bandwidth"] == 0 and not source.handed_back
+        assert calls.index("migrate-set-parameters") < calls.index("wait"), calls
+        if given:
+            assert calls[calls.index("wait") :] == ["wait", "query-status", "undivert", "send kept"]
             assert source.held_at is None
+        else:
+            assert "undivert" not in calls, (case, calls)
+            assert source.held_at == 0.0 and source.hold.held == 1
         assert not source.draining and source.drain_ended.is_set()
 
 
