@@ -17,7 +17,9 @@ SAVED_CAPABILITIES = (*CAPABILITIES, "dirty-bitmaps")
 # Every migration parameter katamaran may change (saved first, restored on every exit).
 # QEMU checks max-cpu-throttle >= cpu-throttle-initial, so both move together.
 THROTTLE_PARAMS = ("cpu-throttle-initial", "max-cpu-throttle")
-PARAMETERS = ("downtime-limit", "max-bandwidth", "avail-switchover-bandwidth", *THROTTLE_PARAMS)
+# QEMU 8.2+: the bandwidth its switchover test assumes (0: the one it measures).
+SWITCHOVER_BANDWIDTH = "avail-switchover-bandwidth"
+PARAMETERS = ("downtime-limit", "max-bandwidth", SWITCHOVER_BANDWIDTH, *THROTTLE_PARAMS)
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"}
 # 1 ms, not 0: with 0 QEMU switches over at the end of the first pass, before any sync.
 OWN_SWITCHOVER_LIMIT_MS = 1

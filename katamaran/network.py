@@ -760,6 +760,10 @@ class DestDecap:
         self.ipr.close()
 
 
+# How a kernel refuses a tun ring longer than it can allocate or allows (see fit_tap_queue).
+RING_REFUSED = (errno.ERANGE, errno.ENOMEM, errno.EINVAL)
+
+
 def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
     """Make the tap's queue (the tun ring, sized by txqueuelen) hold a whole release.
 
@@ -787,7 +791,7 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
             ipr.link("set", index=found[0], txqlen=size)
             break
         except NetlinkError as err:
-            if err.code not in (errno.ERANGE, errno.ENOMEM, errno.EINVAL) or size // 2 <= old:
+            if err.code not in RING_REFUSED or size // 2 <= old:
                 raise
             size, refused = size // 2, size
     while refused is not None and refused - size > 1:
@@ -796,7 +800,7 @@ def fit_tap_queue(ipr: IPRoute, tap: str, limit: int) -> tuple[int, int] | None:
             ipr.link("set", index=found[0], txqlen=middle)
             size = middle
         except NetlinkError as err:
-            if err.code not in (errno.ERANGE, errno.ENOMEM, errno.EINVAL):
+            if err.code not in RING_REFUSED:
                 break  # the ring already grew to `size`: keep that
             refused = middle
     return old, size

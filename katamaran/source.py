@@ -557,16 +557,16 @@ class SourceMigration:
             return
         limit = {"downtime-limit": migration.OWN_SWITCHOVER_LIMIT_MS}
         params = await self.mon.execute("query-migrate-parameters")
-        if "avail-switchover-bandwidth" in params:  # QEMU 8.2+
+        if migration.SWITCHOVER_BANDWIDTH in params:  # QEMU 8.2+
             # QEMU's threshold is bandwidth x limit: measured, 1 ms is still a few pages,
             # and in the nested e2e QEMU paused the VM itself, right after a sync, before
             # katamaran's next look in 3 of 4 runs.  At 1000 B/s it is 1 byte: QEMU then
             # switches over by itself only when not a single page is dirty.
-            key = "avail-switchover-bandwidth"
+            key = migration.SWITCHOVER_BANDWIDTH
             self.saved_params[key] = params[key]
             limit[key] = migration.OWN_SWITCHOVER_BANDWIDTH
         await self.mon.execute("migrate-set-parameters", limit)
-        if "avail-switchover-bandwidth" in limit and self.cfg.vm_ip:
+        if migration.SWITCHOVER_BANDWIDTH in limit and self.cfg.vm_ip:
             await self._close_gate()
 
     async def _place_gate(self) -> None:
@@ -575,7 +575,7 @@ class SourceMigration:
         if not self.cfg.vm_ip:
             return  # nothing can be diverted
         params = await self.mon.execute("query-migrate-parameters")
-        if "avail-switchover-bandwidth" not in params:
+        if migration.SWITCHOVER_BANDWIDTH not in params:
             return  # QEMU < 8.2: no 1-byte threshold for the gate to hold
         if self.tcg_flaw:
             return  # the decision is left to QEMU there
@@ -1325,7 +1325,7 @@ class SourceMigration:
         copied is the writes in flight), so the paused drain stays bounded.
         """
         assert self.gate is not None
-        key = "avail-switchover-bandwidth"
+        key = migration.SWITCHOVER_BANDWIDTH
         if (self.mirror_started and not self.mirror_blocking) or key not in self.saved_params:
             return {"downtime-limit": self.gate.open_limit()}
         self.handed_back = {key: self.saved_params.pop(key)}
@@ -1347,7 +1347,7 @@ class SourceMigration:
         handed, self.handed_back = self.handed_back, {}
         self.saved_params.update(handed)
         mark = self.mon.mark()
-        key = "avail-switchover-bandwidth"
+        key = migration.SWITCHOVER_BANDWIDTH
         own = {"downtime-limit": self.gate.open_limit(), key: migration.OWN_SWITCHOVER_BANDWIDTH}
         if await self._ask("migrate-set-parameters", own) is None:
             return False
