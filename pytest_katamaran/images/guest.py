@@ -36,6 +36,7 @@ from pathlib import Path
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 INIT_SCRIPT = GUEST_DIR / "init"
 DISKWRITER_SRC = GUEST_DIR / "diskwriter.c"
+MEMDIRTIER_SRC = GUEST_DIR / "memdirtier.c"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # Top-level modules; their dependencies (virtio, virtio_ring, virtio_pci_legacy_dev,
@@ -359,8 +360,9 @@ def find_busybox(cache_dir: Path | None = None, progress: Progress = _stderr_pro
     return cached
 
 
-def compile_diskwriter(out: Path, src: Path = DISKWRITER_SRC) -> Path:
-    """Compile the guest disk writer statically (the initramfs has no libc)."""
+def compile_guest_program(out: Path, src: Path = DISKWRITER_SRC) -> Path:
+    """Compile a guest program (by default the disk writer) statically: the initramfs
+    has no libc."""
     libc = _run(["gcc", "-print-file-name=libc.a"], fix="apt-get install gcc libc6-dev").strip()
     if not os.path.isabs(libc):
         raise RuntimeError("static libc (libc.a) missing. Fix: apt-get install libc6-dev")
@@ -494,12 +496,14 @@ def guest_recipe(kernel: Kernel, busybox: Path) -> dict[str, object]:
         "modules": list(GUEST_MODULES),
         "init": _sha256(INIT_SCRIPT),
         "diskwriter": _sha256(DISKWRITER_SRC),
+        "memdirtier": _sha256(MEMDIRTIER_SRC),
         "busybox": _sha256(busybox),
     }
 
 
 def build_guest(cache_dir: Path | None = None, progress: Progress = _stderr_progress) -> GuestImage:
-    """The workload guest (virtio net/blk, disk writer), built once per recipe and cached."""
+    """The workload guest (virtio net/blk, disk writer, memory dirtier), built once per
+    recipe and cached."""
     root = cache_root(cache_dir)
     kernel = fetch_kernel(root, progress)
     busybox = find_busybox(root, progress)
@@ -519,12 +523,13 @@ def build_guest(cache_dir: Path | None = None, progress: Progress = _stderr_prog
         with tempfile.TemporaryDirectory(dir=guests, prefix=".tmp-") as tmp:
             staged = Path(tmp) / key
             staged.mkdir()
-            writer = compile_diskwriter(Path(tmp) / "diskwriter")
+            writer = compile_guest_program(Path(tmp) / "diskwriter")
+            dirtier = compile_guest_program(Path(tmp) / "memdirtier", MEMDIRTIER_SRC)
             build_initramfs(
                 kernel,
                 INIT_SCRIPT,
                 GUEST_MODULES,
-                {"/bin/diskwriter": writer},
+                {"/bin/diskwriter": writer, "/bin/memdirtier": dirtier},
                 out=staged / "initrd.gz",
                 busybox=busybox,
             )

@@ -181,7 +181,7 @@ class Rig:
     vm_ip: str = VM_IP
     memory_mib: int = 128
     writer_rate: int | None = None  # the disk writer's writes/s (None: as fast as it can)
-    dirty_mib_s: int = 0  # guest rewrites this many MiB of its RAM (tmpfs) every second
+    dirty_mib_s: int = 0  # guest rewrites this many MiB of its RAM per second (memdirtier)
     # Every katamaran output line with the wall-clock time it was read (the benchmark
     # places its fixed costs by them): log name -> [(time.time(), line)].
     stamps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)

@@ -137,11 +137,11 @@ def test_last_ack(tmp_path):
 @pytest.fixture(scope="module")
 def c_writer(tmp_path_factory) -> Path:
     """The guest's disk writer, compiled once for this module exactly as for the guest."""
-    from pytest_katamaran.images.guest import compile_diskwriter
+    from pytest_katamaran.images.guest import compile_guest_program
 
     if shutil.which("gcc") is None:
         pytest.skip("gcc not found on PATH (apt-get install gcc libc6-dev)")
-    return compile_diskwriter(tmp_path_factory.mktemp("writer") / "diskwriter")
+    return compile_guest_program(tmp_path_factory.mktemp("writer") / "diskwriter")
 
 
 def test_c_writer_matches_python_layout(tmp_path, c_writer):
