@@ -71,7 +71,7 @@ int main(int argc, char **argv)
     long long start = now_ns();
     long long written = 0; /* pages rewritten since start */
     for (long long tick = 1;; tick++) {
-        long long due = tick * TICK_NS * pages_per_s / 1000000000LL;
+        long long due = tick * pages_per_s / (1000000000LL / TICK_NS); /* no overflow */
         for (; written < due; written++) {
             size_t page = (size_t)(written % (long long)pages);
             mem[page * PAGE + (size_t)(written / (long long)pages % PAGE)] += 2;
