@@ -1344,13 +1344,13 @@ class SourceMigration:
         """
         if self.gate is None or not self.handed_back:
             return True
-        handed, self.handed_back = self.handed_back, {}
-        self.saved_params.update(handed)
+        self.saved_params.update(self.handed_back)  # restored on exit whatever QEMU holds
         mark = self.mon.mark()
         key = migration.SWITCHOVER_BANDWIDTH
         own = {"downtime-limit": self.gate.open_limit(), key: migration.OWN_SWITCHOVER_BANDWIDTH}
         if await self._ask("migrate-set-parameters", own) is None:
-            return False
+            return False  # not known to be taken back: the next give-back sends it again
+        self.handed_back = {}
         await asyncio.sleep(TEST_TAKEN_BACK_S)
         status = await self._ask("query-status")
         stopped = await self.mon.next_event(named(("STOP",)), mark, 0)

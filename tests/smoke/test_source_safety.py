@@ -739,6 +739,50 @@ def test_at_the_gate_qemu_gets_its_own_test_back_where_it_is_katamarans():
             assert source.saved_params["avail-switchover-bandwidth"] == 0
 
 
+def test_a_give_back_whose_take_back_got_no_answer_sends_it_again(monkeypatch):
+    """QEMU did not answer the take-back within -switchover-timeout: whether it holds
+    katamaran's 1-byte test again is unknown, so nothing is given back, and the next
+    give-back sends the take-back again before the feed goes back."""
+    import asyncio
+
+    import katamaran.source as source_module
+
+    monkeypatch.setattr(source_module, "TEST_TAKEN_BACK_S", 0.0)
+    calls: list[str] = []
+    source, mon = _gated_source(calls)
+    mon.status = "running"
+    mon.mark = lambda: 0  # type: ignore[attr-defined]
+    source.hold([b"kept"])
+    source.held_at = 0.0
+    source.handed_back = {"avail-switchover-bandwidth": 0}  # as _hold_at_gate left it
+    answers = iter([None])
+
+    async def ask(command: str, args=None):  # type: ignore[no-untyped-def]
+        if command == "migrate-set-parameters" and next(answers, "answered") is None:
+            return None  # past -switchover-timeout
+        return await source.mon.execute(command, args)
+
+    async def sleep(_: float) -> None:
+        calls.append("wait")
+
+    async def next_event(match, since, timeout):  # type: ignore[no-untyped-def]
+        return None
+
+    monkeypatch.setattr(source_module.asyncio, "sleep", sleep)
+    mon.next_event = next_event  # type: ignore[method-assign]
+    source._ask = ask  # type: ignore[method-assign]
+    source._release_hold = lambda what: _release(source)  # type: ignore[method-assign]
+    assert asyncio.run(source._give_back_early()) is False
+    assert "undivert" not in calls and source.hold.held == 1, calls
+    assert source.handed_back == {"avail-switchover-bandwidth": 0}
+    assert source.saved_params["avail-switchover-bandwidth"] == 0  # restored on exit
+    assert asyncio.run(source._give_back_early()) is True
+    taken_back = mon.set[-1]
+    assert taken_back == {"downtime-limit": 2, "avail-switchover-bandwidth": 1000}, mon.set
+    assert calls[calls.index("wait") :] == ["wait", "query-status", "undivert", "send kept"]
+    assert not source.handed_back and source.held_at is None
+
+
 def test_a_give_back_takes_the_test_back_before_the_feed(monkeypatch):
     """Not converged GATE_HOLD_S after a handed-back gate: katamaran's 1-byte threshold
     again, two of QEMU's accounting windows with the feed still diverted, then the feed
